@@ -1,0 +1,48 @@
+# Beyond RAG — the two commands a learner needs are `make lab` and `make test`.
+# Everything is installed into .venv (created on first use); nothing goes system-wide.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+# Numba caches compiled kernels here, shared by the tests and every notebook.
+export NUMBA_CACHE_DIR := $(CURDIR)/.numba_cache
+# Back large allocations with transparent huge pages: fresh 100 MB outputs then cost
+# ~3x less to first-touch on this kind of machine (measured; see kernels/BENCHMARKS.md).
+export GLIBC_TUNABLES := glibc.malloc.hugetlb=1
+
+PYTEST  := $(PY) -m pytest -q -p no:cacheprovider
+NBVAL   := $(PYTEST) -n auto --dist loadfile --nbval-current-env
+
+.PHONY: install lab test unit notebooks exercises bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR) chapters
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m minimodels.course exercises --check
+	NUMBA_ENABLE_CUDASIM=1 $(PYTEST) -n auto tests
+	MPLBACKEND=Agg $(NBVAL) --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg chapters solutions
+	MPLBACKEND=Agg $(NBVAL) --nbval-lax exercises
+
+exercises: $(STAMP)
+	$(PY) -m minimodels.course exercises
+
+bench: $(STAMP)
+	$(PY) -m minimodels.bench scan
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .numba_cache .pytest_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,191 @@
+"""Backends: which implementation of a kernel runs, and the bridges between torch and Numba.
+
+Every kernel module ends with ``IMPLS = {"ref": op_ref, "cpu": op_cpu, "cuda": op_cuda}`` and
+its public entry calls ``dispatch(IMPLS, *tensors, backend=backend)``. This module decides which
+of the three runs (``resolve``) and refuses, with the reason, when it cannot
+(``BackendUnavailable``). It never falls back silently to another backend.
+
+- ``ref``  the PyTorch reference: the definition, differentiable by autograd, any device.
+- ``cpu``  a Numba ``njit(parallel=True)`` kernel over NumPy views of CPU tensors.
+- ``cuda`` a ``numba.cuda`` kernel over CUDA tensors, launched on torch's current stream; with
+  ``NUMBA_ENABLE_CUDASIM=1`` (set before numba is imported) the same kernel runs in Numba's
+  CUDA simulator on CPU tensors, which is how CI tests every GPU kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "available_backends",
+    "cuda_available",
+    "cuda_simulated",
+    "cuda_stream",
+    "dispatch",
+    "expect_tensor",
+    "resolve",
+    "to_numba",
+]
+
+BACKENDS = ("ref", "cpu", "cuda")
+ENV_VAR = "MINIMODELS_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What this machine can run
+# ---------------------------------------------------------------------------------------------
+
+
+def cuda_simulated() -> bool:
+    """True when Numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1``)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+@functools.cache
+def _cuda_status() -> tuple[bool, str]:
+    """(available, reason) for the ``cuda`` backend, computed once per process."""
+    try:
+        from numba import cuda
+    except Exception as err:  # numba-cuda missing or broken: say so, do not hide it
+        return False, f"numba.cuda could not be imported ({type(err).__name__}: {err})"
+    if cuda_simulated():
+        return True, "Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), running on the CPU"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA GPU on this machine"
+    if not cuda.is_available():
+        return False, "numba.cuda finds no usable CUDA driver or GPU"
+    return True, f"GPU {torch.cuda.get_device_name()}"
+
+
+def cuda_available() -> bool:
+    """True when the ``cuda`` backend can run: a real GPU, or the simulator."""
+    return _cuda_status()[0]
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine: always ``ref`` and ``cpu``; ``cuda`` when a GPU
+    (or the CUDA simulator) is there."""
+    return ["ref", "cpu"] + (["cuda"] if cuda_available() else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing and calling an implementation
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve(backend: str | Callable | None = None, *tensors: torch.Tensor | None) -> str | Callable:
+    """The backend to use: the explicit argument; else ``$MINIMODELS_BACKEND``; else ``cuda``
+    when the tensors live on a GPU and ``cpu`` otherwise. A callable is returned as it is (an
+    exercise plugs the learner's function in that way). Raises ``BackendUnavailable``."""
+    if callable(backend):
+        return backend
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
+    if backend is None:
+        on_gpu = any(t is not None and t.is_cuda for t in tensors)
+        return "cuda" if on_gpu else "cpu"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise BackendUnavailable(
+            f"{source}={backend!r} is not a backend: expected one of {', '.join(BACKENDS)} "
+            "or a callable"
+        )
+    if backend == "cuda" and not cuda_available():
+        raise BackendUnavailable(f"backend 'cuda' is unavailable: {_cuda_status()[1]}")
+    return backend
+
+
+def _check_devices(name: str, tensors: tuple) -> None:
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
+    if name == "cuda":
+        if cuda_simulated() and device.type != "cpu":
+            raise ValueError(f"the CUDA simulator runs on CPU tensors, got tensors on {device}")
+        if not cuda_simulated() and device.type != "cuda":
+            raise ValueError(
+                f"backend 'cuda' needs CUDA tensors, got tensors on {device}: move them with "
+                ".cuda(), or pass backend='cpu'"
+            )
+
+
+def dispatch(impls: Mapping[str, Callable], *args, backend=None, **kwargs):
+    """Call ``impls[resolve(backend, *tensor args)](*args, **kwargs)``.
+
+    A callable ``backend`` is called with the same arguments instead."""
+    choice = resolve(backend, *(a for a in args if isinstance(a, torch.Tensor)))
+    if callable(choice):
+        return choice(*args, **kwargs)
+    _check_devices(choice, args)
+    return impls[choice](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks shared by every kernel's public entry
+# ---------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def expect_tensor(
+    name: str,
+    x,
+    dims: str,
+    *,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Check that ``x`` is a tensor with ``len(dims.split(','))`` dimensions, one of ``dtypes``
+    and, when given, exactly ``shape``. ``dims`` names the axes for the message, e.g.
+    ``"batch, d, l"``. Raises ``TypeError``/``ValueError`` naming the argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({dims}), got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must be {wanted}, got {str(x.dtype).removeprefix('torch.')}")
+    ndim = len(dims.split(","))
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions ({dims}), got shape {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape ({dims}) = {tuple(shape)}, got {tuple(x.shape)}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# torch <-> Numba bridges (used only inside kernel wrappers)
+# ---------------------------------------------------------------------------------------------
+
+
+def to_numba(x: torch.Tensor):
+    """A view of ``x`` that a Numba kernel accepts, sharing memory (writes go through).
+
+    CPU tensors (and every tensor under the CUDA simulator) become NumPy arrays; CUDA tensors
+    become Numba device arrays through ``__cuda_array_interface__``."""
+    if x.is_cuda:
+        from numba import cuda
+
+        return cuda.as_cuda_array(x.detach())
+    return x.detach().numpy()
+
+
+def cuda_stream():
+    """torch's current CUDA stream as a Numba stream, so kernels order with torch's work.
+    Under the simulator there is no stream: returns 0 (the default stream)."""
+    if cuda_simulated():
+        return 0
+    from numba import cuda
+
+    return cuda.external_stream(torch.cuda.current_stream().cuda_stream)

@@ -1,0 +1,23 @@
+"""Helpers shared by the tests. `make test` runs the unit tests with NUMBA_ENABLE_CUDASIM=1, so
+the ``cuda`` backend runs every CUDA kernel in Numba's simulator; on a GPU machine run
+``pytest -m cuda`` without it to run them for real."""
+
+import pytest
+import torch
+
+from minimodels.backend import _cuda_status, available_backends, cuda_simulated
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif("cuda" not in available_backends(), reason=_cuda_status()[1]),
+    ],
+)
+KERNELS = ["cpu", CUDA]  # the fast paths, each checked against ref
+ALL = ["ref", "cpu", CUDA]
+
+
+def device_for(backend: str) -> torch.device:
+    """Where a backend's inputs live: CUDA tensors for a real GPU, CPU otherwise."""
+    return torch.device("cuda" if backend == "cuda" and not cuda_simulated() else "cpu")

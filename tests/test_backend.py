@@ -1,0 +1,87 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minimodels
+from minimodels.backend import (
+    BackendUnavailable,
+    available_backends,
+    cuda_simulated,
+    dispatch,
+    resolve,
+)
+
+IMPLS = {"ref": lambda x: ("ref", x), "cpu": lambda x: ("cpu", x), "cuda": lambda x: ("cuda", x)}
+
+
+def test_ref_and_cpu_always_available():
+    assert available_backends()[:2] == ["ref", "cpu"]
+
+
+def test_simulator_makes_cuda_available():
+    if not cuda_simulated():
+        pytest.skip("runs under NUMBA_ENABLE_CUDASIM=1 (as make test does)")
+    assert "cuda" in available_backends()
+
+
+def test_resolve_explicit_env_and_device(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.delenv("MINIMODELS_BACKEND", raising=False)
+    assert resolve(None, x) == "cpu"
+    assert resolve("ref", x) == "ref"
+    monkeypatch.setenv("MINIMODELS_BACKEND", "ref")
+    assert resolve(None, x) == "ref"
+    assert resolve("cpu", x) == "cpu"  # the argument wins over the environment
+
+
+def test_unknown_backend_names_the_choices(monkeypatch):
+    with pytest.raises(BackendUnavailable, match="'gpu' is not a backend: expected one of ref"):
+        resolve("gpu")
+    monkeypatch.setenv("MINIMODELS_BACKEND", "numpy")
+    with pytest.raises(BackendUnavailable, match="MINIMODELS_BACKEND='numpy'"):
+        resolve(None, torch.zeros(1))
+
+
+def test_cuda_without_gpu_raises_with_reason():
+    """In a fresh process without the simulator, on a machine with no GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    code = (
+        "import torch, minimodels as mm\n"
+        "assert mm.available_backends() == ['ref', 'cpu']\n"
+        "try:\n"
+        "    mm.linear_scan(torch.ones(1, 1, 2), torch.ones(1, 1, 2), backend='cuda')\n"
+        "except mm.BackendUnavailable as e:\n"
+        "    print('raised:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "raised: backend 'cuda' is unavailable: torch sees no CUDA GPU" in out.stdout
+
+
+def test_dispatch_calls_the_chosen_impl_and_callables():
+    x = torch.ones(3)
+    assert dispatch(IMPLS, x, backend="ref")[0] == "ref"
+    assert dispatch(IMPLS, x)[0] == "cpu"
+    assert dispatch(IMPLS, x, backend=lambda x: ("mine", x))[0] == "mine"
+
+
+def test_dispatch_rejects_mixed_devices():
+    meta = torch.empty(2, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        dispatch({"cpu": lambda a, b: None}, torch.ones(2), meta, backend="cpu")
+    with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors"):
+        dispatch({"cpu": lambda a: None}, meta, backend="cpu")
+
+
+def test_info_prints_versions_and_backends(capsys):
+    minimodels.info()
+    out = capsys.readouterr().out
+    for key in ("python", "torch", "numpy", "numba", "numba-cuda", "backends"):
+        assert any(line.startswith(key + " ") for line in out.splitlines()), key
+    assert torch.__version__ in out
+    assert ", ".join(available_backends()) in out

@@ -1,0 +1,36 @@
+"""The benchmark helpers and the plain-PyTorch peers (they must compute the same scan)."""
+
+import pytest
+import torch
+from minimodels.kernels.scan import linear_scan_ref
+
+from minimodels import bench
+from minimodels.plots import fit_slope
+
+
+@pytest.mark.parametrize("l", [1, 31, 70])
+@pytest.mark.parametrize("peer", [bench.scan_torch_chunked, bench.scan_torch_associative])
+def test_peers_compute_the_scan(peer, l):
+    g = torch.Generator().manual_seed(l)
+    a = torch.rand(2, 3, l, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    b, h0 = torch.randn(2, 3, l, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(peer(a, b, h0), linear_scan_ref(a, b, h0))
+
+
+def test_timeit_takes_the_median_after_warmup():
+    calls = []
+    seconds = bench.timeit(lambda: calls.append(1), warmup=2, repeat=5)
+    assert len(calls) == 7 and 0 <= seconds < 1
+
+
+def test_table_reports_ratios_and_floor_multiples():
+    rows = [bench.Row("ref", 0.1), bench.Row("fast", 0.01, "kernel")]
+    table = bench.format_table(rows, reference="ref", floor_seconds=0.005)
+    assert "| ref | 100 | 1x | 20.00 |" in table
+    assert "| fast | 10 | 10x | 2.00 | kernel |" in table
+
+
+def test_fit_slope_recovers_a_power_law():
+    x = [2.0**k for k in range(4, 10)]
+    assert fit_slope(x, [3 * v**2 for v in x]) == pytest.approx(2.0)
+    assert fit_slope(x, [v for v in x]) == pytest.approx(1.0)
