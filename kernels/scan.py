@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from numba import cuda, njit, prange
 
-from minimodels.backend import cuda_stream, dispatch, expect_tensor, to_numba
+from minimodels.backend import cuda_simulated, cuda_stream, dispatch, expect_tensor, to_numba
 
 __all__ = ["linear_scan", "linear_scan_ref", "linear_scan_cpu", "linear_scan_cuda", "IMPLS"]
 
@@ -32,7 +32,12 @@ __all__ = ["linear_scan", "linear_scan_ref", "linear_scan_cpu", "linear_scan_cud
 # Constants
 # =============================================================================================
 
-TILE = 32  # CUDA: rows per block (one thread each) and time steps per shared-memory tile
+# CUDA: one block walks one row in chunks of THREADS * ITEMS steps; thread i owns ITEMS
+# consecutive steps of each chunk. The simulator (CI) uses a smaller block so that its tests
+# cross many chunk boundaries at tiny sizes.
+THREADS = 8 if cuda_simulated() else 256  # 256 x 2 measured best of 128..1024 x 1..8 (H200)
+ITEMS = 2
+CHUNK = THREADS * ITEMS
 
 
 # =============================================================================================
@@ -122,88 +127,128 @@ def _bwd_cpu(a, h0, h, g):
 
 
 # =============================================================================================
-# CUDA kernel (numba.cuda): a block of TILE threads owns TILE rows. Tiles of TILE x TILE steps
-# are loaded coalesced (thread i reads time step t0+i of every row), transposed through shared
-# memory, scanned sequentially by thread i along row i, and stored coalesced.
+# CUDA kernel (numba.cuda). One row is far too little work for a GPU thread: its loads would
+# wait one at a time. Instead a block of THREADS threads takes a row chunk by chunk:
+#   1. thread i loads its ITEMS steps (all loads issued together: memory-level parallelism)
+#      and composes them into one affine map  h -> A h + B;
+#   2. the block scans those maps across threads (Hillis-Steele, in shared memory), so thread i
+#      learns the map of everything before it in the chunk;
+#   3. it applies that map to the chunk's incoming state and replays its ITEMS steps, writing h.
+# The backward kernel is the same scan run from the end of the row (thread 0 owns the last
+# steps), with coefficients a_{t+1} and inputs g_t.
 # =============================================================================================
+
+
+@cuda.jit(device=True)
+def _scan_maps(sA, sB, A, B, i):
+    """Inclusive scan over the block of the maps h -> A h + B (thread order = time order).
+    Leaves thread i's composition of maps 0..i in sA[i], sB[i]."""
+    offset = 1
+    while offset < THREADS:
+        sA[i] = A
+        sB[i] = B
+        cuda.syncthreads()
+        if i >= offset:  # (A, B) after (Ap, Bp):  h -> A (Ap h + Bp) + B
+            B = A * sB[i - offset] + B
+            A = A * sA[i - offset]
+        cuda.syncthreads()
+        offset *= 2
+    sA[i] = A
+    sB[i] = B
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _load(x, r, first, step, lo, hi, fill, out):
+    """out[k] = x[r, first + step·k] for k < ITEMS, or ``fill`` where that index is outside
+    [lo, hi). Called one chunk ahead, so the loads are in flight while a chunk is scanned."""
+    for k in range(ITEMS):
+        t = first + step * k
+        out[k] = x[r, t] if lo <= t < hi else fill
 
 
 @functools.cache
 def _linear_scan_kernels(dtype: np.dtype):
     """Compile-once (per dtype) forward and backward kernels."""
-    zero = dtype.type(0)
+    zero, one = dtype.type(0), dtype.type(1)
 
     @cuda.jit
     def fwd(a, b, h0, h):
-        # a, b, h: (r, l); h0: (r,)
-        sa = cuda.shared.array((TILE, TILE + 1), dtype)  # +1: row i of sa is bank-conflict free
-        sh = cuda.shared.array((TILE, TILE + 1), dtype)
+        # a, b, h: (r, l); h0: (r,). Block = row r, thread i.
+        sA = cuda.shared.array(THREADS, dtype)
+        sB = cuda.shared.array(THREADS, dtype)
+        va = cuda.local.array(ITEMS, dtype)  # this chunk's a, b
+        vb = cuda.local.array(ITEMS, dtype)
+        na = cuda.local.array(ITEMS, dtype)  # the next chunk's, prefetched
+        nb = cuda.local.array(ITEMS, dtype)
         rows, l = a.shape
-        i = cuda.threadIdx.x
-        row0 = cuda.blockIdx.x * TILE
-        r = row0 + i
-        state = h0[r] if r < rows else zero
-        for t0 in range(0, l, TILE):
-            t = t0 + i
-            for j in range(TILE):  # coalesced: the warp reads TILE consecutive steps of row j
-                if row0 + j < rows and t < l:
-                    sa[j, i] = a[row0 + j, t]
-                    sh[j, i] = b[row0 + j, t]
-            cuda.syncthreads()
-            if r < rows:
-                for k in range(min(TILE, l - t0)):  # sequential along row i
-                    state = sa[i, k] * state + sh[i, k]
-                    sh[i, k] = state
-            cuda.syncthreads()
-            for j in range(TILE):
-                if row0 + j < rows and t < l:
-                    h[row0 + j, t] = sh[j, i]
-            cuda.syncthreads()
+        r, i = cuda.blockIdx.x, cuda.threadIdx.x
+        carry = h0[r]  # the state entering the chunk
+        _load(a, r, i * ITEMS, 1, 0, l, one, na)  # past the end: the identity map
+        _load(b, r, i * ITEMS, 1, 0, l, zero, nb)
+        for t0 in range(0, l, CHUNK):
+            first = t0 + i * ITEMS
+            for k in range(ITEMS):
+                va[k], vb[k] = na[k], nb[k]
+            _load(a, r, first + CHUNK, 1, 0, l, one, na)
+            _load(b, r, first + CHUNK, 1, 0, l, zero, nb)
+            A, B = one, zero
+            for k in range(ITEMS):  # compose my steps into h -> A h + B
+                A, B = va[k] * A, va[k] * B + vb[k]
+            _scan_maps(sA, sB, A, B, i)
+            state = carry if i == 0 else sA[i - 1] * carry + sB[i - 1]
+            for k in range(ITEMS):
+                state = va[k] * state + vb[k]
+                if first + k < l:
+                    h[r, first + k] = state
+            carry = sA[THREADS - 1] * carry + sB[THREADS - 1]
+            cuda.syncthreads()  # everyone has read sA, sB before the next chunk writes them
 
     @cuda.jit
     def bwd(a, h0, h, g, da, db, dh0):
-        # a, h, g, da, db: (r, l); h0, dh0: (r,). Tiles run from the end of the sequence.
-        sa = cuda.shared.array((TILE, TILE + 1), dtype)
-        sh = cuda.shared.array((TILE, TILE + 1), dtype)  # h, then overwritten with da
-        sg = cuda.shared.array((TILE, TILE + 1), dtype)  # g, then overwritten with db
+        # a, h, g, da, db: (r, l); h0, dh0: (r,). dh_t = a_{t+1} dh_{t+1} + g_t, from the end;
+        # thread i owns steps last, last-1, ..., last-ITEMS+1 of each chunk.
+        sA = cuda.shared.array(THREADS, dtype)
+        sB = cuda.shared.array(THREADS, dtype)
+        vc = cuda.local.array(ITEMS, dtype)  # a_{t+1} (a_l is never used: the carry starts at 0)
+        vg = cuda.local.array(ITEMS, dtype)  # g_t
+        vh = cuda.local.array(ITEMS, dtype)  # h_{t-1}
+        nc = cuda.local.array(ITEMS, dtype)
+        ng = cuda.local.array(ITEMS, dtype)
         rows, l = a.shape
-        i = cuda.threadIdx.x
-        row0 = cuda.blockIdx.x * TILE
-        r = row0 + i
-        carry = zero
-        n_tiles = (l + TILE - 1) // TILE
-        for tile in range(n_tiles - 1, -1, -1):
-            t0 = tile * TILE
-            t = t0 + i
-            for j in range(TILE):
-                if row0 + j < rows and t < l:
-                    sa[j, i] = a[row0 + j, t]
-                    sh[j, i] = h[row0 + j, t]
-                    sg[j, i] = g[row0 + j, t]
+        r, i = cuda.blockIdx.x, cuda.threadIdx.x
+        carry = zero  # dh of the step after the chunk
+        _load(a, r, l - i * ITEMS, -1, 1, l, one, nc)  # t < 0: identity
+        _load(g, r, l - 1 - i * ITEMS, -1, 0, l, zero, ng)
+        for t_end in range(l - 1, -1, -CHUNK):
+            last = t_end - i * ITEMS
+            for k in range(ITEMS):
+                vc[k], vg[k] = nc[k], ng[k]
+            _load(a, r, last + 1 - CHUNK, -1, 1, l, one, nc)
+            _load(g, r, last - CHUNK, -1, 0, l, zero, ng)
+            _load(h, r, last - 1, -1, 0, l, zero, vh)
+            if last - ITEMS < 0 <= last:  # this thread owns t = 0: h_{-1} is h0
+                vh[last] = h0[r]
+            A, B = one, zero
+            for k in range(ITEMS):
+                A, B = vc[k] * A, vc[k] * B + vg[k]
+            _scan_maps(sA, sB, A, B, i)
+            dh = carry if i == 0 else sA[i - 1] * carry + sB[i - 1]
+            for k in range(ITEMS):
+                dh = vc[k] * dh + vg[k]
+                if last - k >= 0:
+                    db[r, last - k] = dh
+                    da[r, last - k] = dh * vh[k]
+            carry = sA[THREADS - 1] * carry + sB[THREADS - 1]
             cuda.syncthreads()
-            if r < rows:
-                h_before = h[r, t0 - 1] if t0 > 0 else h0[r]  # h_{t0-1}
-                for k in range(min(TILE, l - t0) - 1, -1, -1):
-                    dh = sg[i, k] + carry
-                    carry = sa[i, k] * dh
-                    sg[i, k] = dh  # db
-                    # da, in place: sh[i, k - 1] is still h (the loop runs backwards)
-                    sh[i, k] = dh * (sh[i, k - 1] if k > 0 else h_before)
-            cuda.syncthreads()
-            for j in range(TILE):
-                if row0 + j < rows and t < l:
-                    db[row0 + j, t] = sg[j, i]
-                    da[row0 + j, t] = sh[j, i]
-            cuda.syncthreads()
-        if r < rows:
-            dh0[r] = carry
+        if i == 0:
+            dh0[r] = a[r, 0] * carry  # carry = dh_0
 
     return fwd, bwd
 
 
 def _launch(kernel, rows, *tensors):
-    grid = (rows + TILE - 1) // TILE
-    kernel[grid, TILE, cuda_stream()](*map(to_numba, tensors))
+    kernel[rows, THREADS, cuda_stream()](*map(to_numba, tensors))
 
 
 def _fwd_cuda(a, b, h0):
