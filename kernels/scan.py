@@ -142,20 +142,24 @@ def _bwd_cpu(a, h0, h, g):
 @cuda.jit(device=True)
 def _scan_maps(sA, sB, A, B, i):
     """Inclusive scan over the block of the maps h -> A h + B (thread order = time order).
-    Leaves thread i's composition of maps 0..i in sA[i], sB[i]."""
+
+    sA, sB: (2, THREADS) ping-pong buffers, so each of the log2(THREADS) steps needs one
+    barrier. Returns p: thread i's composition of maps 0..i is in sA[p, i], sB[p, i]."""
+    p = 0
+    sA[p, i] = A
+    sB[p, i] = B
+    cuda.syncthreads()
     offset = 1
     while offset < THREADS:
-        sA[i] = A
-        sB[i] = B
-        cuda.syncthreads()
         if i >= offset:  # (A, B) after (Ap, Bp):  h -> A (Ap h + Bp) + B
-            B = A * sB[i - offset] + B
-            A = A * sA[i - offset]
+            B = A * sB[p, i - offset] + B
+            A = A * sA[p, i - offset]
+        p = 1 - p
+        sA[p, i] = A
+        sB[p, i] = B
         cuda.syncthreads()
         offset *= 2
-    sA[i] = A
-    sB[i] = B
-    cuda.syncthreads()
+    return p
 
 
 @cuda.jit(device=True)
@@ -175,8 +179,8 @@ def _linear_scan_kernels(dtype: np.dtype):
     @cuda.jit
     def fwd(a, b, h0, h):
         # a, b, h: (r, l); h0: (r,). Block = row r, thread i.
-        sA = cuda.shared.array(THREADS, dtype)
-        sB = cuda.shared.array(THREADS, dtype)
+        sA = cuda.shared.array((2, THREADS), dtype)
+        sB = cuda.shared.array((2, THREADS), dtype)
         va = cuda.local.array(ITEMS, dtype)  # this chunk's a, b
         vb = cuda.local.array(ITEMS, dtype)
         na = cuda.local.array(ITEMS, dtype)  # the next chunk's, prefetched
@@ -195,21 +199,21 @@ def _linear_scan_kernels(dtype: np.dtype):
             A, B = one, zero
             for k in range(ITEMS):  # compose my steps into h -> A h + B
                 A, B = va[k] * A, va[k] * B + vb[k]
-            _scan_maps(sA, sB, A, B, i)
-            state = carry if i == 0 else sA[i - 1] * carry + sB[i - 1]
+            p = _scan_maps(sA, sB, A, B, i)
+            state = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
             for k in range(ITEMS):
                 state = va[k] * state + vb[k]
                 if first + k < l:
                     h[r, first + k] = state
-            carry = sA[THREADS - 1] * carry + sB[THREADS - 1]
+            carry = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
             cuda.syncthreads()  # everyone has read sA, sB before the next chunk writes them
 
     @cuda.jit
     def bwd(a, h0, h, g, da, db, dh0):
         # a, h, g, da, db: (r, l); h0, dh0: (r,). dh_t = a_{t+1} dh_{t+1} + g_t, from the end;
         # thread i owns steps last, last-1, ..., last-ITEMS+1 of each chunk.
-        sA = cuda.shared.array(THREADS, dtype)
-        sB = cuda.shared.array(THREADS, dtype)
+        sA = cuda.shared.array((2, THREADS), dtype)
+        sB = cuda.shared.array((2, THREADS), dtype)
         vc = cuda.local.array(ITEMS, dtype)  # a_{t+1} (a_l is never used: the carry starts at 0)
         vg = cuda.local.array(ITEMS, dtype)  # g_t
         vh = cuda.local.array(ITEMS, dtype)  # h_{t-1}
@@ -232,14 +236,14 @@ def _linear_scan_kernels(dtype: np.dtype):
             A, B = one, zero
             for k in range(ITEMS):
                 A, B = vc[k] * A, vc[k] * B + vg[k]
-            _scan_maps(sA, sB, A, B, i)
-            dh = carry if i == 0 else sA[i - 1] * carry + sB[i - 1]
+            p = _scan_maps(sA, sB, A, B, i)
+            dh = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
             for k in range(ITEMS):
                 dh = vc[k] * dh + vg[k]
                 if last - k >= 0:
                     db[r, last - k] = dh
                     da[r, last - k] = dh * vh[k]
-            carry = sA[THREADS - 1] * carry + sB[THREADS - 1]
+            carry = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
             cuda.syncthreads()
         if i == 0:
             dh0[r] = a[r, 0] * carry  # carry = dh_0

@@ -29,6 +29,7 @@ def scaling(
     ``fit_from`` skips the first points of the fit (small sizes are dominated by overheads).
     Returns ``(ax, {name: slope})``."""
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
@@ -36,6 +37,8 @@ def scaling(
     for name, y in series.items():
         slopes[name] = fit_slope(x[fit_from:], y[fit_from:])
         ax.loglog(x, y, "o-", label=f"{name}  (slope {slopes[name]:.2f})")
+    ax.set_xticks(list(x), [f"{v:g}" for v in x])  # label the measured sizes, nothing else
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
