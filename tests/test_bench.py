@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from minimodels.kernels.scan import linear_scan_ref
 
 from minimodels import bench
+from minimodels.kernels.scan import linear_scan_ref
 from minimodels.plots import fit_slope
 
 

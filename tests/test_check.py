@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from minimodels.kernels.scan import linear_scan_ref
 
 from minimodels import check
+from minimodels.kernels.scan import linear_scan_ref
 
 
 def correct(a, b, h0):

@@ -5,11 +5,12 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
-import minimodels.kernels.scan
-import tomllib
 import yaml
+
+import minimodels.kernels.scan
 
 ROOT = Path(__file__).resolve().parents[1]
 

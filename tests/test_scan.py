@@ -4,6 +4,7 @@ matrix, in float64), gradients against autograd of the reference, and bad input.
 import pytest
 import torch
 from helpers import ALL, KERNELS, device_for
+
 from minimodels.kernels.scan import linear_scan, linear_scan_ref
 
 SHAPES = [(1, 1, 1), (2, 3, 1), (2, 3, 37), (1, 33, 70), (3, 5, 64)]  # 33 rows / 70 steps: tails
