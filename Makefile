@@ -34,9 +34,10 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m minimodels.course exercises --check
-	NUMBA_ENABLE_CUDASIM=1 $(PYTEST) -n auto tests
+	NUMBA_ENABLE_CUDASIM=1 $(PYTEST) -n auto -m "not browser" tests
 	MPLBACKEND=Agg $(NBVAL) --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg chapters solutions
 	MPLBACKEND=Agg $(NBVAL) --nbval-lax exercises
+	$(PYTEST) -m browser tests/browser -rs  # real JupyterLab + Chromium; skipped loudly without one
 
 exercises: $(STAMP)
 	$(PY) -m minimodels.course exercises
