@@ -12,7 +12,9 @@ export NUMBA_CACHE_DIR := $(CURDIR)/.numba_cache
 # ~3x less to first-touch on this kind of machine (measured; see kernels/BENCHMARKS.md).
 export GLIBC_TUNABLES := glibc.malloc.hugetlb=1
 
-PYTEST  := $(PY) -m pytest -q -p no:cacheprovider
+# Tests run two processes at once (pytest -n auto on 2 cores); each keeps to one torch/OpenMP
+# thread so they do not oversubscribe the cores (small-op training slowed 100x without this).
+PYTEST  := OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
 NBVAL   := $(PYTEST) -n auto --dist loadfile --nbval-current-env
 
 .PHONY: install lab test unit notebooks exercises bench lint clean
@@ -35,8 +37,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m minimodels.course exercises --check
 	NUMBA_ENABLE_CUDASIM=1 $(PYTEST) -n auto -m "not browser" tests
-	MPLBACKEND=Agg $(NBVAL) --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg chapters solutions
-	MPLBACKEND=Agg $(NBVAL) --nbval-lax exercises
+	$(NBVAL) --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg chapters solutions
+	$(NBVAL) --nbval-lax exercises
 	$(PYTEST) -m browser tests/browser -rs  # real JupyterLab + Chromium; skipped loudly without one
 
 exercises: $(STAMP)

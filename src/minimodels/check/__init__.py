@@ -151,3 +151,5 @@ def check_function(
 
 # Chapter checkers (imported last: they use the machinery above)
 from minimodels.check.ch00 import linear_scan  # noqa: E402
+from minimodels.check.ch01 import grad_norms, gru_cell, lstm_cell  # noqa: E402, F401, I001
+from minimodels.check.ch02 import causal_attention, kv_step_mask, merge_attention  # noqa: E402, F401, I001
