@@ -44,8 +44,10 @@ test: $(STAMP)
 exercises: $(STAMP)
 	$(PY) -m minimodels.course exercises
 
+BENCHES := scan attention
+
 bench: $(STAMP)
-	$(PY) -m minimodels.bench scan
+	for k in $(BENCHES); do $(PY) -m minimodels.bench $$k || exit 1; echo; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from minimodels import bench
+from minimodels.benchmarks import scan as scan_bench
 from minimodels.kernels.scan import linear_scan_ref
 from minimodels.plots import fit_slope
 
 
 @pytest.mark.parametrize("l", [1, 31, 70])
-@pytest.mark.parametrize("peer", [bench.scan_torch_chunked, bench.scan_torch_associative])
+@pytest.mark.parametrize("peer", [scan_bench.scan_torch_chunked, scan_bench.scan_torch_associative])
 def test_peers_compute_the_scan(peer, l):
     g = torch.Generator().manual_seed(l)
     a = torch.rand(2, 3, l, generator=g, dtype=torch.float64) * 0.5 + 0.5
