@@ -26,7 +26,7 @@ def qkv(shape, dtype=torch.float64, device="cpu", seed=0, std=1.0):
 
 def sdpa(q, k, v, causal=False, scale=None):
     """torch's SDPA with our bottom-right causal mask given explicitly (as a boolean mask)."""
-    mask = causal_mask(q.shape[-2], k.shape[-2]) if causal else None
+    mask = causal_mask(q.shape[-2], k.shape[-2], q.device) if causal else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

@@ -172,20 +172,24 @@ def expect_tensor(
 def to_numba(x: torch.Tensor):
     """A view of ``x`` that a Numba kernel accepts, sharing memory (writes go through).
 
-    CPU tensors (and every tensor under the CUDA simulator) become NumPy arrays; CUDA tensors
-    become Numba device arrays through ``__cuda_array_interface__``."""
-    if x.is_cuda:
-        from numba import cuda
+    CPU tensors (and every tensor under the CUDA simulator) become NumPy arrays. CUDA tensors
+    are passed as they are (detached): Numba reads their ``__cuda_array_interface__`` itself,
+    which costs a third of wrapping them with ``cuda.as_cuda_array`` (measured on an H200:
+    ~30 us less per argument per launch)."""
+    return x.detach() if x.is_cuda else x.detach().numpy()
 
-        return cuda.as_cuda_array(x.detach())
-    return x.detach().numpy()
+
+@functools.cache
+def _external_stream(pointer: int):
+    from numba import cuda
+
+    return cuda.external_stream(pointer)
 
 
 def cuda_stream():
     """torch's current CUDA stream as a Numba stream, so kernels order with torch's work.
-    Under the simulator there is no stream: returns 0 (the default stream)."""
+    The wrapper is made once per stream (making one costs ~70 us). Under the simulator there
+    is no stream: returns 0 (the default stream)."""
     if cuda_simulated():
         return 0
-    from numba import cuda
-
-    return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+    return _external_stream(torch.cuda.current_stream().cuda_stream)
