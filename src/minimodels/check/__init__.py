@@ -153,3 +153,4 @@ def check_function(
 from minimodels.check.ch00 import linear_scan  # noqa: E402
 from minimodels.check.ch01 import grad_norms, gru_cell, lstm_cell  # noqa: E402, F401, I001
 from minimodels.check.ch02 import causal_attention, kv_step_mask, merge_attention  # noqa: E402, F401, I001
+from minimodels.check.ch04 import bilinear_diagonal, causal_fft_conv, s4d_step, zoh_diagonal  # noqa: E402, F401, I001

@@ -1,0 +1,115 @@
+"""The chapter-04 checkers against the mistakes learners make: each gets its verdict."""
+
+import math
+
+import pytest
+import torch
+
+from minimodels import check
+
+pytestmark = pytest.mark.ch04
+
+
+def not_implemented(*args):
+    raise NotImplementedError
+
+
+# Exercise 4.1 ---------------------------------------------------------------------------------
+
+def zoh(A, B, dt):
+    return torch.exp(dt * A), (torch.exp(dt * A) - 1) / A * B
+
+
+def bilinear(A, B, dt):
+    return (1 + dt / 2 * A) / (1 - dt / 2 * A), dt * B / (1 - dt / 2 * A)
+
+
+@pytest.mark.parametrize("fn, message", [
+    (zoh, "passed 4 checks"),
+    (lambda A, B, dt: (zoh(A, B, dt)[0], zoh(A, B, dt)[1].conj()), "wrong values"),
+    (not_implemented, "not implemented yet"),
+    (lambda A, B, dt: (1 + dt * A, dt * B), "forward Euler"),
+    (lambda A, B, dt: (torch.exp(dt * A), dt * B), "Euler's (and Mamba's) rule"),
+    (lambda A, B, dt: (torch.exp(A) * dt, (torch.exp(A) * dt - 1) / A * B), "exp(A)·Δ"),
+    (lambda A, B, dt: (torch.exp(dt * A), (torch.exp(dt * A) - 1) * B), "division by A"),
+    (bilinear, "bilinear rule, not ZOH"),
+    (lambda A, B, dt: torch.exp(dt * A), "return the pair"),
+    (lambda A, B, dt: (torch.exp(dt * A), B.sum()), "Ad and Bd should both be like A"),
+])
+def test_zoh_diagonal(fn, message):
+    verdict = check.zoh_diagonal(fn, strict=False)
+    assert message in verdict.message and verdict.passed == message.startswith("passed")
+
+
+@pytest.mark.parametrize("fn, message", [
+    (bilinear, "passed 4 checks"),
+    (lambda A, B, dt: (1 + dt * A, dt * B), "forward Euler"),
+    (zoh, "this is ZOH"),
+    (lambda A, B, dt: ((1 - dt / 2 * A) / (1 + dt / 2 * A), dt * B / (1 + dt / 2 * A)),
+     "swapped"),
+    (lambda A, B, dt: (bilinear(A, B, dt)[0], B / (1 - dt / 2 * A)), "missing its factor Δ"),
+    (lambda A, B, dt: (bilinear(A, B, dt)[0], dt * B), "missing the division"),
+])
+def test_bilinear_diagonal(fn, message):
+    verdict = check.bilinear_diagonal(fn, strict=False)
+    assert message in verdict.message and verdict.passed == message.startswith("passed")
+
+
+# Exercise 4.2 ---------------------------------------------------------------------------------
+
+def fft_conv(u, K, pad=2, keep="first"):
+    L = u.shape[-1]
+    n = pad * L
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n), n=n)
+    return y[..., :L] if keep == "first" else y[..., -L:]
+
+
+@pytest.mark.parametrize("fn, message", [
+    (fft_conv, "passed 4 checks"),
+    (lambda u, K: fft_conv(u, K, pad=1), "circular convolution"),
+    (lambda u, K: fft_conv(u, K, keep="last"), "last L samples"),
+    (lambda u, K: fft_conv(u, K.flip(-1)), "correlation"),
+    (lambda u, K: fft_conv(u, K).double(), "wrong dtype"),
+    (lambda u, K: torch.fft.irfft(torch.fft.rfft(u, n=2 * u.shape[-1])
+                                  * torch.fft.rfft(K, n=2 * u.shape[-1])), "wrong shape"),
+    (not_implemented, "not implemented yet"),
+])
+def test_causal_fft_conv(fn, message):
+    verdict = check.causal_fft_conv(fn, strict=False)
+    assert message in verdict.message and verdict.passed == message.startswith("passed")
+
+
+# Exercise 4.3 ---------------------------------------------------------------------------------
+
+def make_step(Ad="zoh", Bd="zoh", two=2.0, D_term=True, old=False):
+    def step(x, u, A, C, D, dt):
+        dtA = dt[:, None] * A
+        a = {"zoh": torch.exp(dtA), "euler": 1 + dtA, "expAdt": torch.exp(A) * dt[:, None]}[Ad]
+        b = {"zoh": (torch.exp(dtA) - 1) / A, "dt": dt[:, None] + 0 * A,
+             "expAdt": (torch.exp(A) * dt[:, None] - 1) / A}[Bd]
+        new = a * x + b * u[..., None]
+        y = two * (C * (x if old else new)).sum(-1).real + (D * u if D_term else 0)
+        return y, new
+    return step
+
+
+@pytest.mark.parametrize("fn, message", [
+    (make_step(), "passed 4 checks"),
+    (make_step("euler", "dt"), "forward Euler"),
+    (make_step("zoh", "dt"), "Euler's (Mamba's) rule"),
+    (make_step("expAdt", "expAdt"), "exp(A)·Δ"),
+    (make_step(two=1.0), "factor 2"),
+    (make_step(D_term=False), "D·u is missing"),
+    (make_step(old=True), "old state"),
+    (lambda x, u, A, C, D, dt: make_step()(x, u, A, C, D, dt)[0], "return the pair"),
+    (not_implemented, "not implemented yet"),
+])
+def test_s4d_step(fn, message):
+    verdict = check.s4d_step(fn, strict=False)
+    assert message in verdict.message and verdict.passed == message.startswith("passed")
+
+
+def test_checkers_raise_under_pytest():
+    with pytest.raises(check.CheckFailed, match="circular"):
+        check.causal_fft_conv(lambda u, K: fft_conv(u, K, pad=1))
+    assert math.isfinite(1.0)
