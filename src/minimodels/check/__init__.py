@@ -74,8 +74,13 @@ def _fmt(x: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in x.flatten().tolist()) + "]"
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in double precision; complex stays complex (``.double()`` drops the imaginary part)."""
+    return x.to(torch.complex128) if x.is_complex() else x.double()
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> bool:
-    return got.shape == want.shape and torch.allclose(got.double(), want.double(), rtol, atol)
+    return got.shape == want.shape and torch.allclose(_wide(got), _wide(want), rtol, atol)
 
 
 def _diagnose(
@@ -101,8 +106,8 @@ def _diagnose(
         return f"NaN or inf {where}: first at index {idx} (expected {want[idx].item():.4g})"
     if _close(got, want, atol, rtol):
         return None
-    err = (got.double() - want.double()).abs()
-    idx = tuple(torch.nonzero(err > atol + rtol * want.double().abs())[0].tolist())
+    err = (_wide(got) - _wide(want)).abs()
+    idx = tuple(torch.nonzero(err > atol + rtol * _wide(want).abs())[0].tolist())
     head = idx[:-1] + (slice(0, 6),) if got.dim() else ()
     msg = (
         f"wrong values {where}: max |error| {err.max().item():.3g}, first bad index {idx}; "
