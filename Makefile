@@ -44,7 +44,7 @@ test: $(STAMP)
 exercises: $(STAMP)
 	$(PY) -m minimodels.course exercises
 
-BENCHES := scan attention
+BENCHES := scan attention wkv s4d selective_scan
 
 bench: $(STAMP)
 	for k in $(BENCHES); do $(PY) -m minimodels.bench $$k || exit 1; echo; done

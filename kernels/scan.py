@@ -340,3 +340,13 @@ def linear_scan(a, b, h0=None, *, backend=None):
     if h0 is not None:
         expect_tensor("h0", h0, "batch, d", dtypes=(a.dtype,), shape=a.shape[:2])
     return dispatch(IMPLS, a, b, h0, backend=backend)
+
+
+def __getattr__(name):
+    """``selective_scan`` and ``parallel_scan`` (chapter 05) live in kernels/selective_scan.py,
+    which builds on this module's CUDA scan; they are re-exported here lazily to avoid a cycle."""
+    if name in ("selective_scan", "parallel_scan"):
+        from minimodels.kernels import selective_scan as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

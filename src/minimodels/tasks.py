@@ -137,3 +137,44 @@ def selective_copying(
     mask = torch.zeros(batch, seqlen, dtype=torch.bool)
     mask[:, seqlen - n_copy:] = True
     return Batch(x, y, mask)
+
+
+def associative_recall(
+    batch: int,
+    n_pairs: int,
+    *,
+    n_keys: int = 16,
+    n_values: int = 16,
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """Associative recall: read key-value pairs, then answer the value of a queried key.
+
+    Reference: Ba et al., "Using fast weights to attend to the recent past" (2016), section 4.1;
+    Arora et al., "Zoology" (2023), section 3 (why attention-free models find it hard).
+
+    Token ids: 0 unused, keys 1..n_keys, values n_keys+1..n_keys+n_values (vocabulary
+    ``n_keys + n_values + 1``). A row of x (batch, 2·n_pairs + 1), int64, is
+
+        k_1 v_1 k_2 v_2 ... k_n v_n  q          (distinct keys; q is one of them)
+
+    and y holds the value paired with q at the last position, where mask is True
+    (many-to-one). Chance accuracy is 1 / n_values."""
+    _check_sizes(batch=batch, n_pairs=n_pairs, n_keys=n_keys, n_values=n_values)
+    if n_pairs > n_keys:
+        raise ValueError(f"n_pairs must be <= n_keys = {n_keys} (distinct keys), got {n_pairs}")
+    order = torch.rand(batch, n_keys, generator=generator).argsort(dim=1)
+    keys = order[:, :n_pairs] + 1  # (b, n)
+    values = torch.randint(n_keys + 1, n_keys + n_values + 1, (batch, n_pairs),
+                           generator=generator)
+    pick = torch.randint(0, n_pairs, (batch,), generator=generator)
+    rows = torch.arange(batch)
+    x = torch.cat([torch.stack([keys, values], 2).view(batch, 2 * n_pairs),
+                   keys[rows, pick][:, None]], dim=1)  # (b, 2n + 1)
+    y = torch.zeros_like(x)
+    y[:, -1] = values[rows, pick]
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[:, -1] = True
+    return Batch(x, y, mask)
+
+
+__all__ += ["associative_recall"]

@@ -1,0 +1,646 @@
+"""Selective scan (Mamba's S6 recurrence): x_t = exp(Δ_t A) ⊙ x_{t-1} + Δ_t B_t u_t, y_t = C_t x_t.
+
+References: Gu & Dao, "Mamba: linear-time sequence modeling with selective state spaces" (2023),
+section 3.2 (selection: Δ, B, C depend on the input), section 3.3 and Algorithm 2 (the
+hardware-aware scan: the expanded state never leaves fast memory); Blelloch, "Prefix sums and
+their applications" (1990) for ``parallel_scan``.
+
+Arguments follow ``mamba_ssm``'s ``selective_scan_fn`` for real A. Glossary (code = paper):
+``u`` = the input x of the paper, ``delta`` = Δ, ``x`` = the hidden state h (so that the input
+can be called u, as in mamba_ssm), ``A, B, C, D`` as in the paper, ``z`` = the gate branch.
+Shapes: ``b`` batch, ``d`` channels, ``l`` length, ``n`` state size.
+
+    Δ   = softplus(delta + delta_bias)   (softplus only if delta_softplus)     (b, d, l)
+    Ā_t = exp(Δ_t A)                      zero-order hold for A                 (b, d, n) per t
+    B̄_t = Δ_t B_t                         Euler for B, as Mamba does            (b, d, n) per t
+    x_t = Ā_t ⊙ x_{t-1} + B̄_t u_t         x_{-1} = 0                            (b, d, n)
+    y_t = C_t · x_t + D u_t,   then  y ← y · silu(z)                             (b, d)
+
+Backward (g = ∂L/∂y before the gate is turned into dy = ∂L/∂(C·x + D u)), with
+dx_t = ∂L/∂x_t accumulated from the end (dx_{l-1} includes ∂L/∂x_L):
+    dx_t = C_t dy_t + Ā_{t+1} ⊙ dx_{t+1}
+    ∂Ā_t = dx_t ⊙ x_{t-1}  ->  ∂Δ_t += Σ_n (∂Ā_t Ā_t A + dx_t B_t u_t),  ∂A += Σ_{b,t} ∂Ā_t Ā_t Δ_t
+    ∂B_t += dx_t Δ_t u_t,   ∂C_t += dy_t x_t,   ∂u_t = D dy_t + Σ_n dx_t Δ_t B_t,   ∂D = Σ dy u
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import cuda, njit, prange
+
+from minimodels.backend import cuda_stream, dispatch, expect_tensor, to_numba
+from minimodels.kernels.scan import ITEMS, THREADS, _scan_maps
+
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "selective_scan_cuda",
+           "parallel_scan", "combine", "IMPLS"]
+
+# =============================================================================================
+# Constants
+# =============================================================================================
+
+# CUDA: one block per (b, d) row, THREADS threads, ITEMS steps each: chunks of CHUNK steps,
+# the same layout as kernels/scan.py, whose block scan of affine maps (_scan_maps) we reuse.
+# For each chunk the block loops over the n state channels: n scans of CHUNK steps.
+CHUNK = THREADS * ITEMS
+CHUNK1 = CHUNK + 1  # x_{t0-1}, x_{t0}, ..., x_{t0+CHUNK-1}: the states a chunk's backward reads
+N_MAX = 64  # the CUDA kernels keep n per-channel carries in shared memory: n <= N_MAX
+SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: softplus(v) = v above it
+
+
+# =============================================================================================
+# Reference (the definition; autograd differentiates it)
+# =============================================================================================
+
+
+def _discretise(delta, delta_bias, delta_softplus):
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]  # (b, d, l)
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _at(M, t):
+    """B or C at step t, broadcastable against the state (b, d, n)."""
+    return M[:, None, :, t] if M.dim() == 3 else M  # (b, 1, n) or (d, n)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, return_last_state=False):
+    """The selective scan as a Python loop over time (see the module docstring).
+
+    u, delta: (b, d, l); A: (d, n); B, C: (b, n, l) or (d, n); D, delta_bias: (d,);
+    z: (b, d, l) -> y: (b, d, l) [, x_L: (b, d, n)]."""
+    delta = _discretise(delta, delta_bias, delta_softplus)  # Δ: (b, d, l)
+    x = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
+    ys = []
+    for t in range(u.shape[-1]):
+        dt = delta[..., t, None]  # (b, d, 1)
+        x = torch.exp(dt * A) * x + dt * _at(B, t) * u[..., t, None]  # (b, d, n)
+        ys.append((x * _at(C, t)).sum(-1))  # (b, d)
+    y = torch.stack(ys, dim=-1) if ys else u.clone()  # (b, d, l)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return (y, x) if return_last_state else y
+
+
+# =============================================================================================
+# CPU kernel (Numba). One row (b, d) per iteration: the n states live in a small local array,
+# so the (b, d, l, n) expansion is never stored. It costs b·d·l·n exps (one scalar libm call
+# each: the CPU kernel is exp-bound). The backward recomputes the row's states into a per-thread
+# scratch of (l+1, n) (never the whole (b, d, l, n)) and walks back; reductions over rows
+# (∂A, ∂B, ∂C, ∂D, ∂bias) go into one private buffer per worker, summed afterwards.
+# =============================================================================================
+
+
+def _selective_scan_loop(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var_C, has_z,
+                         softplus, out, last):
+    """Forward. u, delta, z, out: (b, d, l); A, B2, C2: (d, n); B3, C3: (b, n, l); D, bias:
+    (d,); last: (b, d, n). var_B / var_C pick B3 (input-dependent) or B2 (fixed)."""
+    batch, d, l = u.shape
+    n = A.shape[1]
+    for r in prange(batch * d):
+        bi, di = r // d, r % d
+        x = np.zeros_like(A[di])  # (n,) the state, in cache
+        for t in range(l):
+            dt = delta[bi, di, t] + bias[di]
+            if softplus and dt <= SOFTPLUS_THRESHOLD:
+                dt = math.log1p(math.exp(dt))
+            ut = u[bi, di, t]
+            y = 0.0
+            for k in range(n):
+                Bk = B3[bi, k, t] if var_B else B2[di, k]
+                Ck = C3[bi, k, t] if var_C else C2[di, k]
+                x[k] = math.exp(dt * A[di, k]) * x[k] + dt * Bk * ut
+                y += Ck * x[k]
+            y += D[di] * ut
+            if has_z:
+                zt = z[bi, di, t]
+                y *= zt / (1.0 + math.exp(-zt))
+            out[bi, di, t] = y
+        for k in range(n):
+            last[bi, di, k] = x[k]
+
+
+def _selective_scan_bwd_loop(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var_C, has_z,
+                             softplus, g, dlast, du, ddelta, dz, dA, dB3, dB2, dC3, dC2, dD,
+                             dbias):
+    """Backward. g, du, ddelta, dz: (b, d, l); dlast: (b, d, n). Per-worker partial sums
+    (first axis w, zeroed on entry): dA, dB2, dC2: (w, d, n); dB3, dC3: (w, b, n, l);
+    dD, dbias: (w, d)."""
+    batch, d, l = u.shape
+    n = A.shape[1]
+    workers = dA.shape[0]
+    for w in prange(workers):
+        xs = np.zeros((l + 1, n), dtype=u.dtype)  # xs[t + 1] = x_t, xs[0] = x_{-1} = 0
+        ab = np.empty((l, n), dtype=u.dtype)  # Ā_t, kept from the recomputation
+        dts = np.empty(l, dtype=u.dtype)  # Δ_t
+        c = np.empty(n, dtype=u.dtype)  # Ā_{t+1} ⊙ dx_{t+1}: what flows back into x_t
+        for r in range(w, batch * d, workers):
+            bi, di = r // d, r % d
+            for t in range(l):  # recompute the forward, storing the row's states
+                dt = delta[bi, di, t] + bias[di]
+                if softplus and dt <= SOFTPLUS_THRESHOLD:
+                    dt = math.log1p(math.exp(dt))
+                dts[t] = dt
+                for k in range(n):
+                    Bk = B3[bi, k, t] if var_B else B2[di, k]
+                    ab[t, k] = math.exp(dt * A[di, k])
+                    xs[t + 1, k] = ab[t, k] * xs[t, k] + dt * Bk * u[bi, di, t]
+            for k in range(n):
+                c[k] = dlast[bi, di, k]
+            for t in range(l - 1, -1, -1):
+                dt, ut = dts[t], u[bi, di, t]
+                dy = g[bi, di, t]
+                if has_z:  # y = (C·x + D u) silu(z)
+                    y = D[di] * ut
+                    for k in range(n):
+                        y += (C3[bi, k, t] if var_C else C2[di, k]) * xs[t + 1, k]
+                    zt = z[bi, di, t]
+                    s = 1.0 / (1.0 + math.exp(-zt))
+                    dz[bi, di, t] = dy * y * s * (1.0 + zt * (1.0 - s))
+                    dy *= zt * s
+                ddt = 0.0
+                dut = D[di] * dy
+                dD[w, di] += dy * ut
+                for k in range(n):
+                    Bk = B3[bi, k, t] if var_B else B2[di, k]
+                    Ck = C3[bi, k, t] if var_C else C2[di, k]
+                    dx = Ck * dy + c[k]
+                    dAbar = dx * xs[t, k] * ab[t, k]  # ∂L/∂(Δ_t A)
+                    ddt += dAbar * A[di, k] + dx * Bk * ut
+                    dA[w, di, k] += dAbar * dt
+                    dut += dx * dt * Bk
+                    if var_B:
+                        dB3[w, bi, k, t] += dx * dt * ut
+                    else:
+                        dB2[w, di, k] += dx * dt * ut
+                    if var_C:
+                        dC3[w, bi, k, t] += dy * xs[t + 1, k]
+                    else:
+                        dC2[w, di, k] += dy * xs[t + 1, k]
+                    c[k] = ab[t, k] * dx
+                du[bi, di, t] = dut
+                raw = delta[bi, di, t] + bias[di]
+                if softplus and raw <= SOFTPLUS_THRESHOLD:
+                    ddt *= 1.0 / (1.0 + math.exp(-raw))
+                ddelta[bi, di, t] = ddt
+                dbias[w, di] += ddt
+
+
+_selective_scan_cpu_fwd = njit(parallel=True, cache=True)(_selective_scan_loop)
+_selective_scan_cpu_bwd = njit(parallel=True, cache=True)(_selective_scan_bwd_loop)
+
+
+def _fwd_cpu(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
+    out = torch.empty_like(u)
+    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+    args = (u, delta, A, B3, B2, C3, C2, D, z, bias)
+    _selective_scan_cpu_fwd(*map(to_numba, args), *flags, to_numba(out), to_numba(last))
+    return out, last, None
+
+
+def _bwd_cpu(u, delta, A, B3, B2, C3, C2, D, z, bias, flags, saved, g, dlast):
+    w = numba.get_num_threads()
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
+    parts = [u.new_zeros((w,) + t.shape) for t in (A, B3, B2, C3, C2, D, bias)]
+    args = (u, delta, A, B3, B2, C3, C2, D, z, bias)
+    _selective_scan_cpu_bwd(*map(to_numba, args), *flags, to_numba(g), to_numba(dlast),
+                            *map(to_numba, (du, ddelta, dz, *parts)))
+    dA, dB3, dB2, dC3, dC2, dD, dbias = (p.sum(0) for p in parts)
+    return du, ddelta, dA, dB3, dB2, dC3, dC2, dD, dz, dbias
+
+
+# =============================================================================================
+# CUDA kernel (numba.cuda). One block per row (b, d); thread i owns ITEMS consecutive steps of
+# each chunk of CHUNK steps. For each state channel k the block runs kernels/scan.py's chunked
+# scan of affine maps x -> Ā x + B̄u (Ā and B̄u are made on the fly, in registers, from Δ, A, B, u:
+# the expanded (l, n) tensors never touch global memory), and each thread accumulates its
+# steps' y_t = Σ_k C_t[k] x_t[k] in registers. The n carries (the state x between chunks) sit in
+# shared memory, and the forward also stores them per chunk (b, d, l/CHUNK, n: the checkpoints
+# Algorithm 2's recomputation starts from). The backward walks the chunks from the end: for each
+# k it first recomputes the chunk's x from its checkpoint into shared memory, then runs the
+# reversed scan dx_t = C_t dy_t + Ā_{t+1} dx_{t+1} with thread 0 owning the chunk's last steps.
+# ∂B, ∂C (input-dependent) are summed over d with atomics; ∂A, ∂D, ∂bias and fixed ∂B, ∂C are
+# summed over the block in shared memory, then over the batch with one atomic per block.
+# =============================================================================================
+
+
+@cuda.jit(device=True)
+def _block_sum(sR, v, i):
+    """Sum of v over the block's THREADS threads (tree in shared memory sR: (THREADS,))."""
+    sR[i] = v
+    cuda.syncthreads()
+    s = THREADS // 2
+    while s > 0:
+        if i < s:
+            sR[i] += sR[i + s]
+        cuda.syncthreads()
+        s //= 2
+    total = sR[0]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True)
+def _delta(delta, bias, bi, di, t, softplus):
+    dt = delta[bi, di, t] + bias[di]
+    if softplus and dt <= SOFTPLUS_THRESHOLD:
+        dt = math.log1p(math.exp(dt))
+    return dt
+
+
+@functools.cache
+def _selective_scan_kernels(dtype: np.dtype):
+    """Compile-once (per dtype) forward and backward kernels."""
+    zero, one = dtype.type(0), dtype.type(1)
+
+    @cuda.jit
+    def fwd(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var_C, has_z, softplus, out, last,
+            ckpt):
+        # ckpt: (b, d, chunks, n), the state entering each chunk.
+        sA = cuda.shared.array((2, THREADS), dtype)
+        sB = cuda.shared.array((2, THREADS), dtype)
+        sx = cuda.shared.array(N_MAX, dtype)  # x_k entering the chunk, k < n
+        vdt = cuda.local.array(ITEMS, dtype)  # Δ_t, u_t of my steps
+        vu = cuda.local.array(ITEMS, dtype)
+        va = cuda.local.array(ITEMS, dtype)  # Ā_t, B̄_t u_t for the current k
+        vb = cuda.local.array(ITEMS, dtype)
+        vy = cuda.local.array(ITEMS, dtype)  # Σ_k C_t x_t
+        batch, d, l = u.shape
+        n = A.shape[1]
+        r, i = cuda.blockIdx.x, cuda.threadIdx.x
+        bi, di = r // d, r % d
+        for k in range(i, n, THREADS):
+            sx[k] = zero
+        cuda.syncthreads()
+        for t0 in range(0, l, CHUNK):
+            first = t0 + i * ITEMS
+            for k in range(i, n, THREADS):
+                ckpt[bi, di, t0 // CHUNK, k] = sx[k]
+            for j in range(ITEMS):  # past the end: Δ = 0 makes the identity map
+                t = first + j
+                vdt[j] = _delta(delta, bias, bi, di, t, softplus) if t < l else zero
+                vu[j] = u[bi, di, t] if t < l else zero
+                vy[j] = zero
+            for k in range(n):
+                Ak, carry = A[di, k], sx[k]
+                MA, MB = one, zero
+                for j in range(ITEMS):  # compose my steps into x -> MA x + MB
+                    t = min(first + j, l - 1)
+                    Bk = B3[bi, k, t] if var_B else B2[di, k]
+                    va[j] = math.exp(vdt[j] * Ak)
+                    vb[j] = vdt[j] * Bk * vu[j]
+                    MA, MB = va[j] * MA, va[j] * MB + vb[j]
+                p = _scan_maps(sA, sB, MA, MB, i)
+                x = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
+                for j in range(ITEMS):
+                    t = min(first + j, l - 1)
+                    x = va[j] * x + vb[j]
+                    vy[j] += (C3[bi, k, t] if var_C else C2[di, k]) * x
+                if i == 0:
+                    sx[k] = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
+                cuda.syncthreads()
+            for j in range(ITEMS):
+                t = first + j
+                if t < l:
+                    y = vy[j] + D[di] * vu[j]
+                    if has_z:
+                        zt = z[bi, di, t]
+                        y *= zt / (one + math.exp(-zt))
+                    out[bi, di, t] = y
+        for k in range(i, n, THREADS):
+            last[bi, di, k] = sx[k]
+
+    @cuda.jit
+    def bwd(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var_C, has_z, softplus, ckpt, g,
+            dlast, du, ddelta, dz, dA, dB3, dB2, dC3, dC2, dD, dbias):
+        sA = cuda.shared.array((2, THREADS), dtype)
+        sB = cuda.shared.array((2, THREADS), dtype)
+        sX = cuda.shared.array(CHUNK1, dtype)  # sX[s + 1] = x at step t0 + s of this chunk
+        sc = cuda.shared.array(N_MAX, dtype)  # Ā_{t+1} dx_{t+1} entering the chunk from its end
+        sR = cuda.shared.array(THREADS, dtype)
+        fdt = cuda.local.array(ITEMS, dtype)  # forward layout: steps t0 + i·ITEMS + j
+        fu = cuda.local.array(ITEMS, dtype)
+        fa = cuda.local.array(ITEMS, dtype)
+        fb = cuda.local.array(ITEMS, dtype)
+        bdt = cuda.local.array(ITEMS, dtype)  # backward layout: steps t0 + CHUNK-1 - i·ITEMS - j
+        bu = cuda.local.array(ITEMS, dtype)
+        bdy = cuda.local.array(ITEMS, dtype)
+        ba = cuda.local.array(ITEMS, dtype)
+        bg = cuda.local.array(ITEMS, dtype)
+        bddt = cuda.local.array(ITEMS, dtype)
+        bdu = cuda.local.array(ITEMS, dtype)
+        by = cuda.local.array(ITEMS, dtype)
+        lA = cuda.local.array(N_MAX, dtype)  # my partial sums of ∂A[d], fixed ∂B[d], ∂C[d]
+        lB = cuda.local.array(N_MAX, dtype)
+        lC = cuda.local.array(N_MAX, dtype)
+        batch, d, l = u.shape
+        n = A.shape[1]
+        r, i = cuda.blockIdx.x, cuda.threadIdx.x
+        bi, di = r // d, r % d
+        for k in range(n):
+            lA[k], lB[k], lC[k] = zero, zero, zero
+        lD, lbias = zero, zero
+        for k in range(i, n, THREADS):
+            sc[k] = dlast[bi, di, k]
+        cuda.syncthreads()
+        for c in range((l + CHUNK - 1) // CHUNK - 1, -1, -1):
+            t0 = c * CHUNK
+            for j in range(ITEMS):
+                t = t0 + i * ITEMS + j
+                fdt[j] = _delta(delta, bias, bi, di, t, softplus) if t < l else zero
+                fu[j] = u[bi, di, t] if t < l else zero
+                t = t0 + CHUNK - 1 - i * ITEMS - j
+                bdt[j] = _delta(delta, bias, bi, di, t, softplus) if t < l else zero
+                bu[j] = u[bi, di, t] if t < l else zero
+                dy = g[bi, di, t] if t < l else zero
+                if has_z and t < l:
+                    zt = z[bi, di, t]
+                    dy *= zt / (one + math.exp(-zt))
+                bdy[j], bddt[j], bdu[j], by[j] = dy, zero, zero, zero
+            for k in range(n):
+                Ak = A[di, k]
+                # 1. recompute x over the chunk from its checkpoint, into sX
+                x0 = ckpt[bi, di, c, k]
+                MA, MB = one, zero
+                for j in range(ITEMS):
+                    t = min(t0 + i * ITEMS + j, l - 1)
+                    fa[j] = math.exp(fdt[j] * Ak)
+                    fb[j] = fdt[j] * (B3[bi, k, t] if var_B else B2[di, k]) * fu[j]
+                    MA, MB = fa[j] * MA, fa[j] * MB + fb[j]
+                p = _scan_maps(sA, sB, MA, MB, i)
+                x = x0 if i == 0 else sA[p, i - 1] * x0 + sB[p, i - 1]
+                for j in range(ITEMS):
+                    x = fa[j] * x + fb[j]
+                    sX[1 + i * ITEMS + j] = x
+                if i == 0:
+                    sX[0] = x0
+                carry = sc[k]
+                cuda.syncthreads()
+                # 2. the reversed scan: c -> Ā_t (c + C_t dy_t), from the chunk's end
+                MA, MB = one, zero
+                for j in range(ITEMS):
+                    t = min(t0 + CHUNK - 1 - i * ITEMS - j, l - 1)
+                    ba[j] = math.exp(bdt[j] * Ak)
+                    bg[j] = (C3[bi, k, t] if var_C else C2[di, k]) * bdy[j]
+                    MA, MB = ba[j] * MA, ba[j] * (MB + bg[j])
+                p = _scan_maps(sA, sB, MA, MB, i)
+                cin = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
+                for j in range(ITEMS):
+                    s = CHUNK - 1 - i * ITEMS - j
+                    t = t0 + s
+                    dx = bg[j] + cin  # ∂L/∂x_t
+                    if t < l:
+                        Bk = B3[bi, k, t] if var_B else B2[di, k]
+                        dAbar = dx * sX[s] * ba[j]
+                        bddt[j] += dAbar * Ak + dx * Bk * bu[j]
+                        bdu[j] += dx * bdt[j] * Bk
+                        lA[k] += dAbar * bdt[j]
+                        if var_B:
+                            cuda.atomic.add(dB3, (bi, k, t), dx * bdt[j] * bu[j])
+                        else:
+                            lB[k] += dx * bdt[j] * bu[j]
+                        Ck = C3[bi, k, t] if var_C else C2[di, k]
+                        by[j] += Ck * sX[s + 1]
+                        if var_C:
+                            cuda.atomic.add(dC3, (bi, k, t), bdy[j] * sX[s + 1])
+                        else:
+                            lC[k] += bdy[j] * sX[s + 1]
+                    cin = ba[j] * dx
+                if i == 0:
+                    sc[k] = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
+                cuda.syncthreads()
+            for j in range(ITEMS):
+                t = t0 + CHUNK - 1 - i * ITEMS - j
+                if t < l:
+                    du[bi, di, t] = bdu[j] + D[di] * bdy[j]
+                    lD += bdy[j] * bu[j]
+                    if has_z:
+                        zt = z[bi, di, t]
+                        s = one / (one + math.exp(-zt))
+                        dz[bi, di, t] = g[bi, di, t] * (by[j] + D[di] * bu[j]) * s * (
+                            one + zt * (one - s))
+                    raw = delta[bi, di, t] + bias[di]
+                    ddt = bddt[j]
+                    if softplus and raw <= SOFTPLUS_THRESHOLD:
+                        ddt *= one / (one + math.exp(-raw))
+                    ddelta[bi, di, t] = ddt
+                    lbias += ddt
+        for k in range(n):
+            total = _block_sum(sR, lA[k], i)
+            if i == 0:
+                cuda.atomic.add(dA, (di, k), total)
+            if not var_B:
+                total = _block_sum(sR, lB[k], i)
+                if i == 0:
+                    cuda.atomic.add(dB2, (di, k), total)
+            if not var_C:
+                total = _block_sum(sR, lC[k], i)
+                if i == 0:
+                    cuda.atomic.add(dC2, (di, k), total)
+        total = _block_sum(sR, lD, i)
+        if i == 0:
+            cuda.atomic.add(dD, di, total)
+        total = _block_sum(sR, lbias, i)
+        if i == 0:
+            cuda.atomic.add(dbias, di, total)
+
+    return fwd, bwd
+
+
+def _kernels_for(x):
+    return _selective_scan_kernels(np.dtype(str(x.dtype).removeprefix("torch.")))
+
+
+def _launch(kernel, rows, *args):
+    kernel[rows, THREADS, cuda_stream()](
+        *(to_numba(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def _fwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
+    if A.shape[1] > N_MAX:
+        raise ValueError(f"A: the cuda backend supports d_state n <= {N_MAX}, got {A.shape[1]}")
+    batch, d, l = u.shape
+    out = torch.empty_like(u)
+    last = u.new_empty(batch, d, A.shape[1])
+    ckpt = u.new_empty(batch, d, (l + CHUNK - 1) // CHUNK, A.shape[1])
+    fwd, _ = _kernels_for(u)
+    _launch(fwd, batch * d, u, delta, A, B3, B2, C3, C2, D, z, bias, *flags, out, last, ckpt)
+    return out, last, ckpt
+
+
+def _bwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags, ckpt, g, dlast):
+    batch, d, l = u.shape
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
+    grads = [torch.zeros_like(t) for t in (A, B3, B2, C3, C2, D, bias)]
+    _, bwd = _kernels_for(u)
+    _launch(bwd, batch * d, u, delta, A, B3, B2, C3, C2, D, z, bias, *flags, ckpt, g, dlast,
+            du, ddelta, dz, *grads)
+    dA, dB3, dB2, dC3, dC2, dD, dbias = grads
+    return du, ddelta, dA, dB3, dB2, dC3, dC2, dD, dz, dbias
+
+
+# =============================================================================================
+# Autograd: forward and backward are both kernels of the chosen backend
+# =============================================================================================
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Wraps a (forward, backward) pair of kernels as one differentiable op."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernels):
+        fwd, bwd = kernels
+        batch, d, l = u.shape
+        n = A.shape[1]
+        dummy3, dummy2 = u.new_zeros(1, 1, 1), u.new_zeros(1, 1)
+        var_B, var_C = B.dim() == 3, C.dim() == 3
+        args = (
+            u.contiguous(), delta.contiguous(), A.contiguous(),
+            B.contiguous() if var_B else dummy3, dummy2 if var_B else B.contiguous(),
+            C.contiguous() if var_C else dummy3, dummy2 if var_C else C.contiguous(),
+            u.new_zeros(d) if D is None else D.contiguous(),
+            dummy3 if z is None else z.contiguous(),
+            u.new_zeros(d) if delta_bias is None else delta_bias.contiguous(),
+        )
+        flags = (var_B, var_C, z is not None, bool(delta_softplus))
+        if l == 0:
+            out, last, saved = torch.empty_like(u), u.new_zeros(batch, d, n), None
+        else:
+            out, last, saved = fwd(*args, flags)
+        ctx.save_for_backward(*args, saved)
+        ctx.bwd, ctx.flags = bwd, flags
+        ctx.given = (D is not None, z is not None, delta_bias is not None)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, g, glast):
+        args = ctx.saved_tensors[:10]
+        saved = ctx.saved_tensors[10]
+        u = args[0]
+        if u.shape[-1] == 0:
+            grads = [torch.zeros_like(a) for a in args]
+            du, ddelta, dA, dB3, dB2, dC3, dC2, dD, dz, dbias = grads
+        else:
+            g = torch.zeros_like(u) if g is None else g.contiguous()
+            glast = (u.new_zeros(u.shape[0], u.shape[1], args[2].shape[1]) if glast is None
+                     else glast.contiguous())
+            du, ddelta, dA, dB3, dB2, dC3, dC2, dD, dz, dbias = ctx.bwd(
+                *args, ctx.flags, saved, g, glast)
+        var_B, var_C = ctx.flags[:2]
+        has_D, has_z, has_bias = ctx.given
+        return (du, ddelta, dA, dB3 if var_B else dB2, dC3 if var_C else dC2,
+                dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
+                None, None)
+
+
+def _apply(kernels, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    y, last = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernels)
+    return (y, last) if return_last_state else y
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, return_last_state=False):
+    """Numba CPU kernel, parallel over the b·d rows. Same contract as ``selective_scan_ref``."""
+    return _apply((_fwd_cpu, _bwd_cpu), u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                  return_last_state)
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                        delta_softplus=False, return_last_state=False):
+    """numba.cuda kernel (or the CUDA simulator). Same contract as ``selective_scan_ref``."""
+    return _apply((_fwd_cuda, _bwd_cuda), u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                  return_last_state)
+
+
+# =============================================================================================
+# The scan as an associative operator (Blelloch 1990), in plain PyTorch, for teaching
+# =============================================================================================
+
+
+def combine(left, right):
+    """Compose two steps of h -> a h + b: first ``left`` = (a1, b1), then ``right`` = (a2, b2).
+
+    (a1, b1) • (a2, b2) = (a1 a2, a2 b1 + b2). Associative, with identity (1, 0)."""
+    a1, b1 = left
+    a2, b2 = right
+    return a1 * a2, a2 * b1 + b2
+
+
+def parallel_scan(a, b, op=combine):
+    """h_t = a_t h_{t-1} + b_t (h_{-1} = 0) by Blelloch's work-efficient scan over the last axis.
+
+    a, b: (..., l) -> h: (..., l). The length is padded to L = 2^⌈log2 l⌉ with the identity
+    (1, 0). Up-sweep: log2 L levels, each combining neighbouring pairs into their parent, build
+    the tree of partial compositions. Down-sweep: the root gets the identity; going down, a left
+    child gets its parent's prefix and a right child gets parent's prefix • left sibling. That
+    is 2(L-1) combines in all (work O(l)) in 2 log2 L levels (depth O(log l)); each level is one
+    vectorised PyTorch op (written without in-place writes, so autograd goes through it).
+    ``op`` is the combine operator (Exercise 5.2 plugs its own in)."""
+    l = a.shape[-1]
+    L = 1 << max(l - 1, 0).bit_length()
+    level = F.pad(a, (0, L - l), value=1.0), F.pad(b, (0, L - l), value=0.0)  # (..., L)
+    tree = []
+    while level[0].shape[-1] > 1:  # up-sweep
+        tree.append(level)
+        pairs = [x.unflatten(-1, (-1, 2)) for x in level]  # (..., m, 2)
+        level = op((pairs[0][..., 0], pairs[1][..., 0]), (pairs[0][..., 1], pairs[1][..., 1]))
+    prefix = torch.ones_like(level[0]), torch.zeros_like(level[1])  # root: the identity
+    for P, Q in reversed(tree):  # down-sweep
+        left = P[..., 0::2], Q[..., 0::2]
+        right_prefix = op(prefix, left)
+        prefix = tuple(torch.stack([p, r], -1).flatten(-2)
+                       for p, r in zip(prefix, right_prefix, strict=True))  # (..., 2m)
+    inclusive = op(tuple(x[..., :l] for x in prefix), (a, b))  # everything up to step t
+    return inclusive[1]  # applied to h_{-1} = 0
+
+
+# =============================================================================================
+# Public entry
+# =============================================================================================
+
+IMPLS = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "cuda": selective_scan_cuda}
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, backend=None):
+    """Mamba's selective scan (see the module docstring for the equations).
+
+    Args:
+        u, delta: (b, d, l) float32 or float64, same dtype and device.
+        A: (d, n) real (negative for a decaying state).
+        B, C: (b, n, l) input-dependent, or (d, n) fixed; told apart by rank.
+        D: (d,) skip connection, or None. z: (b, d, l) gate, or None.
+        delta_bias: (d,) added to delta, or None. delta_softplus: apply softplus to Δ.
+        return_last_state: also return x_L.
+        backend: "ref", "cpu", "cuda", a callable with this signature, or None (by device).
+
+    Returns:
+        y: (b, d, l), and x_L: (b, d, n) when return_last_state. Differentiable everywhere.
+    """
+    expect_tensor("u", u, "b, d, l")
+    batch, d, l = u.shape
+    expect_tensor("delta", delta, "b, d, l", dtypes=(u.dtype,), shape=u.shape)
+    expect_tensor("A", A, "d, n", dtypes=(u.dtype,))
+    if A.shape[0] != d:
+        raise ValueError(f"A must have shape (d, n) with d = {d}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        if isinstance(M, torch.Tensor) and M.dim() == 2:
+            expect_tensor(name, M, "d, n", dtypes=(u.dtype,), shape=(d, n))
+        else:
+            expect_tensor(name, M, "b, n, l", dtypes=(u.dtype,), shape=(batch, n, l))
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None:
+            expect_tensor(name, v, "d", dtypes=(u.dtype,), shape=(d,))
+    if z is not None:
+        expect_tensor("z", z, "b, d, l", dtypes=(u.dtype,), shape=u.shape)
+    return dispatch(IMPLS, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                    return_last_state, backend=backend)

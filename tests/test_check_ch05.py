@@ -1,0 +1,96 @@
+"""Chapter 05 checkers: the right answers pass, and each typical wrong answer fails with its
+hint (a missing softplus, exp forgotten, Δ applied to C, the state reset between chunks, ...)."""
+
+import pytest
+import torch.nn.functional as F
+
+from minimodels import check
+from minimodels.check import CheckFailed
+from minimodels.check.ch05 import _loop, _step
+from minimodels.kernels.selective_scan import combine as right_combine
+
+pytestmark = pytest.mark.ch05
+
+
+def right_scan(u, delta, A, B, C, D):
+    return _loop(u, delta, A, B, C, D)
+
+
+def test_right_answers_pass():
+    assert check.selective_scan_loop(right_scan, strict=True)
+    assert check.combine(right_combine, strict=True)
+    assert check.mamba_step(lambda block, x_t, s: block.step(x_t, s), strict=True)
+    assert check.mamba_step(_step, strict=True)
+
+
+def not_yet(*args):
+    raise NotImplementedError("Exercise")
+
+
+@pytest.mark.parametrize("checker", [check.selective_scan_loop, check.combine, check.mamba_step])
+def test_not_implemented(checker):
+    verdict = checker(not_yet, strict=False)
+    assert not verdict and "not implemented yet" in verdict.message
+
+
+@pytest.mark.parametrize(
+    "wrong, hint",
+    [
+        (lambda *a: _loop(*a, softplus=False), "softplus"),
+        (lambda *a: _loop(*a, discretise="no exp"), "the exp is missing"),
+        (lambda *a: _loop(*a, discretise="euler"), "Euler"),
+        (lambda *a: _loop(*a, delta_on="C"), "Δ multiplies C"),
+        (lambda *a: _loop(*a, use_D=False), "D·u is missing"),
+    ],
+)
+def test_scan_mistakes_get_their_hint(wrong, hint):
+    with pytest.raises(CheckFailed, match=hint):
+        check.selective_scan_loop(wrong, strict=True)
+
+
+def test_scan_wrong_dtype_and_shape():
+    with pytest.raises(CheckFailed, match="wrong dtype"):
+        check.selective_scan_loop(lambda *a: right_scan(*a).double(), strict=True)
+    with pytest.raises(CheckFailed, match="wrong shape"):
+        check.selective_scan_loop(lambda *a: right_scan(*a).transpose(1, 2), strict=True)
+
+
+@pytest.mark.parametrize(
+    "wrong, hint",
+    [
+        (lambda L, R: (L[0] * R[0], R[1]), "reset between chunks"),
+        (lambda L, R: (L[0] * R[0], L[0] * R[1] + L[1]), "applied the right map first"),
+        (lambda L, R: (L[0] * R[0], L[1] + R[1]), "multiply b1 by a2"),
+        (lambda L, R: (L[0] + R[0], R[0] * L[1] + R[1]), "compose by product"),
+    ],
+)
+def test_combine_mistakes_get_their_hint(wrong, hint):
+    with pytest.raises(CheckFailed, match=hint):
+        check.combine(wrong, strict=True)
+
+
+@pytest.mark.parametrize(
+    "switch, hint",
+    [
+        (dict(softplus=False), "softplus"),
+        (dict(reset=True), "state reset"),
+        (dict(gate=False), "gate"),
+        (dict(window=False), "window"),
+    ],
+)
+def test_step_mistakes_get_their_hint(switch, hint):
+    with pytest.raises(CheckFailed, match=hint):
+        check.mamba_step(lambda *a: _step(*a, **switch), strict=True)
+
+
+def test_step_returning_a_bare_tensor_is_reported():
+    def no_state(block, x_t, state):
+        return block.step(x_t, state)[0]
+
+    verdict = check.mamba_step(no_state, strict=False)
+    assert not verdict and "raised" in verdict.message
+
+
+def test_checkers_print_when_not_strict(capsys):
+    check.combine(lambda L, R: (L[0] * R[0], F.relu(R[1])), strict=False)
+    assert "Exercise 5.2" in capsys.readouterr().out

@@ -1,0 +1,274 @@
+"""selective_scan: every backend against the reference and against a reference outside the
+kernel (the (b, d, l, n) expansion materialised with cumulative products), gradients of every
+input against autograd of the reference in float64, parallel_scan against linear_scan, and bad
+input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ALL, KERNELS, device_for
+
+from minimodels.kernels.scan import linear_scan
+from minimodels.kernels.selective_scan import (
+    combine,
+    parallel_scan,
+    selective_scan,
+    selective_scan_ref,
+)
+
+pytestmark = pytest.mark.ch05
+
+NAMES = "u delta A B C D z delta_bias".split()
+
+
+def inputs(b, d, l, n, *, var_B=True, var_C=True, dtype=torch.float64, device="cpu", seed=0):
+    """[u, delta, A, B, C, D, z, delta_bias], drawn in float64 then cast (same values for any
+    dtype and device)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    u, delta = r(b, d, l), 0.5 * r(b, d, l)
+    A = -(torch.rand(d, n, generator=g, dtype=torch.float64) + 0.1)  # decaying
+    B = r(b, n, l) if var_B else r(d, n)
+    C = r(b, n, l) if var_C else r(d, n)
+    D, z, bias = r(d), r(b, d, l), 0.3 * r(d)
+    return [x.to(dtype=dtype, device=device) for x in (u, delta, A, B, C, D, z, bias)]
+
+
+def expanded(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """The selective scan written without a loop over time: materialise the (b, d, l, n)
+    expansion, x_t = Σ_{s<=t} (Π_{s<k<=t} Ā_k) B̄_s u_s via cumulative sums of Δ A (valid since
+    exp(Δ A) factorises over time)."""
+    dt = delta + delta_bias[:, None]
+    dt = F.softplus(dt) if softplus else dt  # (b, d, l)
+    Bt = B.transpose(1, 2)[:, None] if B.dim() == 3 else B[None, :, None]  # (b|1, 1|d, l|1, n)
+    Ct = C.transpose(1, 2)[:, None] if C.dim() == 3 else C[None, :, None]
+    logA = torch.cumsum(dt[..., None] * A[None, :, None], dim=2)  # (b, d, l, n) Σ_{k<=t} Δ_k A
+    w = logA[:, :, :, None] - logA[:, :, None, :]  # (b, d, t, s, n)
+    mask = torch.ones(u.shape[-1], u.shape[-1], dtype=torch.bool).tril()[..., None]
+    Bbar_u = (dt * u)[..., None] * Bt  # (b, d, l, n)
+    x = (torch.exp(torch.where(mask, w, -torch.inf)) * Bbar_u[:, :, None]).sum(3)  # (b,d,l,n)
+    y = (x * Ct).sum(-1) + D[:, None] * u
+    return y * F.silu(z), x[:, :, -1]
+
+
+LAYOUTS = [(True, True), (False, True), (True, False), (False, False)]
+SHAPES = [(1, 1, 1, 1), (2, 3, 1, 4), (2, 3, 37, 4), (1, 5, 40, 3)]  # l = 1, odd, > 2 chunks
+
+
+@pytest.mark.parametrize("var_B, var_C", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_reference_equals_materialised_expansion(shape, var_B, var_C):
+    args = inputs(*shape, var_B=var_B, var_C=var_C)
+    y, last = selective_scan_ref(*args, delta_softplus=True, return_last_state=True)
+    want_y, want_last = expanded(*args, softplus=True)
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(last, want_last)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("var_B, var_C", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backends_equal_expansion(backend, shape, var_B, var_C, dtype):
+    dev = device_for(backend)
+    args = inputs(*shape, var_B=var_B, var_C=var_C, dtype=dtype, device=dev, seed=sum(shape))
+    want_y, want_last = expanded(*inputs(*shape, var_B=var_B, var_C=var_C, seed=sum(shape)),
+                                 softplus=True)
+    y, last = selective_scan(*args, delta_softplus=True, return_last_state=True, backend=backend)
+    assert y.dtype == dtype and y.shape == shape[:3] and last.shape == shape[:2] + shape[3:]
+    assert y.device.type == dev.type
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(y.cpu().double(), want_y, rtol=tol, atol=tol)
+    torch.testing.assert_close(last.cpu().double(), want_last, rtol=tol, atol=tol)
+
+
+OPTIONS = [  # (D, z, delta_bias, softplus) switched on or off
+    dict(D=False, z=False, delta_bias=False, softplus=False),
+    dict(D=True, z=False, delta_bias=False, softplus=True),
+    dict(D=False, z=True, delta_bias=True, softplus=False),
+    dict(D=True, z=True, delta_bias=True, softplus=True),
+]
+
+
+def call(fn, args, opts, **kw):
+    u, delta, A, B, C, D, z, bias = args
+    return fn(u, delta, A, B, C, D if opts["D"] else None, z if opts["z"] else None,
+              bias if opts["delta_bias"] else None, opts["softplus"], **kw)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_optional_arguments(backend, opts):
+    args = inputs(2, 3, 21, 4, var_C=False, device=device_for(backend), seed=3)
+    got = call(selective_scan, args, opts, return_last_state=True, backend=backend)
+    want = call(selective_scan_ref, args, opts, return_last_state=True)
+    for x, w in zip(got, want, strict=True):
+        torch.testing.assert_close(x, w)
+    y = call(selective_scan, args, opts, backend=backend)  # return_last_state=False: y only
+    assert isinstance(y, torch.Tensor)
+    torch.testing.assert_close(y, want[0])
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_large_delta_passes_through_softplus_like_torch(backend):
+    u, delta, A, B, C, D, z, bias = inputs(1, 2, 9, 3, device=device_for(backend))
+    delta = delta * 30  # some entries above softplus's threshold of 20
+    got = selective_scan(u, delta, A, B, C, delta_softplus=True, backend=backend)
+    torch.testing.assert_close(got, selective_scan_ref(u, delta, A, B, C, delta_softplus=True))
+
+
+def grads(fn, args, opts, seed=1):
+    args = [a.detach().clone().requires_grad_() for a in args]
+    y, last = call(fn, args, opts, return_last_state=True)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)
+    gl = torch.randn(last.shape, generator=g, dtype=y.dtype).to(y.device)
+    used = [a for a, name in zip(args, NAMES, strict=True)
+            if opts.get(name, True)]
+    return dict(zip([n for n in NAMES if opts.get(n, True)],
+                    torch.autograd.grad((y * gy).sum() + (last * gl).sum(), used), strict=True))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("var_B, var_C", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 37, 4)])
+def test_backward_kernel_equals_autograd_of_reference(backend, shape, var_B, var_C):
+    args = inputs(*shape, var_B=var_B, var_C=var_C, device=device_for(backend), seed=7)
+    opts = OPTIONS[-1]
+    got = grads(lambda *a, **k: selective_scan(*a, **k, backend=backend), args, opts)
+    want = grads(selective_scan_ref, args, opts)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=lambda m, n=name: f"∂{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("opts", OPTIONS[:3])
+def test_backward_without_optional_arguments(backend, opts):
+    args = inputs(2, 2, 19, 3, var_B=False, device=device_for(backend), seed=11)
+    got = grads(lambda *a, **k: selective_scan(*a, **k, backend=backend), args, opts)
+    want = grads(selective_scan_ref, args, opts)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=lambda m, n=name: f"∂{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gradcheck_float64(backend):
+    """Finite differences on every input; fast mode (random projections) in the simulator."""
+    args = [a.requires_grad_() for a in inputs(1, 2, 5, 2, var_C=False,
+                                                device=device_for(backend))]
+    fn = lambda *a: selective_scan(*a, delta_softplus=True, return_last_state=True,
+                                   backend=backend)
+    assert torch.autograd.gradcheck(fn, args, fast_mode=backend == "cuda")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_only_last_state_used_in_loss(backend):
+    args = [a.requires_grad_() for a in inputs(1, 2, 6, 2, device=device_for(backend))]
+    _, last = selective_scan(*args[:5], return_last_state=True, backend=backend)
+    _, last_ref = selective_scan_ref(*args[:5], return_last_state=True)
+    got = torch.autograd.grad(last.sum(), args[:4])  # C does not reach x_L
+    want = torch.autograd.grad(last_ref.sum(), args[:4])
+    for x, w in zip(got, want, strict=True):
+        torch.testing.assert_close(x, w)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_non_contiguous_inputs(backend):
+    u, delta, A, B, C, D, z, bias = inputs(2, 4, 11, 3, device=device_for(backend))
+    u_t = u.transpose(1, 2).contiguous().transpose(1, 2)  # (b, d, l) view of (b, l, d) storage
+    B_t = B.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (u_t.is_contiguous() or B_t.is_contiguous())
+    torch.testing.assert_close(selective_scan(u_t, delta, A, B_t, C, D, z, bias, True,
+                                              backend=backend),
+                               selective_scan_ref(u, delta, A, B, C, D, z, bias, True))
+
+
+def test_float32_long_sequence_stays_accurate():
+    args = inputs(1, 3, 2000, 4, dtype=torch.float32)
+    want = selective_scan_ref(*inputs(1, 3, 2000, 4), True)
+    err = (selective_scan(*args, True, backend="cpu").double() - want).abs().max()
+    assert err < 1e-4 * want.abs().max()
+
+
+def test_empty_sequence():
+    u, delta, A, B, C, *_ = inputs(2, 3, 0, 4)
+    y, last = selective_scan(u, delta, A, B, C, return_last_state=True, backend="cpu")
+    assert y.shape == (2, 3, 0) and last.shape == (2, 3, 4) and not last.any()
+
+
+@pytest.mark.parametrize("l", [1, 2, 5, 8, 13, 64])
+def test_parallel_scan_equals_linear_scan(l):
+    g = torch.Generator().manual_seed(l)
+    a = torch.rand(2, 3, l, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 3, l, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(parallel_scan(a, b), linear_scan(a, b, backend="ref"))
+
+
+def test_parallel_scan_is_differentiable():
+    a = torch.rand(1, 2, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(parallel_scan, (a, b))
+
+
+def test_combine_is_associative_with_identity():
+    g = torch.Generator().manual_seed(0)
+    p, q, r = [(torch.rand(4, generator=g), torch.randn(4, generator=g)) for _ in range(3)]
+    left, right = combine(combine(p, q), r), combine(p, combine(q, r))
+    for x, y in zip(left, right, strict=True):
+        torch.testing.assert_close(x, y)
+    one = (torch.ones(4), torch.zeros(4))
+    for x, y in zip(combine(one, p), p, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_the_selective_scan_contains_the_linear_scan():
+    """n = 1, A = log a / Δ, B = C = 1: x_t = a_t x_{t-1} + Δ_t u_t is linear_scan(a, Δ u)."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    delta = torch.full_like(u, 0.5)
+    A = -torch.rand(3, 1, generator=g, dtype=torch.float64)
+    ones = torch.ones(3, 1, dtype=torch.float64)
+    a = torch.exp(0.5 * A[:, 0])[None, :, None].expand_as(u)
+    want = linear_scan(a, 0.5 * u, backend="ref")
+    torch.testing.assert_close(selective_scan(u, delta, A, ones, ones, backend="cpu"), want)
+
+
+GOOD = inputs(1, 2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(u=torch.ones(2, 3)), ValueError, r"u must have 3 dimensions \(b, d, l\)"),
+        (dict(u=[[1.0]]), TypeError, "u must be a torch.Tensor"),
+        (dict(delta=GOOD[1].float()), TypeError, "delta must be float64"),
+        (dict(delta=torch.ones(1, 2, 4, dtype=torch.float64)), ValueError, "delta must have shape"),
+        (dict(A=torch.ones(3, 4, dtype=torch.float64)), ValueError, r"A must have shape \(d, n\)"),
+        (dict(B=torch.ones(1, 5, 3, dtype=torch.float64)), ValueError, r"B must have shape \(b, n, l\)"),
+        (dict(C=torch.ones(2, 5, dtype=torch.float64)), ValueError, r"C must have shape \(d, n\)"),
+        (dict(C=torch.ones(4, dtype=torch.float64)), ValueError, "C must have 3 dimensions"),
+        (dict(D=torch.ones(3, dtype=torch.float64)), ValueError, r"D must have shape \(d\)"),
+        (dict(z=torch.ones(1, 2, 3)), TypeError, "z must be float64"),
+        (dict(delta_bias=torch.ones(2, 1, dtype=torch.float64)), ValueError, "delta_bias must have 1"),
+    ],
+)
+def test_bad_input_names_the_argument(change, error, message):
+    kw = dict(zip(NAMES, GOOD, strict=True)) | change
+    with pytest.raises(error, match=message):
+        selective_scan(**kw, backend="cpu")
+
+
+def test_cuda_refuses_a_too_large_state():
+    from minimodels.backend import cuda_available
+    from minimodels.kernels.selective_scan import N_MAX, _fwd_cuda
+
+    if not cuda_available():
+        pytest.skip("no cuda backend")
+    args = inputs(1, 1, 2, N_MAX + 1)
+    with pytest.raises(ValueError, match="d_state"):
+        _fwd_cuda(*args[:3], args[3], args[3][0], args[4], args[4][0], *args[5:],
+                  (True, True, True, False))

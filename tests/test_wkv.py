@@ -1,0 +1,187 @@
+"""wkv: every backend against the WKV formula materialised as a dense causal softmax in float64
+(a reference outside the kernels' log-space recurrence), large keys in float32, state
+resumption, gradients against autograd of the reference, and bad input."""
+
+import pytest
+import torch
+from helpers import ALL, KERNELS, device_for
+
+from minimodels.kernels.wkv import wkv, wkv_ref, wkv_state0
+
+pytestmark = pytest.mark.ch03
+
+SHAPES = [(1, 1, 1), (2, 1, 5), (2, 37, 19), (1, 70, 33), (3, 16, 16)]  # tails of CB, ITEMS
+
+
+def dense_wkv(w, u, k, v):
+    """y_t = Σ_{i≤t} softmax_i(z_{t,i}) v_i with z_{t,i} = -(t-1-i)·w + k_i (i < t) and
+    z_{t,t} = u + k_t: the formula as one masked softmax per channel, in float64."""
+    w, u, k, v = (x.double() for x in (w, u, k, v))
+    l = k.shape[1]
+    t = torch.arange(l)
+    dist = (t[:, None] - 1 - t[None, :]).double()  # (t, i): t - 1 - i
+    z = -dist[None, :, :, None] * w + k[:, None, :, :]  # (b, t, i, c)
+    diag = torch.eye(l, dtype=torch.bool)[None, :, :, None]
+    z = torch.where(diag, (u + k)[:, :, None, :].expand_as(z), z)
+    z = z.masked_fill(~(t[:, None] >= t[None, :])[None, :, :, None], -torch.inf)
+    return (torch.softmax(z, dim=2) * v[:, None]).sum(2)  # (b, t, c)
+
+
+def inputs(shape, dtype=torch.float64, device="cpu", seed=0, k_scale=2.0):
+    b, l, c = shape
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(c, generator=g, dtype=torch.float64) * 3  # decay rates in [0, 3)
+    w[0] = 0.0  # no decay at all: a plain causal average weighted by e^k
+    u = torch.randn(c, generator=g, dtype=torch.float64)
+    k = torch.randn(b, l, c, generator=g, dtype=torch.float64) * k_scale
+    v = torch.randn(b, l, c, generator=g, dtype=torch.float64)
+    return [x.to(dtype=dtype, device=device) for x in (w, u, k, v)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_equals_dense_softmax(shape):
+    w, u, k, v = inputs(shape)
+    torch.testing.assert_close(wkv_ref(w, u, k, v), dense_wkv(w, u, k, v))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backends_equal_dense_softmax(backend, shape, dtype):
+    dev = device_for(backend)
+    args = inputs(shape, dtype, dev, seed=sum(shape))
+    want = dense_wkv(*inputs(shape, seed=sum(shape)))
+    y = wkv(*args, backend=backend)
+    assert y.dtype == dtype and y.shape == shape and y.device.type == dev.type
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(y.cpu().double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_large_keys_stay_finite_and_accurate_in_float32(backend):
+    """|k| = 60: e^60 ≈ 1e26 and sums of such overflow float32 (max 3e38) once doubled up to
+    e^88; with k = ±60 and u = 30 a linear-space sum overflows. Log space does not."""
+    shape = (2, 23, 9)
+    w, u, k, v = inputs(shape, seed=3)
+    k = 60.0 * torch.sign(k)
+    u = u + 30.0
+    want = dense_wkv(w, u, k, v)
+    dev = device_for(backend)
+    y = wkv(*(x.float().to(dev) for x in (w, u, k, v)), backend=backend).cpu()
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("split", [1, 7, 20])
+def test_state_resumption_equals_one_call(backend, split):
+    dev = device_for(backend)
+    w, u, k, v = inputs((2, 21, 17), device=dev, seed=5)
+    whole, s_whole = wkv(w, u, k, v, return_state=True, backend=backend)
+    y1, s = wkv(w, u, k[:, :split], v[:, :split], return_state=True, backend=backend)
+    y2, s2 = wkv(w, u, k[:, split:], v[:, split:], state=s, return_state=True, backend=backend)
+    assert s.shape == (2, 3, 17)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), whole, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(s2, s_whole, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_one_token_at_a_time_equals_one_call(backend):
+    dev = device_for(backend)
+    w, u, k, v = inputs((2, 9, 5), device=dev, seed=6)
+    s, ys = None, []
+    for t in range(9):
+        y, s = wkv(w, u, k[:, t:t + 1], v[:, t:t + 1], state=s, return_state=True,
+                   backend=backend)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 1), wkv_ref(w, u, k, v))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernels_match_reference_with_state_in_float32(backend):
+    dev = device_for(backend)
+    w, u, k, v = inputs((2, 30, 20), torch.float32, dev, seed=7)
+    _, s = wkv_ref(w, u, k, v, return_state=True)
+    y = wkv(w, u, k, v, state=s, backend=backend)
+    torch.testing.assert_close(y, wkv_ref(w, u, k, v, state=s), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gradcheck_backward_kernel(backend):
+    dev = device_for(backend)
+    w, u, k, v = inputs((2, 6, 4), device=dev, seed=8)
+    args = [x.requires_grad_() for x in (w + 0.5, u, k, v)]  # w > 0: finite differences stay legal
+    assert torch.autograd.gradcheck(lambda *a: wkv(*a, backend=backend), args)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_backward_kernel_equals_autograd_of_reference(backend, with_state):
+    dev = device_for(backend)
+    w, u, k, v = inputs((3, 19, 17), device=dev, seed=9)
+    state = wkv_ref(w, u, k, v, return_state=True)[1] if with_state else None
+    gy = torch.randn(k.shape, dtype=k.dtype, generator=torch.Generator().manual_seed(1)).to(dev)
+    grads = []
+    for be in ("ref", backend):
+        args = [x.clone().requires_grad_() for x in (w, u, k, v)]
+        grads.append(torch.autograd.grad(wkv(*args, state=state, backend=be), args, gy))
+    for name, want, got in zip("wukv", *grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_backward_with_large_keys_in_float32(backend):
+    dev = device_for(backend)
+    w, u, k, v = inputs((1, 15, 6), seed=10, k_scale=30.0)
+    gy = torch.randn(k.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    a64 = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    want = torch.autograd.grad(wkv_ref(*a64), a64, gy)
+    a32 = [x.float().to(dev).requires_grad_() for x in (w, u, k, v)]
+    got = torch.autograd.grad(wkv(*a32, backend=backend), a32, gy.float().to(dev))
+    for g, wnt in zip(got, want, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.cpu().double(), wnt, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_non_contiguous_inputs(backend):
+    dev = device_for(backend)
+    w, u, k, v = inputs((2, 12, 7), device=dev)
+    k_t = k.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    v_t = v[:, :, ::1].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (k_t.is_contiguous() or v_t.is_contiguous())
+    torch.testing.assert_close(wkv(w, u, k_t, v_t, backend=backend), wkv_ref(w, u, k, v))
+
+
+def test_empty_sequence():
+    w, u, k, v = inputs((2, 1, 3))
+    y, s = wkv(w, u, k[:, :0], v[:, :0], return_state=True, backend="cpu")
+    assert y.shape == (2, 0, 3)
+    torch.testing.assert_close(s, wkv_state0(2, 3, torch.float64))
+
+
+def test_negative_decay_is_a_value_error():
+    w, u, k, v = inputs((1, 4, 3))
+    w[1] = -0.1
+    with pytest.raises(ValueError, match="w must be >= 0"):
+        wkv(w, u, k, v)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: {**a, "k": a["k"][0]}, ValueError, "k must have 3 dimensions"),
+        (lambda a: {**a, "v": a["v"][:, :2]}, ValueError, "v must have shape"),
+        (lambda a: {**a, "w": a["w"][:2]}, ValueError, "w must have shape"),
+        (lambda a: {**a, "u": a["u"].float()}, TypeError, "u must be float64"),
+        (lambda a: {**a, "k": a["k"].long()}, TypeError, "k must be float32 or float64"),
+        (lambda a: {**a, "w": a["w"].tolist()}, TypeError, "w must be a torch.Tensor"),
+        (lambda a: {**a, "state": torch.zeros(2, 2, 3, dtype=torch.float64)}, ValueError,
+         "state must have shape"),
+    ],
+)
+def test_bad_input(change, error, match):
+    w, u, k, v = inputs((2, 4, 3))
+    args = change({"w": w, "u": u, "k": k, "v": v, "state": None})
+    with pytest.raises(error, match=match):
+        wkv(args["w"], args["u"], args["k"], args["v"], state=args["state"], backend="cpu")
