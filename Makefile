@@ -8,9 +8,6 @@ STAMP  := $(VENV)/.installed-stamp
 
 # Numba caches compiled kernels here, shared by the tests and every notebook.
 export NUMBA_CACHE_DIR := $(CURDIR)/.numba_cache
-# Back large allocations with transparent huge pages: fresh 100 MB outputs then cost
-# ~3x less to first-touch on this kind of machine (measured; see kernels/BENCHMARKS.md).
-export GLIBC_TUNABLES := glibc.malloc.hugetlb=1
 
 # Tests run two processes at once (pytest -n auto on 2 cores); each keeps to one torch/OpenMP
 # thread so they do not oversubscribe the cores (small-op training slowed 100x without this).

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from .conftest import NOTEBOOK_TIMEOUT_S, NOTEBOOKS_DIR, record_artifact, record_note
 
@@ -98,6 +99,15 @@ JS_READOUT = """() => {
   return (s.querySelector('.widget-readout') || s).innerText.trim();
 }"""
 
+
+
+def _wait_until(page, js: str, timeout_ms: float, *, polling: float, arg=None) -> bool:
+    """Wait for ``js`` to be truthy; False on timeout (the caller asserts what it needs)."""
+    try:
+        page.wait_for_function(js, arg=arg, timeout=timeout_ms, polling=polling)
+    except PlaywrightTimeout:
+        return False
+    return True
 
 def _kernel_status(page) -> str:
     return page.evaluate(JS_KERNEL_STATUS)
@@ -202,10 +212,7 @@ def test_notebook_runs_in_jupyterlab(notebook, lab_server, chromium, artifacts_d
             WIDGET_MIME in o.get("data", {}) for c in code for o in c.get("outputs", [])
         )
         js_count = f"() => ({JS_OUTPUT_VIEWS})().filter(v => v.widget).length >= {n_widgets}"
-        try:
-            page.wait_for_function(js_count, timeout=WIDGET_TIMEOUT_MS, polling=250)
-        except Exception:  # noqa: BLE001
-            pass  # reported with details just below
+        _wait_until(page, js_count, WIDGET_TIMEOUT_MS, polling=250)  # asserted just below
         views = page.evaluate(JS_OUTPUT_VIEWS)
         rendered = [v for v in views if v["widget"]]
         fallback = [
@@ -244,15 +251,9 @@ def test_notebook_runs_in_jupyterlab(notebook, lab_server, chromium, artifacts_d
         assert after_val != before_val, (
             f"{notebook}: the arrow keys did not move the slider (readout {before_val!r})"
         )
-        try:  # the output changes (or at least is redrawn), then the kernel settles
-            page.wait_for_function(
-                f"(before) => ({JS_CELL_OUTPUT})() !== before",
-                arg=before_out,
-                timeout=WIDGET_TIMEOUT_MS,
-                polling=100,
-            )
-        except Exception:  # noqa: BLE001
-            pass  # reported just below
+        # the output changes (asserted below once the kernel has settled)
+        _wait_until(page, f"(before) => ({JS_CELL_OUTPUT})() !== before", WIDGET_TIMEOUT_MS,
+                    polling=100, arg=before_out)
         _wait_idle(page, f"{notebook}: after moving the slider", NOTEBOOK_TIMEOUT_S * 1000)
         page.wait_for_timeout(500)  # let the last output message and plot paint
         assert page.evaluate(JS_CELL_OUTPUT) != before_out, (
