@@ -1,7 +1,9 @@
 """minimodels: the small, readable long-context models of the *Beyond RAG* course.
 
 Every hot loop is a kernel in ``minimodels.kernels`` with three backends (``ref`` PyTorch,
-``cpu`` Numba, ``cuda`` numba.cuda); see ``minimodels.backend``.
+``cpu`` Numba, ``cuda`` numba.cuda); see ``minimodels.backend``. The kernels, one per chapter:
+``linear_scan`` (00), ``attention`` (02), ``wkv`` (03), ``s4d_kernel`` (04), ``selective_scan``
+and ``parallel_scan`` (05).
 
 Shape glossary (used in every docstring and shape comment):
     b  batch          l  sequence length     d  width (channels of a layer)
@@ -16,9 +18,24 @@ import sys
 from importlib import metadata
 
 from minimodels.backend import BackendUnavailable, available_backends, resolve
+from minimodels.kernels.attention import attention
 from minimodels.kernels.scan import linear_scan
+from minimodels.kernels.selective_scan import parallel_scan, selective_scan
+from minimodels.kernels.ssm_kernel import s4d_kernel
+from minimodels.kernels.wkv import wkv
 
-__all__ = ["BackendUnavailable", "available_backends", "info", "linear_scan", "resolve"]
+__all__ = [
+    "BackendUnavailable",
+    "attention",
+    "available_backends",
+    "info",
+    "linear_scan",
+    "parallel_scan",
+    "resolve",
+    "s4d_kernel",
+    "selective_scan",
+    "wkv",
+]
 __version__ = "0.1.0"
 
 
