@@ -1,4 +1,4 @@
-"""Shared layers: RMSNorm and the position-wise MLP of a transformer block.
+"""Shared layers: RMSNorm, the position-wise MLP of a transformer block, greedy generation.
 
 References: Zhang & Sennrich, "Root mean square layer normalization" (2019); Vaswani et al.,
 "Attention is all you need" (2017), section 3.3 (position-wise feed-forward networks).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MLP", "RMSNorm"]
+__all__ = ["MLP", "RMSNorm", "generate_greedy"]
 
 
 class RMSNorm(nn.Module):
@@ -35,3 +35,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.W2(nn.functional.gelu(self.W1(x)))  # (..., d)
+
+
+@torch.no_grad()
+def generate_greedy(step, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Greedy continuation of ``prompt`` (b, l0) by ``n_new`` tokens -> (b, l0 + n_new), one
+    ``step(token (b,), state) -> (logits (b, vocab), state)`` per token: the prompt is read
+    token by token, then each new token is the argmax of the last logits."""
+    state, tokens = None, prompt
+    for t in range(prompt.shape[1]):
+        logits, state = step(prompt[:, t], state)
+    for _ in range(n_new):
+        nxt = logits.argmax(-1)  # (b,)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        logits, state = step(nxt, state)
+    return tokens

@@ -19,7 +19,7 @@ from torch import nn
 
 from minimodels.backend import expect_tensor
 from minimodels.kernels.attention import attention
-from minimodels.nn import MLP, RMSNorm
+from minimodels.nn import MLP, RMSNorm, generate_greedy
 
 __all__ = ["AttentionCost", "MultiHeadAttention", "TransformerBlock", "TransformerLM",
            "attention_cost"]
@@ -128,16 +128,9 @@ class TransformerLM(nn.Module):
     def generate(self, prompt: torch.Tensor, n_new: int, use_cache: bool = True):
         """Greedy continuation of prompt (b, l0) by n_new tokens -> (b, l0 + n_new). With
         ``use_cache`` each new token costs one ``step``; without, a full forward pass."""
-        tokens = prompt
         if use_cache:
-            state = None
-            for t in range(prompt.shape[1]):  # prefill, one token at a time
-                logits, state = self.step(prompt[:, t], state)
-            for _ in range(n_new):
-                nxt = logits.argmax(-1)  # (b,)
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                logits, state = self.step(nxt, state)
-            return tokens
+            return generate_greedy(self.step, prompt, n_new)
+        tokens = prompt
         for _ in range(n_new):
             nxt = self(tokens)[:, -1].argmax(-1)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)

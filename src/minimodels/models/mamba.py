@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimodels.kernels.selective_scan import selective_scan
-from minimodels.nn import RMSNorm
+from minimodels.nn import RMSNorm, generate_greedy
 
 __all__ = ["MambaBlock", "MambaLM", "ResidualBlock"]
 
@@ -154,11 +154,4 @@ class MambaLM(nn.Module):
     def generate(self, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
         """Greedy continuation of prompt (b, l0) by n_new tokens -> (b, l0 + n_new), one
         ``step`` per token with a constant-size state."""
-        state, tokens = None, prompt
-        for t in range(prompt.shape[1]):
-            logits, state = self.step(prompt[:, t], state)
-        for _ in range(n_new):
-            nxt = logits.argmax(-1)  # (b,)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            logits, state = self.step(nxt, state)
-        return tokens
+        return generate_greedy(self.step, prompt, n_new)

@@ -18,6 +18,7 @@ from torch import nn
 
 from minimodels.backend import expect_tensor
 from minimodels.kernels.wkv import wkv
+from minimodels.nn import generate_greedy
 
 __all__ = ["RWKVBlock", "RWKVChannelMix", "RWKVLM", "RWKVTimeMix", "aft_simple", "token_shift"]
 
@@ -192,11 +193,4 @@ class RWKVLM(nn.Module):
     def generate(self, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
         """Greedy continuation of prompt (b, l0) by n_new tokens, one ``step`` per token
         (constant memory) -> (b, l0 + n_new)."""
-        state, tokens = None, prompt
-        for t in range(prompt.shape[1]):
-            logits, state = self.step(prompt[:, t], state)
-        for _ in range(n_new):
-            nxt = logits.argmax(-1)  # (b,)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            logits, state = self.step(nxt, state)
-        return tokens
+        return generate_greedy(self.step, prompt, n_new)
