@@ -21,3 +21,13 @@ ALL = ["ref", "cpu", CUDA]
 def device_for(backend: str) -> torch.device:
     """Where a backend's inputs live: CUDA tensors for a real GPU, CPU otherwise."""
     return torch.device("cuda" if backend == "cuda" and not cuda_simulated() else "cpu")
+
+
+def run_steps(layer, x):
+    """Run a sequence layer's recurrent mode over x (b, l, d): ``step`` token by token from
+    ``state=None`` -> (y (b, l, d), final state), to compare with ``forward`` (DESIGN §2.2)."""
+    state, ys = None, []
+    for t in range(x.shape[1]):
+        y, state = layer.step(x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state

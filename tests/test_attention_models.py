@@ -3,7 +3,7 @@ cached generation equals recomputation, and the cost model's arithmetic."""
 
 import pytest
 import torch
-from helpers import KERNELS, device_for
+from helpers import KERNELS, device_for, run_steps
 
 from minimodels.models.attention import (
     MultiHeadAttention,
@@ -16,12 +16,6 @@ from minimodels.nn import MLP, RMSNorm
 pytestmark = pytest.mark.ch02
 
 
-def steps(layer, x):
-    state, ys = None, []
-    for t in range(x.shape[1]):
-        y, state = layer.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1), state
 
 
 @pytest.mark.parametrize("backend", ["ref", *KERNELS])
@@ -32,7 +26,7 @@ def test_step_with_kv_cache_equals_forward(make, backend):
     dev = device_for(backend)
     layer = make(backend).double().to(dev)
     x = torch.randn(2, 5, 8, dtype=torch.float64, device=dev)
-    y, (K, V) = steps(layer, x)
+    y, (K, V) = run_steps(layer, x)
     assert K.shape == V.shape == (2, 2, 5, 4)  # the cache grows by one position per step
     torch.testing.assert_close(y, layer(x))
 

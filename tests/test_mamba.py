@@ -3,19 +3,13 @@ backend, and the block's gradients flow through the kernel."""
 
 import pytest
 import torch
-from helpers import ALL, device_for
+from helpers import ALL, device_for, run_steps
 
 from minimodels.models.mamba import MambaBlock, MambaLM
 
 pytestmark = pytest.mark.ch05
 
 
-def run_steps(layer, xs):
-    state, out = None, []
-    for t in range(xs.shape[1]):
-        y, state = layer.step(xs[:, t], state)
-        out.append(y)
-    return torch.stack(out, dim=1), state
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -4,7 +4,7 @@ equations, and training through the kernels' backward."""
 
 import pytest
 import torch
-from helpers import KERNELS, device_for
+from helpers import KERNELS, device_for, run_steps
 
 from minimodels.kernels.wkv import wkv
 from minimodels.models.rwkv import (
@@ -21,12 +21,6 @@ pytestmark = pytest.mark.ch03
 D = 12
 
 
-def run_steps(layer, x):
-    state, ys = None, []
-    for t in range(x.shape[1]):
-        y, state = layer.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1), state
 
 
 def state_numel(state):
