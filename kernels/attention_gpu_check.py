@@ -11,6 +11,7 @@
 import torch
 import torch.nn.functional as F
 
+from minimodels.bench import timeit
 from minimodels.kernels.attention import attention, attention_ref, causal_mask
 
 assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -44,20 +45,6 @@ q, k, v = (torch.randn(b, h, l, e, device=dev) for _ in range(3))
 flops = 4 * b * h * l * l * e
 
 
-def time_ms(fn, repeat=10):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 qb, kb, vb = (x.bfloat16() for x in (q, k, v))
 rows = [
     ("minimodels cuda float32", lambda: attention(q, k, v, backend="cuda")),
@@ -66,7 +53,7 @@ rows = [
 ]
 print(f"\n{torch.cuda.get_device_name()} at (b, h, l, e) = {(b, h, l, e)}, non-causal")
 for name, fn in rows:
-    ms = time_ms(fn)
+    ms = timeit(fn, device="cuda", repeat=10) * 1e3
     print(f"{name:26} {ms:8.2f} ms  {flops / ms / 1e9:6.1f} TFLOP/s")
 out = attention(q, k, v, backend="cuda")
 ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())

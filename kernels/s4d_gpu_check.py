@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from minimodels.bench import timeit
 from minimodels.kernels.ssm_kernel import ITEMS, THREADS, s4d_kernel, s4d_kernel_ref
 
 REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
@@ -31,20 +32,6 @@ def rel_error(K, A, C, dt, L):
     return ((K.cpu().double() - want).abs().max() / want.abs().max()).item()
 
 
-def time_ms(fn, repeat=200):
-    for _ in range(10):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main():
     print(f"GPU: {torch.cuda.get_device_name()}; THREADS={THREADS}, ITEMS={ITEMS}")
     ok = True
@@ -61,8 +48,10 @@ def main():
     A, C, dt = inputs(h, n, torch.complex64)
     K = s4d_kernel(A, C, dt, L, backend="cuda")
     err = rel_error(K[:64], A[:64], C[:64], dt[:64], L)
-    t_cuda = time_ms(lambda: s4d_kernel(A, C, dt, L, backend="cuda"))
-    t_ref = time_ms(lambda: s4d_kernel(A, C, dt, L, backend="ref"), repeat=20)
+    t_cuda = 1e3 * timeit(lambda: s4d_kernel(A, C, dt, L, backend="cuda"), device="cuda",
+                          warmup=10, repeat=200)
+    t_ref = 1e3 * timeit(lambda: s4d_kernel(A, C, dt, L, backend="ref"), device="cuda",
+                         repeat=20)
     print(f"\n(1536, 32, 4096) complex64: cuda kernel {t_cuda:.3f} ms (target < 0.2 ms, "
           f"{'met' if t_cuda < 0.2 else 'NOT met'}), torch reference {t_ref:.3f} ms, "
           f"speed-up {t_ref / t_cuda:.0f}x, rel. error (first 64 channels) {err:.1e}")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 import torch
@@ -19,6 +18,7 @@ import torch
 if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
     sys.exit("unset NUMBA_ENABLE_CUDASIM: this script is for a real GPU")
 
+from minimodels.bench import copy_bandwidth, timeit  # noqa: E402
 from minimodels.benchmarks.selective_scan import selective_scan_pscan  # noqa: E402
 from minimodels.kernels.selective_scan import (  # noqa: E402
     CHUNK,
@@ -79,18 +79,8 @@ def correctness() -> bool:
 
 
 def cuda_time(fn, repeat=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)  # ms
+    """Median milliseconds of fn() on the GPU (minimodels.bench.timeit, synchronised)."""
+    return 1e3 * timeit(fn, device="cuda", warmup=warmup, repeat=repeat)
 
 
 def timings(shape=(1, 1536, 4096, 16)):
@@ -99,8 +89,7 @@ def timings(shape=(1, 1536, 4096, 16)):
     u, delta, A, B, C, D, z, bias = xs
     kw = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
     nbytes = (4 * b * d * l + 2 * b * n * l) * 4
-    a = torch.empty(nbytes // 8, device=DEV)
-    bw = 2 * a.numel() * 4 / (cuda_time(lambda: a.clone()) / 1e3)
+    bw = copy_bandwidth("cuda")
     floor = nbytes / bw * 1e3
     print(f"\n{torch.cuda.get_device_name()}: (b, d, l, n) = {shape} float32; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s; bytes floor {floor * 1e3:.1f} us")
