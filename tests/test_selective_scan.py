@@ -272,3 +272,27 @@ def test_cuda_refuses_a_too_large_state():
     with pytest.raises(ValueError, match="d_state"):
         _fwd_cuda(*args[:3], args[3], args[3][0], args[4], args[4][0], *args[5:],
                   (True, True, True, False))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("var_B, var_C", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 3, 29, 6), (1, 5, 1, 2), (1, 2, 70, 9)])
+def test_cuda_forward_tiles_and_lanes(shape, var_B, var_C):
+    """The CUDA forward's block holds CHANNELS channels x LANES lanes and walks TILE steps at a
+    time: a spare channel in the last block, idle lanes (n < LANES), several states per lane,
+    and tails of tiles and checkpoint chunks all give y, x_L and (through the checkpoints the
+    backward starts from) the gradients of the reference."""
+    from minimodels.backend import cuda_available
+
+    if not cuda_available():
+        pytest.skip("no cuda backend")
+    args = inputs(*shape, var_B=var_B, var_C=var_C, device=device_for("cuda"), seed=3)
+    y, last = selective_scan(*args, True, return_last_state=True, backend="cuda")
+    want_y, want_last = selective_scan_ref(*args, True, return_last_state=True)
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(last, want_last)
+    grads = torch.autograd.grad(
+        selective_scan(*[a.requires_grad_() for a in args], True, backend="cuda").sum(), args)
+    want = torch.autograd.grad(selective_scan_ref(*args, True).sum(), args)
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected)
