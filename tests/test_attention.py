@@ -59,8 +59,10 @@ def test_backends_equal_sdpa(backend, shape, causal, dtype):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_many_tiles_and_explicit_scale(backend):
-    """Longer than the CPU tiles (64) and the simulator's; a scale other than 1/sqrt(e)."""
-    shape = (1, 1, 70, 140, 4) if backend == "cpu" else (1, 1, 17, 23, 4)
+    """Longer than the CPU tiles (128 queries, 64 keys) and the simulator's, with short last
+    tiles and e and tile lengths off the CPU kernel's blocks of 4; a scale other than
+    1/sqrt(e)."""
+    shape = (2, 1, 300, 330, 6) if backend == "cpu" else (1, 1, 17, 23, 4)
     q, k, v = qkv(shape, device=device_for(backend), seed=3)
     for causal in (False, True):
         got = attention(q, k, v, causal=causal, scale=0.3, backend=backend)

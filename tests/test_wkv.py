@@ -153,6 +153,32 @@ def test_non_contiguous_inputs(backend):
     torch.testing.assert_close(wkv(w, u, k_t, v_t, backend=backend), wkv_ref(w, u, k, v))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_cpu_kernel_blocks_of_channels(dtype, threads, monkeypatch):
+    """The CPU forward splits channels into blocks by thread count (small calls use one block):
+    force the split of a large call, with a short last block, against the dense softmax."""
+    import minimodels.kernels.wkv as W
+
+    block = W._block
+    assert [block(b, 2048, t) for b, t in [(1, 2), (3, 2), (4, 2), (1, 1)]] == [1024] * 2 + [2048] * 2
+    shape = (3, 9, 37)  # 37 channels: blocks of 16 or 32 leave a short last block
+    monkeypatch.setattr(W, "_block", lambda b, c, t: block(b, c, threads))
+    w, u, k, v = inputs(shape, dtype, seed=11)
+    y, s = wkv(w, u, k, v, return_state=True, backend="cpu")
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(y.double(), dense_wkv(*inputs(shape, seed=11)), rtol=tol, atol=tol)
+    torch.testing.assert_close(s, wkv_ref(w, u, k, v, return_state=True)[1], rtol=tol, atol=tol)
+    if dtype == torch.float64:  # the backward kernel uses the same blocks
+        gy = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+        grads = []
+        for be in ("ref", "cpu"):
+            args = [x.clone().requires_grad_() for x in (w, u, k, v)]
+            grads.append(torch.autograd.grad(wkv(*args, state=s, backend=be), args, gy))
+        for want, got in zip(*grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_empty_sequence():
     w, u, k, v = inputs((2, 1, 3))
     y, s = wkv(w, u, k[:, :0], v[:, :0], return_state=True, backend="cpu")

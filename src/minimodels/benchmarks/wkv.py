@@ -3,7 +3,11 @@
 The floor counts exps as well as bytes. pip's Numba has no vector math library, so each
 ``math.exp`` is a scalar libm call; the log-space recurrence needs two per element (one of each
 pair of exps is e^0 and is skipped). On the CPU the floor is therefore
-max(bytes / copy bandwidth, exps / measured scalar exp rate), the "exp-aware floor".
+max(bytes / copy bandwidth, exps / measured scalar exp rate), the "exp-aware floor" (issue #5's
+definition, kept as the table's floor). The CPU kernel no longer calls libm: its exp is
+``minimodels.kernels.fastexp.exp_neg``, which vectorises, so it can run below that floor. The
+floor of the kernel as written is printed too: the same exps at the measured rate of
+``exp_neg`` in a vectorised loop ("vectorised-exp floor").
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from numba import njit, prange
 
 from minimodels.bench import Row, copy_bandwidth, format_table, machine, timeit
 from minimodels.kernels import wkv as W
+from minimodels.kernels.fastexp import exp_neg
 
-__all__ = ["exp_rate", "run", "wkv_torch_loop"]
+__all__ = ["exp_rate", "exp_neg_rate", "run", "wkv_torch_loop"]
 
 EXPS_PER_ELEMENT = 2  # forward: one exp for the output's weights, one for the state update
 
@@ -55,6 +60,25 @@ def exp_rate(dtype=np.float32, n: int = 1 << 24) -> float:
     return n / seconds
 
 
+@njit(parallel=True, cache=True)
+def _exp_neg_loop(x, out, reps):
+    # out[r] = exp_neg(x[r]) reps times per row: the vectorised exp alone, in cache.
+    for i in prange(reps * x.shape[0]):
+        r = i % x.shape[0]
+        for j in range(x.shape[1]):
+            out[r, j] = exp_neg(x[r, j])
+
+
+def exp_neg_rate(dtype=np.float32, n: int = 1 << 24) -> float:
+    """``exp_neg`` evaluations per second of this machine, all cores, in a vectorised njit loop
+    over rows of 1024 arguments that stay in the L1 cache."""
+    x = -np.random.default_rng(0).random((16, 1024)).astype(dtype)
+    out = np.empty_like(x)
+    reps = n // x.size
+    seconds = timeit(lambda: _exp_neg_loop(x, out, reps), repeat=9)
+    return n / seconds
+
+
 def _inputs(shape, device, dtype):
     batch, l, c = shape
     gen = torch.Generator(device=device).manual_seed(0)
@@ -70,6 +94,7 @@ def run(shape=(1, 4096, 2048), device="cpu", dtype=torch.float32) -> str:
     """Markdown table: ref, a plain PyTorch loop, the cpu kernel (and cuda on a GPU), in
     speed-ups over ref and multiples of the floor (exp-aware on the CPU)."""
     shape = tuple(shape or (1, 4096, 2048))
+    dtype = dtype or torch.float32  # ``python -m minimodels.bench`` passes None by default
     w, u, k, v = _inputs(shape, device, dtype)
     n = k.numel()
     nbytes = 3 * n * k.element_size()  # read k, v; write y
@@ -87,6 +112,11 @@ def run(shape=(1, 4096, 2048), device="cpu", dtype=torch.float32) -> str:
                      f"{rate / 1e9:.3g} G exp/s (measured, scalar libm, all cores) = "
                      f"{exp_floor * 1e3:.3g} ms")
         lines.append(f"exp-aware floor = max of the two = {floor * 1e3:.3g} ms")
+        vec_rate = exp_neg_rate(np.dtype(str(dtype)[6:]))
+        vec_floor = max(mem_floor, EXPS_PER_ELEMENT * n / vec_rate)
+        lines.append(f"vectorised-exp floor = max(memory floor, {EXPS_PER_ELEMENT} exps x "
+                     f"{n / 1e6:.1f} M / {vec_rate / 1e9:.3g} G exp/s (measured, fastexp."
+                     f"exp_neg, all cores)) = {vec_floor * 1e3:.3g} ms")
     kernel = "cpu" if device == "cpu" else "cuda"
     expected = W.wkv(w.double(), u.double(), k.double(), v.double(), backend=kernel)
 
@@ -105,11 +135,24 @@ def run(shape=(1, 4096, 2048), device="cpu", dtype=torch.float32) -> str:
         "overflows once k > ~88", warmup=1, repeat=3)
     add(f"minimodels {kernel} kernel", lambda: W.wkv(w, u, k, v, backend=kernel),
         "forward")
-    loop_row = rows[1]
-    lines += ["", format_table(rows, reference=rows[0].name, floor_seconds=floor), "",
-              f"{kernel} kernel vs plain PyTorch loop: "
-              f"{loop_row.seconds / rows[-1].seconds:.1f}x; x floor: "
-              f"{rows[-1].seconds / floor:.2f}"]
+    loop_row, kernel_row = rows[1], rows[2]
+    if device == "cpu":
+        y = torch.empty_like(k)  # first touched (page faults) during warm-up, not timed
+        s = W.wkv_state0(shape[0], shape[2], dtype)
+
+        def prealloc():
+            s.copy_(W.wkv_state0(shape[0], shape[2], dtype))
+            W._fwd_cpu_into(w, u, k, v, s, y)
+            return y
+
+        add("minimodels cpu kernel, preallocated y", prealloc, "kernel alone")
+    summary = (f"{kernel} kernel vs plain PyTorch loop: "
+               f"{loop_row.seconds / kernel_row.seconds:.1f}x; x floor: "
+               f"{kernel_row.seconds / floor:.2f}")
+    if device == "cpu":
+        summary += (f"; x vectorised-exp floor: {kernel_row.seconds / vec_floor:.2f} (kernel "
+                    f"alone: {rows[-1].seconds / vec_floor:.2f})")
+    lines += ["", format_table(rows, reference=rows[0].name, floor_seconds=floor), "", summary]
     return "\n".join(lines)
 
 
