@@ -7,13 +7,16 @@
    resumption (two calls = one call); the backward kernel against autograd of the reference;
 2. time of the forward at (1, 4096, 2048) float32 (target: < 3.5 ms) and the backward, and a
    batch sweep b = 1, 2, 4, 8, 16 at (b, 4096, 2048) as multiples of the memory floor (read k,
-   v; write y, over the measured device copy bandwidth).
+   v; write y, over the measured device copy bandwidth), with flash-linear-attention's Triton
+   ``fused_recurrent_rwkv4`` beside it when ``fla`` is importable (0.1.2 has it; its one file
+   ``fla/ops/rwkv4/fused_recurrent.py`` plus empty package ``__init__``s on PYTHONPATH suffice,
+   which is how it was carried to the H200).
 """
 
 import torch
 
 from minimodels.bench import copy_bandwidth, timeit
-from minimodels.kernels.wkv import wkv, wkv_ref
+from minimodels.kernels.wkv import MIN_LOG, wkv, wkv_ref
 
 assert torch.cuda.is_available(), "needs a CUDA GPU"
 dev = torch.device("cuda")
@@ -82,10 +85,48 @@ floor = 3 * k.numel() * 4 / bw
 print(f"(1, 4096, 2048) float32: forward {fwd * 1e3:.3f} ms (target < 3.5 ms; {fwd / floor:.1f}x "
       f"the memory floor {floor * 1e3:.3f} ms); backward {bwd * 1e3:.3f} ms")
 
-print("\n| b | forward ms | memory floor ms | x floor |\n|---:|---:|---:|---:|")
+
+
+def gpu_ms(fn, repeat=10):
+    """Mean GPU time of fn() in ms (torch.profiler / CUPTI: kernels only, no host overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeat):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()) / repeat / 1e3
+
+
+# 3. batch sweep, and flash-linear-attention's Triton kernel if it is importable ---------------
+# fla's fused_recurrent_rwkv4 takes log w (it decays by e^{-e^w}) and a state (b, 3, 1, c) of
+# (a, b, p); it also writes the state of every step (for its backward).
+try:
+    from fla.ops.rwkv4 import fused_recurrent_rwkv4
+except ImportError:
+    fused_recurrent_rwkv4 = None
+    print("\nflash-linear-attention (fla.ops.rwkv4) not importable: no Triton peer")
+print("\n| b | forward ms (wall) | GPU ms | memory floor ms | x floor | fla GPU ms | fla wall ms |"
+      " max abs diff |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
 for b in (1, 2, 4, 8, 16):
     w, u, k, v = make(b)
-    t = timeit(lambda w=w, u=u, k=k, v=v: wkv(w, u, k, v, backend="cuda"), device="cuda",
-               warmup=3, repeat=30)
+    w = w + 0.01  # fla needs log w
+    ours = lambda w=w, u=u, k=k, v=v: wkv(w, u, k, v, backend="cuda")  # noqa: E731
+    t = timeit(ours, device="cuda", warmup=3, repeat=30)
     floor = 3 * k.numel() * 4 / bw
-    print(f"| {b} | {t * 1e3:.3f} | {floor * 1e3:.3f} | {t / floor:.1f} |")
+    row = f"| {b} | {t * 1e3:.3f} | {gpu_ms(ours):.3f} | {floor * 1e3:.3f} | {t / floor:.1f} |"
+    if fused_recurrent_rwkv4 is not None:
+        s0 = torch.zeros(b, 3, 1, k.shape[2], device=dev)
+        s0[:, 2] = MIN_LOG
+
+        def fla(w=w, u=u, k=k, v=v, s0=s0):
+            return fused_recurrent_rwkv4(torch.log(w), u, k, v, s0)[0]
+
+        diff = (fla() - ours()).abs().max().item()
+        row += (f" {gpu_ms(fla):.3f} | {timeit(fla, device='cuda', warmup=3, repeat=30) * 1e3:.3f}"
+                f" | {diff:.1e} |")
+    else:
+        row += " - | - | - |"
+    print(row)
