@@ -1,9 +1,12 @@
 import os
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
+from numba import cuda
 
 import minimodels
 from minimodels.backend import (
@@ -85,3 +88,39 @@ def test_info_prints_versions_and_backends(capsys):
         assert any(line.startswith(key + " ") for line in out.splitlines()), key
     assert torch.__version__ in out
     assert ", ".join(available_backends()) in out
+
+
+
+def test_simulator_gives_every_thread_of_a_block_the_same_shared_array(monkeypatch):
+    """Regression test for the simulator race fixed by backend._simulator_shared_arrays_locked.
+    A slow np.empty holds the window between the simulator's lookup of a shared array and its
+    insertion open: unfixed, each thread of the block then gets an array of its own and the
+    sums below are garbage; fixed, all 16 threads see every index."""
+    from minimodels.backend import cuda_stream
+
+    if not cuda_simulated():
+        pytest.skip("a simulator test (NUMBA_ENABLE_CUDASIM=1)")
+
+    @cuda.jit
+    def gather(out):
+        s = cuda.shared.array(16, np.int64)
+        i = cuda.threadIdx.x
+        s[i] = i
+        cuda.syncthreads()
+        total = 0
+        for j in range(16):
+            total += s[j]
+        out[i] = total
+
+    stream = cuda_stream()  # applies the fix
+    empty = np.empty
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(0.002)
+        return empty(*args, **kwargs)
+
+    out = np.zeros(16, np.int64)
+    monkeypatch.setattr(np, "empty", slow_empty)
+    gather[1, 16, stream](out)
+    monkeypatch.undo()
+    assert (out == 16 * 15 // 2).all()

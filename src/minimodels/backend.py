@@ -217,7 +217,48 @@ def _external_stream(pointer: int):
 def cuda_stream():
     """torch's current CUDA stream as a Numba stream, so kernels order with torch's work.
     The wrapper is made once per stream (making one costs ~70 us). Under the simulator there
-    is no stream: returns 0 (the default stream)."""
+    is no stream: returns 0 (the default stream), after making its shared arrays thread-safe
+    (``_simulator_shared_arrays_locked``); every kernel launch of the package goes through
+    here."""
     if cuda_simulated():
+        _simulator_shared_arrays_locked()
         return 0
     return _external_stream(torch.cuda.current_stream().cuda_stream)
+
+
+@functools.cache
+def _simulator_shared_arrays_locked() -> None:
+    """Fix a race in Numba's CUDA simulator (numba-cuda 0.30.4), once per process.
+
+    The simulator runs each CUDA thread as a Python thread and hands out
+    ``cuda.shared.array`` from a dict keyed by the calling source line, with no lock: two
+    threads of a block that reach the line together can each create their own array, and the
+    block then computes silently wrong results (seen in CI as rare wrong outputs of the
+    selective-scan kernels, 2 runs in 8, never in isolation). This replacement takes a lock and
+    keys by the caller's (file, line) read from its frame; it is also much cheaper than the
+    original's ``traceback.extract_stack`` per call. Dynamic shared memory (shape 0) is left
+    to the original."""
+    import sys
+    import threading
+
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype):
+        if shape == 0:
+            return original(self, shape, dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                if isinstance(dtype, types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
