@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from numba import cuda, njit, prange
 
 from minimodels.backend import cuda_simulated, cuda_stream, dispatch, expect_tensor, to_numba
+from minimodels.kernels.fastexp import exp_neg
 from minimodels.kernels.scan import ITEMS, THREADS, _scan_maps
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "selective_scan_cuda",
@@ -104,33 +105,44 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 # =============================================================================================
 # CPU kernel (Numba). One row (b, d) per iteration: the n states live in a small local array,
-# so the (b, d, l, n) expansion is never stored. It costs b·d·l·n exps (one scalar libm call
-# each: the CPU kernel is exp-bound). The backward recomputes the row's states into a per-thread
-# scratch of (l+1, n) (never the whole (b, d, l, n)) and walks back; reductions over rows
+# so the (b, d, l, n) expansion is never stored. It costs b·d·l·n exps; with A ≤ 0 (a decaying
+# state, as Mamba's A = -exp(A_log)) they are kernels/fastexp.py's exp_neg, and the update
+# of the n states at one step is one vectorised loop (B and C are transposed to (b, l, n) for
+# it); otherwise one scalar libm call each. The backward recomputes the row's states into a
+# per-thread scratch of (l+1, n) (never the whole (b, d, l, n)) and walks back; reductions over rows
 # (∂A, ∂B, ∂C, ∂D, ∂bias) go into one private buffer per worker, summed afterwards.
 # =============================================================================================
 
 
-def _selective_scan_loop(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var_C, has_z,
-                         softplus, out, last):
-    """Forward. u, delta, z, out: (b, d, l); A, B2, C2: (d, n); B3, C3: (b, n, l); D, bias:
-    (d,); last: (b, d, n). var_B / var_C pick B3 (input-dependent) or B2 (fixed)."""
+def _selective_scan_loop(u, delta, A, Bt, B2, Ct, C2, D, z, bias, var_B, var_C, has_z,
+                         softplus, nonpos, out, last):
+    """Forward. u, delta, z, out: (b, d, l); A, B2, C2: (d, n); Bt, Ct: (b, l, n) (B and C
+    transposed, so a step's n values are contiguous); D, bias: (d,); last: (b, d, n).
+    var_B / var_C pick Bt (input-dependent) or B2 (fixed); nonpos: every Δ A ≤ 0 (A ≤ 0),
+    so exp_neg applies."""
     batch, d, l = u.shape
     n = A.shape[1]
     for r in prange(batch * d):
         bi, di = r // d, r % d
-        x = np.zeros_like(A[di])  # (n,) the state, in cache
+        a = A[di]  # (n,)
+        x = np.zeros_like(a)  # (n,) the state, in cache
         for t in range(l):
             dt = delta[bi, di, t] + bias[di]
             if softplus and dt <= SOFTPLUS_THRESHOLD:
                 dt = math.log1p(math.exp(dt))
             ut = u[bi, di, t]
+            dtu = dt * ut
+            Bv = Bt[bi, t] if var_B else B2[di]  # (n,)
+            Cv = Ct[bi, t] if var_C else C2[di]
+            if nonpos:  # no call, no branch: LLVM vectorises over the n states
+                for k in range(n):
+                    x[k] = exp_neg(dt * a[k]) * x[k] + dtu * Bv[k]
+            else:
+                for k in range(n):
+                    x[k] = math.exp(dt * a[k]) * x[k] + dtu * Bv[k]
             y = 0.0
             for k in range(n):
-                Bk = B3[bi, k, t] if var_B else B2[di, k]
-                Ck = C3[bi, k, t] if var_C else C2[di, k]
-                x[k] = math.exp(dt * A[di, k]) * x[k] + dt * Bk * ut
-                y += Ck * x[k]
+                y += Cv[k] * x[k]
             y += D[di] * ut
             if has_z:
                 zt = z[bi, di, t]
@@ -140,12 +152,12 @@ def _selective_scan_loop(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var_C, 
             last[bi, di, k] = x[k]
 
 
-def _selective_scan_bwd_loop(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var_C, has_z,
-                             softplus, g, dlast, du, ddelta, dz, dA, dB3, dB2, dC3, dC2, dD,
-                             dbias):
-    """Backward. g, du, ddelta, dz: (b, d, l); dlast: (b, d, n). Per-worker partial sums
-    (first axis w, zeroed on entry): dA, dB2, dC2: (w, d, n); dB3, dC3: (w, b, n, l);
-    dD, dbias: (w, d)."""
+def _selective_scan_bwd_loop(u, delta, A, Bt, B2, Ct, C2, D, z, bias, var_B, var_C, has_z,
+                             softplus, nonpos, g, dlast, du, ddelta, dz, dA, dB3, dB2, dC3, dC2,
+                             dD, dbias):
+    """Backward. Inputs as the forward's; g, du, ddelta, dz: (b, d, l); dlast: (b, d, n).
+    Per-worker partial sums (first axis w, zeroed on entry): dA, dB2, dC2: (w, d, n); dB3,
+    dC3: (w, b, n, l); dD, dbias: (w, d)."""
     batch, d, l = u.shape
     n = A.shape[1]
     workers = dA.shape[0]
@@ -161,10 +173,16 @@ def _selective_scan_bwd_loop(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var
                 if softplus and dt <= SOFTPLUS_THRESHOLD:
                     dt = math.log1p(math.exp(dt))
                 dts[t] = dt
+                dtu = dt * u[bi, di, t]
+                Bv = Bt[bi, t] if var_B else B2[di]  # (n,)
+                if nonpos:  # vectorised over the n states, as in the forward
+                    for k in range(n):
+                        ab[t, k] = exp_neg(dt * A[di, k])
+                else:
+                    for k in range(n):
+                        ab[t, k] = math.exp(dt * A[di, k])
                 for k in range(n):
-                    Bk = B3[bi, k, t] if var_B else B2[di, k]
-                    ab[t, k] = math.exp(dt * A[di, k])
-                    xs[t + 1, k] = ab[t, k] * xs[t, k] + dt * Bk * u[bi, di, t]
+                    xs[t + 1, k] = ab[t, k] * xs[t, k] + dtu * Bv[k]
             for k in range(n):
                 c[k] = dlast[bi, di, k]
             for t in range(l - 1, -1, -1):
@@ -173,7 +191,7 @@ def _selective_scan_bwd_loop(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var
                 if has_z:  # y = (C·x + D u) silu(z)
                     y = D[di] * ut
                     for k in range(n):
-                        y += (C3[bi, k, t] if var_C else C2[di, k]) * xs[t + 1, k]
+                        y += (Ct[bi, t, k] if var_C else C2[di, k]) * xs[t + 1, k]
                     zt = z[bi, di, t]
                     s = 1.0 / (1.0 + math.exp(-zt))
                     dz[bi, di, t] = dy * y * s * (1.0 + zt * (1.0 - s))
@@ -182,8 +200,8 @@ def _selective_scan_bwd_loop(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var
                 dut = D[di] * dy
                 dD[w, di] += dy * ut
                 for k in range(n):
-                    Bk = B3[bi, k, t] if var_B else B2[di, k]
-                    Ck = C3[bi, k, t] if var_C else C2[di, k]
+                    Bk = Bt[bi, t, k] if var_B else B2[di, k]
+                    Ck = Ct[bi, t, k] if var_C else C2[di, k]
                     dx = Ck * dy + c[k]
                     dAbar = dx * xs[t, k] * ab[t, k]  # ∂L/∂(Δ_t A)
                     ddt += dAbar * A[di, k] + dx * Bk * ut
@@ -210,11 +228,21 @@ _selective_scan_cpu_fwd = njit(parallel=True, cache=True)(_selective_scan_loop)
 _selective_scan_cpu_bwd = njit(parallel=True, cache=True)(_selective_scan_bwd_loop)
 
 
+def _cpu_inputs(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
+    """The CPU kernels' inputs: B and C transposed to (b, l, n) (a step's states contiguous),
+    and whether A ≤ 0 everywhere (then Δ A ≤ 0 and the vectorisable exp_neg applies)."""
+    var_B, var_C = flags[:2]
+    Bt = B3.transpose(1, 2).contiguous() if var_B else B3
+    Ct = C3.transpose(1, 2).contiguous() if var_C else C3
+    args = (u, delta, A, Bt, B2, Ct, C2, D, z, bias)
+    return (*map(to_numba, args), *flags, bool((A <= 0).all()))
+
+
 def _fwd_cpu(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
     out = torch.empty_like(u)
     last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
-    args = (u, delta, A, B3, B2, C3, C2, D, z, bias)
-    _selective_scan_cpu_fwd(*map(to_numba, args), *flags, to_numba(out), to_numba(last))
+    _selective_scan_cpu_fwd(*_cpu_inputs(u, delta, A, B3, B2, C3, C2, D, z, bias, flags),
+                            to_numba(out), to_numba(last))
     return out, last, None
 
 
@@ -222,9 +250,8 @@ def _bwd_cpu(u, delta, A, B3, B2, C3, C2, D, z, bias, flags, saved, g, dlast):
     w = numba.get_num_threads()
     du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
     parts = [u.new_zeros((w,) + t.shape) for t in (A, B3, B2, C3, C2, D, bias)]
-    args = (u, delta, A, B3, B2, C3, C2, D, z, bias)
-    _selective_scan_cpu_bwd(*map(to_numba, args), *flags, to_numba(g), to_numba(dlast),
-                            *map(to_numba, (du, ddelta, dz, *parts)))
+    _selective_scan_cpu_bwd(*_cpu_inputs(u, delta, A, B3, B2, C3, C2, D, z, bias, flags),
+                            to_numba(g), to_numba(dlast), *map(to_numba, (du, ddelta, dz, *parts)))
     dA, dB3, dB2, dC3, dC2, dD, dbias = (p.sum(0) for p in parts)
     return du, ddelta, dA, dB3, dB2, dC3, dC2, dD, dz, dbias
 

@@ -113,6 +113,24 @@ def test_optional_arguments(backend, opts):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+def test_growing_states_with_positive_A(backend):
+    """Some A > 0 (a state that grows): the CPU kernel leaves its vectorised exp for e^x ≤ 1
+    and must still match the reference, forward and backward."""
+    args = inputs(2, 3, 23, 5, device=device_for(backend), seed=5)
+    args[2] = args[2].abs() * 0.2 * torch.where(torch.arange(5, device=args[2].device) % 2 == 0,
+                                                 1.0, -1.0)  # A: alternating signs
+    want = grads(selective_scan_ref, args, OPTIONS[-1])
+    got = grads(lambda *a, **k: selective_scan(*a, **k, backend=backend), args, OPTIONS[-1])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=lambda m, n=name: f"∂{n}: {m}")
+    y, last = call(selective_scan, args, OPTIONS[-1], return_last_state=True, backend=backend)
+    want_y, want_last = call(selective_scan_ref, args, OPTIONS[-1], return_last_state=True)
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(last, want_last)
+    assert (args[2] > 0).any()
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 def test_large_delta_passes_through_softplus_like_torch(backend):
     u, delta, A, B, C, D, z, bias = inputs(1, 2, 9, 3, device=device_for(backend))
     delta = delta * 30  # some entries above softplus's threshold of 20
