@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from numba import njit, prange
 
-__all__ = ["Row", "copy_bandwidth", "format_table", "machine", "sweep", "timeit"]
+from minimodels.kernels.fastexp import exp_neg
+
+__all__ = ["Row", "copy_bandwidth", "exp_neg_rate", "exp_rate", "format_table", "machine",
+           "sweep", "timeit"]
 
 
 def _sync(device: torch.device | str) -> None:
@@ -61,6 +67,42 @@ def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 1 << 30) ->
     dst = torch.empty_like(src)
     seconds = timeit(lambda: dst.copy_(src), device=device, repeat=9)
     return 2 * nbytes / seconds
+
+
+@njit(parallel=True, cache=True)
+def _exp_loop(x, out):
+    # out[r] = Σ_j exp(x[r, j]): one chain of scalar libm calls per row, rows in parallel.
+    for r in prange(x.shape[0]):
+        s = x[r, 0] - x[r, 0]
+        for j in range(x.shape[1]):
+            s += math.exp(x[r, j])
+        out[r] = s
+
+
+def exp_rate(dtype=np.float32, n: int = 1 << 24) -> float:
+    """Scalar ``math.exp`` calls per second on the CPU, all cores, in an njit loop: pip's Numba
+    has no vector math library, so this is the exp ceiling of a kernel that calls libm."""
+    x = -np.random.default_rng(0).random((256, n // 256)).astype(dtype)
+    out = np.empty(256, dtype)
+    return n / timeit(lambda: _exp_loop(x, out), repeat=5)
+
+
+@njit(parallel=True, cache=True)
+def _exp_neg_loop(x, out, reps):
+    # out[r] = exp_neg(x[r]) reps times per row: the vectorised exp alone, in cache.
+    for i in prange(reps * x.shape[0]):
+        r = i % x.shape[0]
+        for j in range(x.shape[1]):
+            out[r, j] = exp_neg(x[r, j])
+
+
+def exp_neg_rate(dtype=np.float32, n: int = 1 << 24) -> float:
+    """``kernels.fastexp.exp_neg`` evaluations per second on the CPU, all cores, in a vectorised
+    njit loop over rows of 1024 arguments that stay in the L1 cache."""
+    x = -np.random.default_rng(0).random((16, 1024)).astype(dtype)
+    out = np.empty_like(x)
+    reps = n // x.size
+    return n / timeit(lambda: _exp_neg_loop(x, out, reps), repeat=9)
 
 
 def sweep(

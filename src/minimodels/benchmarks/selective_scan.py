@@ -14,14 +14,11 @@ libm's scalar exp, so the CPU kernel is exp-bound).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange
 
-from minimodels.bench import copy_bandwidth, machine, timeit
+from minimodels.bench import copy_bandwidth, exp_rate, machine, timeit
 
 __all__ = ["run", "selective_scan_pscan"]
 
@@ -42,22 +39,6 @@ def selective_scan_pscan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if D is not None:
         y = y + D[:, None] * u
     return y * F.silu(z) if z is not None else y
-
-
-@njit(parallel=True, cache=True)
-def _exp_loop(x, out):
-    for i in prange(x.shape[0]):
-        s = 0.0
-        for j in range(x.shape[1]):
-            s += math.exp(x[i, j])
-        out[i] = s
-
-
-def exp_rate(dtype=np.float32, n: int = 1 << 24) -> float:
-    """exps per second of a parallel scalar loop (Numba, all threads): the CPU's exp ceiling."""
-    x = -np.random.default_rng(0).random((64, n // 64)).astype(dtype)
-    out = np.empty(64, dtype=dtype)
-    return n / timeit(lambda: _exp_loop(x, out), repeat=5)
 
 
 def _inputs(shape, device, dtype):

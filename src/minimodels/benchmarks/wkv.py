@@ -12,17 +12,21 @@ floor of the kernel as written is printed too: the same exps at the measured rat
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-from numba import njit, prange
 
-from minimodels.bench import Row, copy_bandwidth, format_table, machine, timeit
+from minimodels.bench import (
+    Row,
+    copy_bandwidth,
+    exp_neg_rate,
+    exp_rate,
+    format_table,
+    machine,
+    timeit,
+)
 from minimodels.kernels import wkv as W
-from minimodels.kernels.fastexp import exp_neg
 
-__all__ = ["exp_rate", "exp_neg_rate", "run", "wkv_torch_loop"]
+__all__ = ["run", "wkv_torch_loop"]
 
 EXPS_PER_ELEMENT = 2  # forward: one exp for the output's weights, one for the state update
 
@@ -40,43 +44,6 @@ def wkv_torch_loop(w, u, k, v):
         A = decay * A + ek[:, t] * v[:, t]
         B = decay * B + ek[:, t]
     return y
-
-
-@njit(parallel=True, cache=True)
-def _exp_loop(x, out):
-    # out[r] = Σ_j exp(x[r, j]): exps in independent chains, as many as the kernel has.
-    for r in prange(x.shape[0]):
-        s = x[r, 0] - x[r, 0]
-        for j in range(x.shape[1]):
-            s += math.exp(x[r, j])
-        out[r] = s
-
-
-def exp_rate(dtype=np.float32, n: int = 1 << 24) -> float:
-    """Scalar ``math.exp`` calls per second of this machine, all cores, in an njit loop."""
-    x = -np.random.default_rng(0).random((256, n // 256)).astype(dtype)
-    out = np.empty(256, dtype)
-    seconds = timeit(lambda: _exp_loop(x, out), repeat=5)
-    return n / seconds
-
-
-@njit(parallel=True, cache=True)
-def _exp_neg_loop(x, out, reps):
-    # out[r] = exp_neg(x[r]) reps times per row: the vectorised exp alone, in cache.
-    for i in prange(reps * x.shape[0]):
-        r = i % x.shape[0]
-        for j in range(x.shape[1]):
-            out[r, j] = exp_neg(x[r, j])
-
-
-def exp_neg_rate(dtype=np.float32, n: int = 1 << 24) -> float:
-    """``exp_neg`` evaluations per second of this machine, all cores, in a vectorised njit loop
-    over rows of 1024 arguments that stay in the L1 cache."""
-    x = -np.random.default_rng(0).random((16, 1024)).astype(dtype)
-    out = np.empty_like(x)
-    reps = n // x.size
-    seconds = timeit(lambda: _exp_neg_loop(x, out, reps), repeat=9)
-    return n / seconds
 
 
 def _inputs(shape, device, dtype):
