@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from numba import cuda, njit, prange
 
-from minimodels.backend import cuda_simulated, cuda_stream, dispatch, expect_tensor, to_numba
+from minimodels.backend import cuda_simulated, dispatch, expect_tensor, launch, to_numba
 
 __all__ = ["linear_scan", "linear_scan_ref", "linear_scan_cpu", "linear_scan_cuda", "IMPLS"]
 
@@ -252,7 +252,7 @@ def _linear_scan_kernels(dtype: np.dtype):
 
 
 def _launch(kernel, rows, *tensors):
-    kernel[rows, THREADS, cuda_stream()](*map(to_numba, tensors))
+    launch(kernel, rows, THREADS, *tensors)
 
 
 def _fwd_cuda(a, b, h0):

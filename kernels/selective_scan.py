@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from numba import cuda, njit, prange
 
-from minimodels.backend import cuda_simulated, cuda_stream, dispatch, expect_tensor, to_numba
+from minimodels.backend import cuda_simulated, dispatch, expect_tensor, launch, to_numba
 from minimodels.kernels.fastexp import exp_neg
 from minimodels.kernels.scan import ITEMS, THREADS, _scan_maps
 
@@ -63,6 +63,10 @@ UNROLL = 8  # steps whose exps a thread puts in flight together
 TILE1 = TILE + 1  # padded rows of the B and C tiles, against bank conflicts
 SP_COLS = LANES + 1  # padded rows of the partial sums Σ_k C x, against bank conflicts
 ROW_LOADS = CHANNELS * TILE // BLOCK  # staging loads per thread of a (channels, TILE) tile
+# The forward cuts the sequence into segments (of whole chunks) until there are TARGET_BLOCKS
+# blocks: at (1, 1536, 4096, 16) on the H200, 1 / 2 / 4 / 8 segments took 0.30 / 0.26 / 0.23 /
+# 0.21 ms of GPU time. The simulator splits small tests.
+TARGET_BLOCKS = 8 if cuda_simulated() else 1536
 SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: softplus(v) = v above it
 
 
@@ -267,15 +271,21 @@ def _bwd_cpu(u, delta, A, B3, B2, C3, C2, D, z, bias, flags, saved, g, dlast):
 # one multiply-add: the exps of a tile do not depend on x, so they are all in flight at once.
 # The partial sums C_t[k] x_k go to shared memory and the block adds them over the lanes.
 # The forward also stores x at every CHUNK boundary: the backward's checkpoints.
+# b·d·n threads are too few to fill a GPU at batch 1 (24576 at (1, 1536, ·, 16): 6 warps per
+# H200 SM), so the sequence is cut into segments of whole chunks, each its own block: pass 1
+# runs every segment but the last from x = 0 and keeps its end state x_r and ΣΔ_r; pass 2 starts
+# each segment from x = exp(A ΣΔ_r) x + x_r composed over the earlier segments r (the scan's
+# combine, with Π_t exp(Δ_t A) = exp(A ΣΔ)) and computes the outputs.
 # =============================================================================================
 
 
 @functools.cache
 def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bool,
-                    softplus: bool):
+                    softplus: bool, first_pass: bool = False):
     """The forward kernel (see the section comment), compiled once per dtype, state size n and
     choice of B/C layout and options: each is a constant in the compiled code, so loops over
-    states and staging loads have fixed trip counts and no branches on options remain."""
+    states and staging loads have fixed trip counts and no branches on options remain.
+    ``first_pass``: the segments' pass 1 (only x from zero and ΣΔ; no outputs)."""
     zero, one = dtype.type(0), dtype.type(1)
     STATES = -(-n // LANES)  # states per lane
     BC_LOADS = -(-n * TILE // BLOCK)  # staging loads per thread of an (n, TILE) tile
@@ -284,11 +294,16 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
     # fastmath for float32 only (exp becomes ex2.approx: 358 -> 321 us at (1, 1536, 4096, 16) on
     # the H200, error vs float64 2.1e-7 -> 2.4e-7); float64 keeps IEEE arithmetic
     options = {} if cuda_simulated() else {"fastmath": dtype == np.float32}
+    # indices are cast to unsigned: Numba guards every signed index with a negative-index
+    # wraparound test, which took ~8 of the inner loop's ~22 instructions per state-step
+    U = np.uint64
 
     @cuda.jit(**options)
-    def fwd(u, delta, A, B, C, D, z, bias, out, last, ckpt):
+    def fwd(u, delta, A, B, C, D, z, bias, out, last, ckpt, seg_x, seg_dsum, seg_len):
         # u, delta, z, out: (b, d, l); B, C: (b, n, l) if input-dependent, else (d, n, 1);
-        # grid (⌈d / CHANNELS⌉, b); ckpt: (b, d, ⌈l / CHUNK⌉, n)
+        # grid (⌈d / CHANNELS⌉, b, segments); ckpt: (b, d, ⌈l / CHUNK⌉, n); block (·, ·, s)
+        # walks steps [s · seg_len, (s + 1) · seg_len); seg_x: (b, d, segments, n) and
+        # seg_dsum: (b, d, segments), each segment's x from zero and ΣΔ (pass 1's output)
         sdt = cuda.shared.array((CHANNELS, TILE), dtype)  # Δ_t
         sdu = cuda.shared.array((CHANNELS, TILE), dtype)  # Δ_t u_t
         su = cuda.shared.array((CHANNELS, TILE), dtype)  # u_t
@@ -307,14 +322,23 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
         d, l = u.shape[1], u.shape[2]
         tid = cuda.threadIdx.x
         lane, g = tid % LANES, tid // LANES  # my lane, my channel in the block
-        c0, bi = cuda.blockIdx.x * CHANNELS, cuda.blockIdx.y
+        c0, bi, seg = cuda.blockIdx.x * CHANNELS, cuda.blockIdx.y, cuda.blockIdx.z
         di = c0 + g
         mine = di < d  # the last block may have spare channels: they only join the barriers
         dc = min(di, d - 1)
-        for m in range(STATES):
-            x[m] = zero
-        for t0 in range(-TILE, l, TILE):  # t0 = -TILE only issues the first tile's loads
-            if t0 >= 0:  # 1. put the tile in flight into shared memory
+        t_start = seg * seg_len
+        t_end = min(l, t_start + seg_len)
+        for m in range(STATES):  # x entering the segment: the earlier segments, composed
+            k = lane + m * LANES
+            xk = zero
+            if not first_pass and k < n:
+                for r in range(seg):  # x <- exp(A ΣΔ_r) x + x_r (x_r: segment r from zero)
+                    xk = (math.exp(A[U(dc), U(k)] * seg_dsum[U(bi), U(dc), U(r)]) * xk
+                          + seg_x[U(bi), U(dc), U(r), U(k)])
+            x[m] = xk
+        dsum = zero  # ΣΔ over the segment (pass 1)
+        for t0 in range(t_start - TILE, t_end, TILE):  # the first t0 only issues loads
+            if t0 >= t_start:  # 1. put the tile in flight into shared memory
                 for q in range(ROW_LOADS):
                     e = tid + q * BLOCK
                     gq, j = e // TILE, e % TILE
@@ -323,82 +347,95 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
                         dt = zero  # past the end: Δ = 0, the identity map
                     elif softplus and dt <= SOFTPLUS_THRESHOLD:
                         dt = math.log1p(math.exp(dt))
-                    sdt[gq, j], sdu[gq, j], su[gq, j] = dt, dt * ru[q], ru[q]
+                    sdt[U(gq), U(j)], sdu[U(gq), U(j)], su[U(gq), U(j)] = dt, dt * ru[q], ru[q]
                     if has_z:
-                        sz[gq, j] = rz[q]
+                        sz[U(gq), U(j)] = rz[q]
                 for q in range(BC_LOADS):
                     e = tid + q * BLOCK
                     if e < n * TILE:
                         if var_B:
-                            sB[e // TILE, e % TILE] = rB[q]
+                            sB[U(e // TILE), U(e % TILE)] = rB[q]
                         if var_C:
-                            sC[e // TILE, e % TILE] = rC[q]
+                            sC[U(e // TILE), U(e % TILE)] = rC[q]
                 cuda.syncthreads()
             t1 = t0 + TILE  # 2. issue the loads of the next tile
-            if t1 < l:
+            if t1 < t_end:
                 for q in range(ROW_LOADS):
                     e = tid + q * BLOCK
                     gq, t = e // TILE, min(t1 + e % TILE, l - 1)
                     cq = min(c0 + gq, d - 1)
-                    rdt[q] = delta[bi, cq, t] + bias[cq]
-                    ru[q] = u[bi, cq, t]
+                    rdt[q] = delta[U(bi), U(cq), U(t)] + bias[U(cq)]
+                    ru[q] = u[U(bi), U(cq), U(t)]
                     if has_z:
-                        rz[q] = z[bi, cq, t]
+                        rz[q] = z[U(bi), U(cq), U(t)]
                 for q in range(BC_LOADS):
                     e = tid + q * BLOCK
                     if e < n * TILE:
                         t = min(t1 + e % TILE, l - 1)
                         if var_B:
-                            rB[q] = B[bi, e // TILE, t]
+                            rB[q] = B[U(bi), U(e // TILE), U(t)]
                         if var_C:
-                            rC[q] = C[bi, e // TILE, t]
-            if t0 < 0:
+                            rC[q] = C[U(bi), U(e // TILE), U(t)]
+            if t0 < t_start:
                 continue
-            if mine and t0 % CHUNK == 0:  # 3. checkpoint, then the steps of the tile
+            if not first_pass and mine and t0 % CHUNK == 0:  # 3. checkpoint, then the steps
                 for m in range(STATES):
                     k = lane + m * LANES
                     if k < n:
-                        ckpt[bi, di, t0 // CHUNK, k] = x[m]
+                        ckpt[U(bi), U(di), U(t0 // CHUNK), U(k)] = x[m]
             for m in range(STATES):
                 k = lane + m * LANES
                 if k < n:
-                    Ak, xk = A[dc, k], x[m]
-                    Bk = zero if var_B else B[dc, k, 0]
-                    Ck = zero if var_C else C[dc, k, 0]
+                    Ak, xk = A[U(dc), U(k)], x[m]
+                    Bk = zero if var_B else B[U(dc), U(k), 0]
+                    Ck = zero if var_C or first_pass else C[U(dc), U(k), 0]
                     for j0 in range(0, TILE, UNROLL):
                         for j in range(UNROLL):  # independent of x: all in flight at once
-                            va[j] = math.exp(sdt[g, j0 + j] * Ak)
-                            vb[j] = sdu[g, j0 + j] * (sB[k, j0 + j] if var_B else Bk)
+                            va[j] = math.exp(sdt[U(g), U(j0 + j)] * Ak)
+                            vb[j] = sdu[U(g), U(j0 + j)] * (sB[U(k), U(j0 + j)] if var_B else Bk)
                         for j in range(UNROLL):  # the chain: one multiply-add per step
                             xk = va[j] * xk + vb[j]
-                            p = (sC[k, j0 + j] if var_C else Ck) * xk
-                            if m == 0:
-                                sP[g, j0 + j, lane] = p
+                            if first_pass:
+                                if m == 0:
+                                    dsum += sdt[U(g), U(j0 + j)]
                             else:
-                                sP[g, j0 + j, lane] += p
+                                p = (sC[U(k), U(j0 + j)] if var_C else Ck) * xk
+                                if m == 0:
+                                    sP[U(g), U(j0 + j), U(lane)] = p
+                                else:
+                                    sP[U(g), U(j0 + j), U(lane)] += p
                     x[m] = xk
-                elif m == 0:
+                elif m == 0 and not first_pass:
                     for j in range(TILE):
-                        sP[g, j, lane] = zero
+                        sP[U(g), U(j), U(lane)] = zero
             cuda.syncthreads()
+            if first_pass:
+                continue
             for q in range(ROW_LOADS):  # 4. y_t = Σ_lanes + D u_t, gated
                 e = tid + q * BLOCK
                 gq, j = e // TILE, e % TILE
                 cq, t = c0 + gq, t0 + e % TILE
                 if cq < d and t < l:
-                    y = D[cq] * su[gq, j]
+                    y = D[U(cq)] * su[U(gq), U(j)]
                     for r in range(LANES):
-                        y += sP[gq, j, r]
+                        y += sP[U(gq), U(j), U(r)]
                     if has_z:
-                        zt = sz[gq, j]
+                        zt = sz[U(gq), U(j)]
                         y *= zt / (one + math.exp(-zt))
-                    out[bi, cq, t] = y
+                    out[U(bi), U(cq), U(t)] = y
             cuda.syncthreads()
-        if mine:
+        if mine and first_pass:
             for m in range(STATES):
                 k = lane + m * LANES
                 if k < n:
-                    last[bi, di, k] = x[m]
+                    seg_x[U(bi), U(di), U(seg), U(k)] = x[m]
+            if lane == 0:
+                seg_dsum[U(bi), U(di), U(seg)] = dsum
+        elif mine and t_end == l:
+            for m in range(STATES):
+                k = lane + m * LANES
+                if k < n:
+                    last[U(bi), U(di), U(k)] = x[m]
 
     return fwd
 
@@ -586,11 +623,6 @@ def _dtype(x: torch.Tensor) -> np.dtype:
     return np.dtype(str(x.dtype).removeprefix("torch."))
 
 
-def _launch(kernel, grid, block, *args):
-    kernel[grid, block, cuda_stream()](
-        *(to_numba(a) if isinstance(a, torch.Tensor) else a for a in args))
-
-
 def _fwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
     if A.shape[1] > N_MAX:
         raise ValueError(f"A: the cuda backend supports d_state n <= {N_MAX}, got {A.shape[1]}")
@@ -601,10 +633,20 @@ def _fwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
     ckpt = u.new_empty(batch, d, (l + CHUNK - 1) // CHUNK, A.shape[1])
     B = B3 if var_B else B2[:, :, None]  # (d, n, 1): one kernel signature for both layouts
     C = C3 if var_C else C2[:, :, None]
-    grid = (-(-d // CHANNELS), batch)
-    kernel = _forward_kernel(_dtype(u), A.shape[1], *flags)
-    _launch(kernel, grid, BLOCK, u, delta, A, B, C, D, z if flags[2] else u, bias, out, last,
-            ckpt)
+    blocks = -(-d // CHANNELS)
+    # sequence segments: enough blocks to fill the GPU, each a whole number of chunks
+    chunks = -(-l // CHUNK)
+    seg_len = CHUNK * -(-chunks // min(chunks, max(1, TARGET_BLOCKS // (blocks * batch))))
+    segments = -(-l // seg_len)
+    seg_x = u.new_empty(batch, d, segments, A.shape[1])
+    seg_dsum = u.new_empty(batch, d, segments)
+    args = (u, delta, A, B, C, D, z if flags[2] else u, bias, out, last, ckpt, seg_x, seg_dsum,
+            seg_len)
+    if segments > 1:  # pass 1: each segment but the last, from zero
+        first = _forward_kernel(_dtype(u), A.shape[1], var_B, False, False, flags[3], True)
+        launch(first, (blocks, batch, segments - 1), BLOCK, *args)
+    launch(_forward_kernel(_dtype(u), A.shape[1], *flags), (blocks, batch, segments), BLOCK,
+           *args)
     return out, last, ckpt
 
 
@@ -613,7 +655,7 @@ def _bwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags, ckpt, g, dlast):
     du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
     grads = [torch.zeros_like(t) for t in (A, B3, B2, C3, C2, D, bias)]
     bwd = _backward_kernel(_dtype(u))
-    _launch(bwd, batch * d, THREADS, u, delta, A, B3, B2, C3, C2, D, z, bias, *flags, ckpt, g,
+    launch(bwd, batch * d, THREADS, u, delta, A, B3, B2, C3, C2, D, z, bias, *flags, ckpt, g,
             dlast, du, ddelta, dz, *grads)
     dA, dB3, dB2, dC3, dC2, dD, dbias = grads
     return du, ddelta, dA, dB3, dB2, dC3, dC2, dD, dz, dbias

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numba import cuda, njit, prange
 
-from minimodels.backend import cuda_simulated, cuda_stream, dispatch, to_numba
+from minimodels.backend import cuda_simulated, dispatch, launch, to_numba
 
 __all__ = ["s4d_kernel", "s4d_kernel_ref", "s4d_kernel_cpu", "s4d_kernel_cuda", "IMPLS"]
 
@@ -244,7 +244,7 @@ def s4d_kernel_cuda(A, C, dt, L):
     kernel = _s4d_cuda_kernel(np.dtype(str(dt.dtype).removeprefix("torch.")))
     Ar, Cr = torch.view_as_real(A.contiguous()), torch.view_as_real(C.contiguous())  # (h, n, 2)
     grid = ((L + THREADS * ITEMS - 1) // (THREADS * ITEMS), h)
-    kernel[grid, THREADS, cuda_stream()](*map(to_numba, (Ar, Cr, dt.contiguous(), K)))
+    launch(kernel, grid, THREADS, Ar, Cr, dt.contiguous(), K)
     return K
 
 

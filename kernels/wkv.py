@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from numba import cuda, njit, prange
 
-from minimodels.backend import cuda_simulated, cuda_stream, dispatch, expect_tensor, to_numba
+from minimodels.backend import cuda_simulated, dispatch, expect_tensor, launch, to_numba
 from minimodels.kernels.fastexp import exp_neg
 
 __all__ = ["wkv", "wkv_ref", "wkv_cpu", "wkv_cuda", "wkv_state0", "IMPLS"]
@@ -360,13 +360,13 @@ def _wkv_kernels(dtype: np.dtype):
 
 
 def _grid(batch, c):
-    return (batch * c + THREADS - 1) // THREADS, THREADS, cuda_stream()
+    return (batch * c + THREADS - 1) // THREADS, THREADS
 
 
 def _fwd_cuda(w, u, k, v, state):
     y = torch.empty_like(k)
     fwd, _ = _wkv_kernels(np.dtype(str(k.dtype).removeprefix("torch.")))
-    fwd[_grid(k.shape[0], k.shape[2])](*map(to_numba, (w, u, k, v, state, y)))
+    launch(fwd, *_grid(k.shape[0], k.shape[2]), w, u, k, v, state, y)
     return y
 
 
@@ -375,7 +375,7 @@ def _bwd_cuda(w, u, k, v, state, gy):
     gw = k.new_empty(k.shape[0], k.shape[2])
     gu = torch.empty_like(gw)
     _, bwd = _wkv_kernels(np.dtype(str(k.dtype).removeprefix("torch.")))
-    bwd[_grid(k.shape[0], k.shape[2])](*map(to_numba, (w, u, k, v, state, gy, gw, gu, gk, gv)))
+    launch(bwd, *_grid(k.shape[0], k.shape[2]), w, u, k, v, state, gy, gw, gu, gk, gv)
     return gw.sum(0), gu.sum(0), gk, gv
 
 

@@ -15,7 +15,7 @@
 
 import torch
 
-from minimodels.bench import copy_bandwidth, timeit
+from minimodels.bench import copy_bandwidth, gpu_time, timeit
 from minimodels.kernels.wkv import MIN_LOG, wkv, wkv_ref
 
 assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -86,20 +86,6 @@ print(f"(1, 4096, 2048) float32: forward {fwd * 1e3:.3f} ms (target < 3.5 ms; {f
       f"the memory floor {floor * 1e3:.3f} ms); backward {bwd * 1e3:.3f} ms")
 
 
-
-def gpu_ms(fn, repeat=10):
-    """Mean GPU time of fn() in ms (torch.profiler / CUPTI: kernels only, no host overhead)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeat):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()) / repeat / 1e3
-
-
 # 3. batch sweep, and flash-linear-attention's Triton kernel if it is importable ---------------
 # fla's fused_recurrent_rwkv4 takes log w (it decays by e^{-e^w}) and a state (b, 3, 1, c) of
 # (a, b, p); it also writes the state of every step (for its backward).
@@ -116,7 +102,8 @@ for b in (1, 2, 4, 8, 16):
     ours = lambda w=w, u=u, k=k, v=v: wkv(w, u, k, v, backend="cuda")  # noqa: E731
     t = timeit(ours, device="cuda", warmup=3, repeat=30)
     floor = 3 * k.numel() * 4 / bw
-    row = f"| {b} | {t * 1e3:.3f} | {gpu_ms(ours):.3f} | {floor * 1e3:.3f} | {t / floor:.1f} |"
+    row = (f"| {b} | {t * 1e3:.3f} | {gpu_time(ours) * 1e3:.3f} | {floor * 1e3:.3f} | "
+           f"{t / floor:.1f} |")
     if fused_recurrent_rwkv4 is not None:
         s0 = torch.zeros(b, 3, 1, k.shape[2], device=dev)
         s0[:, 2] = MIN_LOG
@@ -125,7 +112,8 @@ for b in (1, 2, 4, 8, 16):
             return fused_recurrent_rwkv4(torch.log(w), u, k, v, s0)[0]
 
         diff = (fla() - ours()).abs().max().item()
-        row += (f" {gpu_ms(fla):.3f} | {timeit(fla, device='cuda', warmup=3, repeat=30) * 1e3:.3f}"
+        row += (f" {gpu_time(fla) * 1e3:.3f} | "
+                f"{timeit(fla, device='cuda', warmup=3, repeat=30) * 1e3:.3f}"
                 f" | {diff:.1e} |")
     else:
         row += " - | - | - |"

@@ -124,3 +124,35 @@ def test_simulator_gives_every_thread_of_a_block_the_same_shared_array(monkeypat
     gather[1, 16, stream](out)
     monkeypatch.undo()
     assert (out == 16 * 15 // 2).all()
+
+
+@pytest.mark.cuda
+def test_launch_packs_arguments_as_numba_does():
+    """backend.launch: the first call goes through Numba, later calls with the same argument
+    kinds through the fast packer (on a GPU). Both must give the same results, for arrays of
+    several ranks (one a view with a size-1 axis), float, integer and boolean scalars."""
+    from minimodels.backend import _LAUNCHERS, launch
+
+    if "cuda" not in available_backends():
+        pytest.skip("needs the cuda backend")
+
+    @cuda.jit
+    def affine(x, w, out, scale, shift, flip):
+        # x: (n, m); w: (m, 1); out: (n, m): out = scale · x · w + shift, negated if flip
+        i, j = cuda.grid(2)
+        if i < x.shape[0] and j < x.shape[1]:
+            y = scale * x[i, j] * w[j, 0] + shift
+            out[i, j] = -y if flip else y
+
+    dev = torch.device("cpu" if cuda_simulated() else "cuda")
+    g = torch.Generator().manual_seed(0)
+    for n, m in [(1, 1), (37, 5), (3, 70)]:
+        x = torch.randn(n, m, generator=g, dtype=torch.float64).to(dev)
+        w = torch.randn(m, generator=g, dtype=torch.float64).to(dev)[:, None]
+        for call, flip in enumerate((False, True, False)):
+            out = torch.full_like(x, float("nan"))
+            launch(affine, (-(-n // 8), -(-m // 8)), (8, 8), x, w, out, 0.5, 3, flip)
+            want = 0.5 * x * w[:, 0] + 3
+            torch.testing.assert_close(out, -want if flip else want)  # (the GPU may fuse to FMA)
+            if not cuda_simulated() and call > 0:
+                assert any(key[0] is affine for key in _LAUNCHERS)  # the fast path ran

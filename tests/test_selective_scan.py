@@ -314,3 +314,29 @@ def test_cuda_forward_tiles_and_lanes(shape, var_B, var_C):
     want = torch.autograd.grad(selective_scan_ref(*args, True).sum(), args)
     for got, expected in zip(grads, want, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("l", [16, 37, 70])
+def test_cuda_forward_segments_equal_one_pass(l, monkeypatch):
+    """The CUDA forward splits the sequence into segments when b·d gives too few blocks (pass 1
+    runs each segment from zero; pass 2 restarts each from the composed earlier segments).
+    One segment and as many as there are chunks give the same y, x_L and gradients."""
+    import minimodels.kernels.selective_scan as ss
+    from minimodels.backend import cuda_available
+
+    if not cuda_available():
+        pytest.skip("no cuda backend")
+    args = inputs(1, 3, l, 5, var_B=True, var_C=False, device=device_for("cuda"), seed=4)
+    results = []
+    for target in (1, 10**6):  # one segment; one segment per chunk
+        monkeypatch.setattr(ss, "TARGET_BLOCKS", target)
+        params = [a.detach().clone().requires_grad_() for a in args]
+        y, last = selective_scan(*params, True, return_last_state=True, backend="cuda")
+        grads = torch.autograd.grad((y.sum() + last.sum()), params)
+        results.append((y, last, *grads))
+    want_y, want_last = selective_scan_ref(*args, True, return_last_state=True)
+    torch.testing.assert_close(results[1][0], want_y)
+    torch.testing.assert_close(results[1][1], want_last)
+    for one, many in zip(*results, strict=True):
+        torch.testing.assert_close(many, one)

@@ -61,6 +61,21 @@ def timeit(
     return statistics.median(times)
 
 
+def gpu_time(fn: Callable[[], object], repeat: int = 10) -> float:
+    """Mean GPU time of ``fn()`` in seconds: the summed device time of every kernel it launches
+    (torch.profiler / CUPTI), without the host's launch overhead. For sub-millisecond kernels,
+    report it beside the wall time of ``timeit``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeat):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()) / repeat / 1e6
+
+
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 1 << 30) -> float:
     """Bytes per second of a large copy into a preallocated buffer (bytes read + written)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
