@@ -41,10 +41,9 @@ test: $(STAMP)
 exercises: $(STAMP)
 	$(PY) -m minimodels.course exercises
 
-BENCHES := scan attention wkv s4d selective_scan
-
+# every kernel's benchmark; tables and a plot saved under kernels/results/cpu/ (commit them)
 bench: $(STAMP)
-	for k in $(BENCHES); do $(PY) -m minimodels.bench $$k || exit 1; echo; done
+	$(PY) -m minimodels.bench all --save
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

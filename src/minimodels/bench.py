@@ -3,6 +3,8 @@
     python -m minimodels.bench scan                  # CPU, (8, 1024, 4096) float32
     python -m minimodels.bench scan --device cuda --shape 8,4096,8192
     python -m minimodels.bench attention             # one module per kernel: minimodels.benchmarks
+    python -m minimodels.bench all --save            # every kernel; tables and a plot saved
+                                                     # under kernels/results/ (make bench)
 
 Every row is reported as milliseconds, as a ratio to the reference and as a multiple of the
 memory floor: the bytes the op must move (each input read once, each output written once)
@@ -17,9 +19,11 @@ import datetime
 import math
 import platform
 import statistics
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,6 +167,72 @@ def machine(device: str) -> str:
     return f"{what}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
 
 
+RESULTS = Path(__import__("minimodels.kernels").kernels.__file__).parent / "results"
+
+
+def parse_tables(text: str) -> list[tuple[str, list[tuple[str, float]], float | None]]:
+    """The Markdown tables of a benchmark's output: (title, [(implementation, ms)], floor in ms
+    or None). The title is the output's first line plus the last line of text above the table;
+    the floor comes from the first column whose header says "floor" (ms / multiple)."""
+    lines = text.splitlines()
+    tables, i = [], 0
+    while i < len(lines):
+        if not lines[i].startswith("| implementation |"):
+            i += 1
+            continue
+        header = [c.strip() for c in lines[i].strip("|").split("|")]
+        above = [ln for ln in lines[1:i] if ln.strip() and not ln.startswith("|")]
+        title = lines[0] + ("\n" + above[-1] if above else "")
+        col = next((j for j, h in enumerate(header) if "floor" in h), None)
+        rows, floor = [], None
+        i += 2  # header and rule
+        while i < len(lines) and lines[i].startswith("|"):
+            cells = [c.strip() for c in lines[i].strip("|").split("|")]
+            ms = float(cells[1])
+            rows.append((cells[0], ms))
+            if floor is None and col is not None and cells[col] not in ("", "-"):
+                floor = ms / float(cells[col])
+            i += 1
+        tables.append((title, rows, floor))
+    return tables
+
+
+def plot_results(device: str, folder: Path = RESULTS) -> Path:
+    """Draw every saved table of ``folder/device/*.md`` (``--save``) as horizontal bars of ms on
+    a log scale, the package's kernels in colour and the floor dashed; returns the PNG's path."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    tables = [t for path in sorted((folder / device).glob("*.md"))
+              for t in parse_tables(path.read_text())]
+    if not tables:
+        raise FileNotFoundError(f"no saved results in {folder / device}: run with --save first")
+    fig = Figure(figsize=(9, 1.0 + sum(0.32 * len(rows) + 1.1 for _, rows, _ in tables)))
+    axes = fig.subplots(len(tables), 1, squeeze=False,
+                        gridspec_kw={"height_ratios": [len(rows) + 2 for _, rows, _ in tables]})
+    for ax, (title, rows, floor) in zip(axes[:, 0], tables, strict=True):
+        names = [name for name, _ in rows][::-1]
+        ms = [t for _, t in rows][::-1]
+        colours = ["tab:orange" if name.startswith("minimodels") else "tab:blue" for name in names]
+        ax.barh(names, ms, color=colours)
+        for y, t in enumerate(ms):
+            ax.text(t, y, f" {t:.3g} ms", va="center", fontsize=7)
+        if floor:
+            ax.axvline(floor, color="k", ls="--", lw=1)
+            ax.text(floor, -0.45, " floor", fontsize=7, va="bottom")
+        ax.set_xscale("log")
+        ax.set_xlim(min(ms + [floor or min(ms)]) / 4, max(ms) * 8)  # bars comparable in length
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title("\n".join(textwrap.fill(t, 95) for t in title.split("\n")), fontsize=8,
+                     loc="left")
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("ms (log scale; shorter is faster)")
+    fig.tight_layout()
+    out = folder / f"{device}.png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import importlib
     import pkgutil
@@ -171,15 +241,29 @@ def main(argv: list[str] | None = None) -> int:
 
     names = sorted(m.name for m in pkgutil.iter_modules(minimodels.benchmarks.__path__))
     parser = argparse.ArgumentParser(prog="python -m minimodels.bench")
-    parser.add_argument("kernel", choices=names)
+    parser.add_argument("kernel", choices=[*names, "all", "plot"],
+                        help="a kernel's benchmark, all of them, or only redraw the plot")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", default=None, help="comma-separated sizes (kernel's default)")
     parser.add_argument("--dtype", default=None, help="torch dtype name (kernel's default)")
+    parser.add_argument("--save", action="store_true",
+                        help=f"write each table to {RESULTS.name}/DEVICE/KERNEL.md under kernels/"
+                             " and redraw kernels/results/DEVICE.png")
     args = parser.parse_args(argv)
+    if args.kernel == "plot":
+        print("wrote", plot_results(args.device))
+        return 0
     shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    module = importlib.import_module(f"minimodels.benchmarks.{args.kernel}")
-    print(module.run(shape, args.device, dtype))
+    for name in names if args.kernel == "all" else [args.kernel]:
+        module = importlib.import_module(f"minimodels.benchmarks.{name}")
+        text = module.run(shape, args.device, dtype)
+        print(text, end="\n\n")
+        if args.save:
+            (RESULTS / args.device).mkdir(parents=True, exist_ok=True)
+            (RESULTS / args.device / f"{name}.md").write_text(text + "\n")
+    if args.save:
+        print("wrote", plot_results(args.device))
     return 0
 
 
