@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -131,7 +132,7 @@ def test_launch_packs_arguments_as_numba_does():
     """backend.launch: the first call goes through Numba, later calls with the same argument
     kinds through the fast packer (on a GPU). Both must give the same results, for arrays of
     several ranks (one a view with a size-1 axis), float, integer and boolean scalars."""
-    from minimodels.backend import _LAUNCHERS, launch
+    from minimodels.backend import _LAUNCHERS, _Launcher, launch
 
     if "cuda" not in available_backends():
         pytest.skip("needs the cuda backend")
@@ -154,5 +155,68 @@ def test_launch_packs_arguments_as_numba_does():
             launch(affine, (-(-n // 8), -(-m // 8)), (8, 8), x, w, out, 0.5, 3, flip)
             want = 0.5 * x * w[:, 0] + 3
             torch.testing.assert_close(out, -want if flip else want)  # (the GPU may fuse to FMA)
-            if not cuda_simulated() and call > 0:
-                assert any(key[0] is affine for key in _LAUNCHERS)  # the fast path ran
+            if not cuda_simulated() and call > 0:  # the packing agreed: the fast path ran
+                entries = [v for key, v in _LAUNCHERS.items() if key[0] is affine]
+                assert entries and all(isinstance(v, _Launcher) for v in entries)
+
+
+class _FakeOverload:
+    """Stands in for a compiled numba.cuda kernel: scalar arguments only, packed by
+    ``prepare`` (Numba's rules, or a changed version of them)."""
+
+    def __init__(self, argument_types, prepare):
+        self.argument_types = argument_types
+        self._codelibrary = SimpleNamespace(get_cufunc=lambda: SimpleNamespace(kernel=None))
+        self._prepare_args = prepare
+
+
+def test_launcher_is_kept_only_when_its_packing_equals_numbas():
+    """_Launcher.checked compares its packing with the overload's own ``_prepare_args`` on the
+    first call: equal gives a launcher; different (a numba-cuda that packs otherwise) gives
+    None and a warning, so launches stay on Numba's own path instead of passing garbage."""
+    import ctypes
+
+    from numba import types
+
+    from minimodels.backend import _Launcher
+
+    argtypes = (types.float32, types.int64, types.boolean)
+    args = (0.5, 3, True)
+
+    def numba_rules(ty, value, stream, retr, params):
+        params.append({types.float32: ctypes.c_float, types.int64: ctypes.c_int64}.get(
+            ty, lambda v: v)(value))
+
+    def changed(ty, value, stream, retr, params):
+        params.append(ctypes.c_double(value) if ty == types.float32 else value)
+
+    assert isinstance(_Launcher.checked(_FakeOverload(argtypes, numba_rules), args, args, 0),
+                      _Launcher)
+    with pytest.warns(RuntimeWarning, match="own path"):
+        assert _Launcher.checked(_FakeOverload(argtypes, changed), args, args, 0) is None
+
+
+def test_scalar_packing_equals_numbas_prepare_args():
+    """Our packers against the real ``_Kernel._prepare_args`` of the installed numba-cuda, for
+    scalars (arrays need a GPU: test_launch_packs_arguments_as_numba_does). Run without the
+    simulator, which replaces numba.cuda's dispatcher."""
+    code = """
+import ctypes
+from types import SimpleNamespace
+from numba import types
+from numba.cuda.dispatcher import _Kernel
+from minimodels.backend import _Launcher, _comparable
+argtypes = (types.float32, types.float64, types.int64, types.int32, types.boolean)
+args = (0.1, 0.1, -3, 7, False)
+theirs = []
+for ty, v in zip(argtypes, args):
+    _Kernel._prepare_args(SimpleNamespace(extensions=[]), ty, v, 0, [], theirs)
+fake = SimpleNamespace(argument_types=argtypes, _codelibrary=SimpleNamespace(
+    get_cufunc=lambda: SimpleNamespace(kernel=None)))
+ours = _Launcher(fake).pack(args)
+assert [_comparable(x) for x in ours] == [_comparable(x) for x in theirs], (ours, theirs)
+print("same")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "same", out.stderr[-2000:]

@@ -235,8 +235,10 @@ def launch(kernel, grid, block, *args) -> None:
     per tensor at each call: ~40 us per array argument on the H200's host, as long as a small
     kernel itself. So the first call with a given set of argument kinds (on a given device)
     goes through Numba, which compiles, and later calls with the same kinds reuse the compiled
-    kernel and pack the arguments straight from the tensors (``_Launcher``). Non-contiguous
-    tensors, and the simulator, always take Numba's path."""
+    kernel and pack the arguments straight from the tensors (``_Launcher``). The packing is
+    checked against Numba's own on that first call; where they differ (a Numba version that
+    packs differently) or cannot be compared, Numba's path is kept, with a warning.
+    Non-contiguous tensors, and the simulator, always take Numba's path."""
     stream = cuda_stream()
     if cuda_simulated():
         kernel[grid, block, stream](*(to_numba(a) if isinstance(a, torch.Tensor) else a
@@ -245,18 +247,19 @@ def launch(kernel, grid, block, *args) -> None:
     key = (kernel, torch.cuda.current_device(),
            tuple((a.dtype, a.dim(), a.is_contiguous()) if isinstance(a, torch.Tensor)
                  else type(a) for a in args))
-    fast = _LAUNCHERS.get(key)
-    if fast is not None:
+    fast = _LAUNCHERS.get(key, _UNSEEN)
+    if fast not in (None, _UNSEEN):
         fast(grid, block, stream, args)
         return
     converted = [to_numba(a) if isinstance(a, torch.Tensor) else a for a in args]
     kernel[grid, block, stream](*converted)
-    if all(c[2] for c in key[2] if isinstance(c, tuple)):
+    if fast is _UNSEEN and all(c[2] for c in key[2] if isinstance(c, tuple)):
         argtypes = tuple(kernel.typeof_pyval(a) for a in converted)
-        _LAUNCHERS[key] = _Launcher(kernel.overloads[argtypes])
+        _LAUNCHERS[key] = _Launcher.checked(kernel.overloads[argtypes], args, converted, stream)
 
 
-_LAUNCHERS: dict = {}
+_LAUNCHERS: dict = {}  # (kernel, device, argument kinds) -> _Launcher, or None: Numba's path
+_UNSEEN = object()
 
 
 class _Launcher:
@@ -284,17 +287,51 @@ class _Launcher:
                 raise TypeError(f"launch: no fast packing for a kernel argument of type {ty}")
         self.configs = {}
 
+    @classmethod
+    def checked(cls, overload, args, converted, stream) -> _Launcher | None:
+        """A launcher for ``overload`` if it packs ``args`` exactly as Numba's
+        ``_Kernel._prepare_args`` packs ``converted`` (the same arguments as Numba takes them);
+        otherwise None, with a warning."""
+        import warnings
+
+        try:
+            launcher = cls(overload)
+        except TypeError:  # an argument type without fast packing: Numba's path, no warning
+            return None
+        ours, theirs = launcher.pack(args), []
+        try:
+            for ty, value in zip(overload.argument_types, converted, strict=True):
+                overload._prepare_args(ty, value, stream, [], theirs)
+        except (AttributeError, TypeError) as err:
+            theirs = [err]
+        if [_comparable(x) for x in ours] != [_comparable(x) for x in theirs]:
+            name = getattr(getattr(overload, "py_func", None), "__name__", "a kernel")
+            warnings.warn(f"backend.launch: this numba-cuda packs the arguments of {name} "
+                          f"otherwise (its first: {theirs[:1]}); launching through Numba's own "
+                          "path", RuntimeWarning, stacklevel=3)
+            return None
+        return launcher
+
+    def pack(self, args) -> list:
+        params = []
+        for pack, a in zip(self.packers, args, strict=True):
+            pack(a, params)
+        return params
+
     def __call__(self, grid, block, stream, args):
         from cuda.core import LaunchConfig
         from cuda.core import launch as core_launch
 
-        params = []
-        for pack, a in zip(self.packers, args, strict=True):
-            pack(a, params)
+        params = self.pack(args)
         config = self.configs.get((grid, block))
         if config is None:
             config = self.configs[grid, block] = LaunchConfig(grid=grid, block=block)
         core_launch(stream, config, self.kernel, *params)
+
+
+def _comparable(x):
+    """A packed kernel argument as a value: ctypes scalars by type and value."""
+    return (type(x), x.value) if isinstance(x, ctypes._SimpleCData) else x
 
 
 def _pack_array(t: torch.Tensor, params: list) -> None:
