@@ -94,80 +94,42 @@ def attention_ref(q, k, v, causal=False, scale=None, return_lse=False):
 
 
 @njit(cache=True, fastmath={"contract"})
-def _scores_t(Qt, K, St, bk):
-    """St[jj, :] = Σ_c K[jj, c] Qt[c, :] for jj < bk: Sᵀ = K Qᵀ, 4 keys x 4 head dims a pass."""
-    e = Qt.shape[0]
-    e4, bk4 = e - e % 4, bk - bk % 4
-    for jj in range(0, bk4, 4):
-        S0, S1, S2, S3 = St[jj], St[jj + 1], St[jj + 2], St[jj + 3]
-        for ii in range(BLOCK_Q):
-            S0[ii] = 0
-            S1[ii] = 0
-            S2[ii] = 0
-            S3[ii] = 0
-        for c in range(0, e4, 4):
-            a0, a1, a2, a3 = K[jj, c], K[jj, c + 1], K[jj, c + 2], K[jj, c + 3]
-            b0, b1, b2, b3 = K[jj + 1, c], K[jj + 1, c + 1], K[jj + 1, c + 2], K[jj + 1, c + 3]
-            c0, c1, c2, c3 = K[jj + 2, c], K[jj + 2, c + 1], K[jj + 2, c + 2], K[jj + 2, c + 3]
-            d0, d1, d2, d3 = K[jj + 3, c], K[jj + 3, c + 1], K[jj + 3, c + 2], K[jj + 3, c + 3]
-            Q0, Q1, Q2, Q3 = Qt[c], Qt[c + 1], Qt[c + 2], Qt[c + 3]
+def _block_product(Out, M, X, rows, inner, accumulate):
+    """Out[r, :] (+)= Σ_{s < inner} M[r, s] X[s, :] for r < rows, 4 rows x 4 inner steps a pass
+    over the queries (16 scalars of M, 4 rows of X in, 4 rows of Out updated). Sᵀ = K Qᵀ is
+    (St, K, Qt); Õᵀ += Vᵀ Pᵀ is (At, Vᵀ, Pt), accumulating."""
+    r4, s4 = rows - rows % 4, inner - inner % 4
+    if not accumulate:
+        for r in range(rows):
+            Out[r, :BLOCK_Q] = 0
+    for r in range(0, r4, 4):
+        O0, O1, O2, O3 = Out[r], Out[r + 1], Out[r + 2], Out[r + 3]
+        for s in range(0, s4, 4):
+            a0, a1, a2, a3 = M[r, s], M[r, s + 1], M[r, s + 2], M[r, s + 3]
+            b0, b1, b2, b3 = M[r + 1, s], M[r + 1, s + 1], M[r + 1, s + 2], M[r + 1, s + 3]
+            c0, c1, c2, c3 = M[r + 2, s], M[r + 2, s + 1], M[r + 2, s + 2], M[r + 2, s + 3]
+            d0, d1, d2, d3 = M[r + 3, s], M[r + 3, s + 1], M[r + 3, s + 2], M[r + 3, s + 3]
+            X0, X1, X2, X3 = X[s], X[s + 1], X[s + 2], X[s + 3]
             for ii in range(BLOCK_Q):
-                x0, x1, x2, x3 = Q0[ii], Q1[ii], Q2[ii], Q3[ii]
-                S0[ii] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
-                S1[ii] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
-                S2[ii] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
-                S3[ii] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
-        for c in range(e4, e):  # head dims past the last multiple of 4
-            a0, b0, c0, d0 = K[jj, c], K[jj + 1, c], K[jj + 2, c], K[jj + 3, c]
-            Q0 = Qt[c]
+                x0, x1, x2, x3 = X0[ii], X1[ii], X2[ii], X3[ii]
+                O0[ii] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
+                O1[ii] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
+                O2[ii] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
+                O3[ii] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
+        for s in range(s4, inner):  # inner steps past the last multiple of 4
+            a0, b0, c0, d0 = M[r, s], M[r + 1, s], M[r + 2, s], M[r + 3, s]
+            X0 = X[s]
             for ii in range(BLOCK_Q):
-                S0[ii] += a0 * Q0[ii]
-                S1[ii] += b0 * Q0[ii]
-                S2[ii] += c0 * Q0[ii]
-                S3[ii] += d0 * Q0[ii]
-    for jj in range(bk4, bk):  # keys past the last multiple of 4
-        S0 = St[jj]
-        for ii in range(BLOCK_Q):
-            S0[ii] = 0
-        for c in range(e):
-            a0, Q0 = K[jj, c], Qt[c]
+                O0[ii] += a0 * X0[ii]
+                O1[ii] += b0 * X0[ii]
+                O2[ii] += c0 * X0[ii]
+                O3[ii] += d0 * X0[ii]
+    for r in range(r4, rows):  # rows past the last multiple of 4
+        O0 = Out[r]
+        for s in range(inner):
+            a0, X0 = M[r, s], X[s]
             for ii in range(BLOCK_Q):
-                S0[ii] += a0 * Q0[ii]
-
-
-@njit(cache=True, fastmath={"contract"})
-def _accumulate_t(At, V, Pt, bk):
-    """At[c, :] += Σ_{jj < bk} V[jj, c] Pt[jj, :]: Õᵀ += Vᵀ Pᵀ, 4 head dims x 4 keys a pass."""
-    e = At.shape[0]
-    e4, bk4 = e - e % 4, bk - bk % 4
-    for c in range(0, e4, 4):
-        A0, A1, A2, A3 = At[c], At[c + 1], At[c + 2], At[c + 3]
-        for jj in range(0, bk4, 4):
-            a0, a1, a2, a3 = V[jj, c], V[jj + 1, c], V[jj + 2, c], V[jj + 3, c]
-            b0, b1, b2, b3 = V[jj, c + 1], V[jj + 1, c + 1], V[jj + 2, c + 1], V[jj + 3, c + 1]
-            c0, c1, c2, c3 = V[jj, c + 2], V[jj + 1, c + 2], V[jj + 2, c + 2], V[jj + 3, c + 2]
-            d0, d1, d2, d3 = V[jj, c + 3], V[jj + 1, c + 3], V[jj + 2, c + 3], V[jj + 3, c + 3]
-            P0, P1, P2, P3 = Pt[jj], Pt[jj + 1], Pt[jj + 2], Pt[jj + 3]
-            for ii in range(BLOCK_Q):
-                x0, x1, x2, x3 = P0[ii], P1[ii], P2[ii], P3[ii]
-                A0[ii] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
-                A1[ii] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
-                A2[ii] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
-                A3[ii] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
-        for jj in range(bk4, bk):  # keys past the last multiple of 4
-            a0, b0, c0, d0 = V[jj, c], V[jj, c + 1], V[jj, c + 2], V[jj, c + 3]
-            P0 = Pt[jj]
-            for ii in range(BLOCK_Q):
-                A0[ii] += a0 * P0[ii]
-                A1[ii] += b0 * P0[ii]
-                A2[ii] += c0 * P0[ii]
-                A3[ii] += d0 * P0[ii]
-    for c in range(e4, e):  # head dims past the last multiple of 4
-        A0 = At[c]
-        for jj in range(bk):
-            a0, P0 = V[jj, c], Pt[jj]
-            for ii in range(BLOCK_Q):
-                A0[ii] += a0 * P0[ii]
+                O0[ii] += a0 * X0[ii]
 
 
 def _attention_loop(q, k, v, out, lse, scale, causal):
@@ -196,7 +158,7 @@ def _attention_loop(q, k, v, out, lse, scale, causal):
         j_end = min(lk, i0 + bq + offset) if causal else lk  # keys the last row sees
         for j0 in range(0, j_end, BLOCK_K):
             bk = min(BLOCK_K, j_end - j0)
-            _scores_t(Qt, k[r, j0:j0 + bk], St, bk)
+            _block_product(St, k[r, j0:j0 + bk], Qt, bk, e, False)  # Sᵀ = K Qᵀ
             if causal:  # key j0 + jj is hidden from the queries ii < j0 + jj - offset - i0
                 for jj in range(bk):
                     for ii in range(min(j0 + jj - offset - i0, BLOCK_Q)):
@@ -220,7 +182,7 @@ def _attention_loop(q, k, v, out, lse, scale, causal):
             for c in range(e):
                 for ii in range(BLOCK_Q):
                     At[c, ii] *= alpha[ii]
-            _accumulate_t(At, v[r, j0:j0 + bk], St, bk)
+            _block_product(At, v[r, j0:j0 + bk].T, St, e, bk, True)  # Õᵀ += Vᵀ Pᵀ
         for ii in range(bq):
             inv = ssum[ii] ** -1
             for c in range(e):

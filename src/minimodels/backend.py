@@ -240,14 +240,12 @@ def launch(kernel, grid, block, *args) -> None:
     packs differently) or cannot be compared, Numba's path is kept, with a warning.
     Non-contiguous tensors, and the simulator, always take Numba's path."""
     stream = cuda_stream()
-    if cuda_simulated():
-        kernel[grid, block, stream](*(to_numba(a) if isinstance(a, torch.Tensor) else a
-                                      for a in args))
-        return
-    key = (kernel, torch.cuda.current_device(),
-           tuple((a.dtype, a.dim(), a.is_contiguous()) if isinstance(a, torch.Tensor)
-                 else type(a) for a in args))
-    fast = _LAUNCHERS.get(key, _UNSEEN)
+    key = fast = None  # the simulator: Numba's path, nothing to remember
+    if not cuda_simulated():
+        key = (kernel, torch.cuda.current_device(),
+               tuple((a.dtype, a.dim(), a.is_contiguous()) if isinstance(a, torch.Tensor)
+                     else type(a) for a in args))
+        fast = _LAUNCHERS.get(key, _UNSEEN)
     if fast not in (None, _UNSEEN):
         fast(grid, block, stream, args)
         return
