@@ -17,7 +17,7 @@ import platform
 import sys
 from importlib import metadata
 
-from minimodels.backend import BackendUnavailable, available_backends, resolve
+from minimodels.backend import BackendUnavailable, available_backends, resolve, use_backend
 from minimodels.kernels.attention import attention
 from minimodels.kernels.scan import linear_scan
 from minimodels.kernels.selective_scan import parallel_scan, selective_scan
@@ -34,6 +34,7 @@ __all__ = [
     "resolve",
     "s4d_kernel",
     "selective_scan",
+    "use_backend",
     "wkv",
 ]
 __version__ = "0.1.0"

@@ -14,10 +14,12 @@ of the three runs (``resolve``) and refuses, with the reason, when it cannot
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ __all__ = [
     "expect_tensor",
     "resolve",
     "to_numba",
+    "use_backend",
 ]
 
 BACKENDS = ("ref", "cpu", "cuda")
@@ -85,13 +88,34 @@ def available_backends() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+_CONTEXT: contextvars.ContextVar[str | Callable | None] = contextvars.ContextVar(
+    "minimodels_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | Callable | None) -> Iterator[None]:
+    """Within ``with use_backend("cpu"): ...`` every kernel call without an explicit
+    ``backend=`` uses ``backend`` (a name of ``BACKENDS`` or a callable). Contexts nest; the
+    innermost wins; ``None`` restores the default choice. The name is checked on entry."""
+    if backend is not None and not callable(backend):
+        resolve(backend)  # an unknown or unavailable backend fails here, not at the first call
+    token = _CONTEXT.set(backend)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
 def resolve(backend: str | Callable | None = None, *tensors: torch.Tensor | None) -> str | Callable:
-    """The backend to use: the explicit argument; else ``$MINIMODELS_BACKEND``; else ``cuda``
-    when the tensors live on a GPU and ``cpu`` otherwise. A callable is returned as it is (an
-    exercise plugs the learner's function in that way). Raises ``BackendUnavailable``."""
+    """The backend to use: the explicit argument; else the innermost ``with use_backend(...)``;
+    else ``$MINIMODELS_BACKEND``; else ``cuda`` when the tensors live on a GPU and ``cpu``
+    otherwise. A callable is returned as it is (an exercise plugs the learner's function in
+    that way). Raises ``BackendUnavailable``."""
+    source = "backend"
+    if backend is None:
+        backend, source = _CONTEXT.get(), "use_backend"
     if callable(backend):
         return backend
-    source = "backend"
     if backend is None:
         backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
     if backend is None:
