@@ -33,7 +33,7 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m minimodels.course exercises --check
-	NUMBA_ENABLE_CUDASIM=1 $(PYTEST) -n auto -m "not browser" tests
+	NUMBA_ENABLE_CUDASIM=1 $(PYTEST) -n auto -m "not browser and not fuzz" tests
 	$(NBVAL) --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg chapters solutions
 	$(NBVAL) --nbval-lax exercises
 	$(PYTEST) -m browser tests/browser -rs  # real JupyterLab + Chromium; skipped loudly without one

@@ -1,14 +1,17 @@
 """Diagonal linear recurrence (the linear scan): ``h_t = a_t * h_{t-1} + b_t``.
 
 The template kernel of the course: every later kernel module copies this layout (constants,
-reference, CPU kernel, CUDA kernel, autograd, dispatch).
+reference, CPU kernel, CUDA kernel, autograd, dispatch). ``parallel_scan`` computes the same
+recurrence by Blelloch's work-efficient scan over the associative operator ``combine``, in
+plain PyTorch (chapter 05).
 
 References: Blelloch, "Prefix sums and their applications" (1990), section 1.4 (first-order
-recurrences as scans); Martin & Cundy, "Parallelizing linear recurrent neural nets over
-sequence length", ICLR 2018; Gu & Dao, "Mamba" (2023), section 3.3.
+recurrences as scans; ``parallel_scan``: the up-sweep/down-sweep scan of section 1.2); Martin
+& Cundy, "Parallelizing linear recurrent neural nets over sequence length", ICLR 2018; Gu &
+Dao, "Mamba" (2023), section 3.3.
 
 Glossary (code = paper): ``a`` = the decay / transition (Ā in an SSM), ``b`` = the input term
-(B̄x), ``h`` = the state, ``h0`` = h_{-1}. Shapes: ``b`` batch, ``d`` channels, ``l`` length; the
+(B̄x), ``h`` = the state, ``h0`` = h_{-1}. Shapes: ``b`` batch, ``d`` width, ``l`` length; the
 kernels see ``(r, l)`` with ``r = b·d`` independent rows.
 
 Backward (the reverse scan), with g = ∂L/∂h:
@@ -22,22 +25,31 @@ import functools
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numba import cuda, njit, prange
 
-from minimodels.backend import cuda_simulated, dispatch, expect_tensor, launch, to_numba
+from minimodels.backend import dispatch, expect_tensor, launch, resolve, to_numba
+from minimodels.kernels._common import SCAN_CHUNK as CHUNK
+from minimodels.kernels._common import SCAN_ITEMS as ITEMS
+from minimodels.kernels._common import SCAN_THREADS as THREADS
+from minimodels.kernels._common import Example, expect_out, numpy_dtype, randn, scan_maps
 
-__all__ = ["linear_scan", "linear_scan_ref", "linear_scan_cpu", "linear_scan_cuda", "IMPLS"]
+__all__ = ["linear_scan", "linear_scan_ref", "linear_scan_cpu", "linear_scan_cuda", "IMPLS",
+           "example_inputs", "combine", "parallel_scan"]
 
 # =============================================================================================
 # Constants
 # =============================================================================================
 
-# CUDA: one block walks one row in chunks of THREADS * ITEMS steps; thread i owns ITEMS
-# consecutive steps of each chunk. The simulator (CI) uses a smaller block so that its tests
-# cross many chunk boundaries at tiny sizes.
-THREADS = 8 if cuda_simulated() else 256  # 256 x 2 measured best of 128..1024 x 1..8 (H200)
-ITEMS = 2
-CHUNK = THREADS * ITEMS
+# CUDA: one block walks one row in chunks of CHUNK = THREADS * ITEMS steps; thread i owns ITEMS
+# consecutive steps of each chunk (256 x 2 on a GPU, 8 x 2 in the simulator, so that its tests
+# cross many chunk boundaries at tiny sizes). The layout and the block scan of affine maps
+# (``scan_maps``) live in kernels/_common.py as SCAN_THREADS, SCAN_ITEMS, SCAN_CHUNK: the
+# selective scan's backward (kernels/selective_scan/cuda.py) runs the same scan.
+
+# example_inputs: the benchmark's size (b, d, l) (README.md, kernels/BENCHMARKS.md)
+EXAMPLE_SHAPE = (8, 1024, 4096)
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}  # (rtol, atol)
 
 
 # =============================================================================================
@@ -49,12 +61,79 @@ def linear_scan_ref(a, b, h0=None):
     """h_t = a_t * h_{t-1} + b_t with h_{-1} = h0 (zeros if None).
 
     a, b: (batch, d, l); h0: (batch, d) -> h: (batch, d, l). A Python loop over time."""
-    h = torch.zeros_like(a[..., 0]) if h0 is None else h0  # (b, d)
+    h = a.new_zeros(a.shape[:-1]) if h0 is None else h0  # (b, d)
     out = []
     for t in range(a.shape[-1]):
         h = a[..., t] * h + b[..., t]  # (b, d)
         out.append(h)
+    if not out:  # l = 0: an empty (b, d, 0), still in the graph of a, b and h0
+        return a * h[..., None] + b
     return torch.stack(out, dim=-1)  # (b, d, l)
+
+
+# =============================================================================================
+# The scan as an associative operator (Blelloch 1990), in plain PyTorch, for teaching
+# =============================================================================================
+
+
+def combine(left, right):
+    """Compose two steps of h -> a h + b: first ``left`` = (a1, b1), then ``right`` = (a2, b2).
+
+    (a1, b1) • (a2, b2) = (a1 a2, a2 b1 + b2). Associative, with identity (1, 0)."""
+    a1, b1 = left
+    a2, b2 = right
+    return a1 * a2, a2 * b1 + b2
+
+
+def parallel_scan(a, b, op=combine):
+    """h_t = a_t h_{t-1} + b_t (h_{-1} = 0) by Blelloch's work-efficient scan over the last axis.
+
+    a, b: (..., l) -> h: (..., l). The length is padded to L = 2^⌈log2 l⌉ with the identity
+    (1, 0). Up-sweep: log2 L levels, each combining neighbouring pairs into their parent, build
+    the tree of partial compositions. Down-sweep: the root gets the identity; going down, a left
+    child gets its parent's prefix and a right child gets parent's prefix • left sibling. That
+    is 2(L-1) combines in all (work O(l)) in 2 log2 L levels (depth O(log l)); each level is one
+    vectorised PyTorch op (written without in-place writes, so autograd goes through it).
+    ``op`` is the combine operator (Exercise 5.2 plugs its own in)."""
+    _expect_scan_pair(a, b)
+    l = a.shape[-1]
+    L = 1 << max(l - 1, 0).bit_length()
+    level = F.pad(a, (0, L - l), value=1.0), F.pad(b, (0, L - l), value=0.0)  # (..., L)
+    tree = []
+    while level[0].shape[-1] > 1:  # up-sweep
+        tree.append(level)
+        pairs = [x.unflatten(-1, (-1, 2)) for x in level]  # (..., m, 2)
+        level = op((pairs[0][..., 0], pairs[1][..., 0]), (pairs[0][..., 1], pairs[1][..., 1]))
+    prefix = torch.ones_like(level[0]), torch.zeros_like(level[1])  # root: the identity
+    for P, Q in reversed(tree):  # down-sweep
+        left = P[..., 0::2], Q[..., 0::2]
+        right_prefix = op(prefix, left)
+        prefix = tuple(torch.stack([p, r], -1).flatten(-2)
+                       for p, r in zip(prefix, right_prefix, strict=True))  # (..., 2m)
+    inclusive = op(tuple(x[..., :l] for x in prefix), (a, b))  # everything up to step t
+    return inclusive[1]  # applied to h_{-1} = 0
+
+
+def _expect_scan_pair(a, b):
+    """parallel_scan's inputs: a and b float32 or float64 tensors of one shape (..., l) with at
+    least one axis, one dtype and one device (no broadcasting: b's shape is the output's).
+    Raises ``TypeError``/``ValueError`` naming the argument."""
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (..., l), got "
+                            f"{type(x).__name__}")
+    if a.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"a must be float32 or float64, got {str(a.dtype).removeprefix('torch.')}")
+    if a.dim() == 0:
+        raise ValueError("a must have at least one dimension (..., l), got a 0-d tensor")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b must be {str(a.dtype).removeprefix('torch.')} like a, got "
+                        f"{str(b.dtype).removeprefix('torch.')}")
+    if b.shape != a.shape:
+        raise ValueError(f"b must have the shape of a, (..., l) = {tuple(a.shape)} (no "
+                         f"broadcasting), got {tuple(b.shape)}")
+    if b.device != a.device:
+        raise ValueError(f"b must be on {a.device} like a, got {b.device}")
 
 
 # =============================================================================================
@@ -112,9 +191,9 @@ _linear_scan_cpu_fwd = njit(parallel=True, cache=True)(_linear_scan_loop)
 _linear_scan_cpu_bwd = njit(parallel=True, cache=True)(_linear_scan_bwd_loop)
 
 
-def _fwd_cpu(a, b, h0):
-    """a, b: (r, l) contiguous; h0: (r,) -> h: (r, l)."""
-    h = torch.empty_like(a)
+def _fwd_cpu(a, b, h0, h=None):
+    """a, b: (r, l) contiguous; h0: (r,) -> h: (r, l), written into ``h`` when given."""
+    h = torch.empty_like(a) if h is None else h
     _linear_scan_cpu_fwd(to_numba(a), to_numba(b), to_numba(h0), to_numba(h))
     return h
 
@@ -137,29 +216,6 @@ def _bwd_cpu(a, h0, h, g):
 # The backward kernel is the same scan run from the end of the row (thread 0 owns the last
 # steps), with coefficients a_{t+1} and inputs g_t.
 # =============================================================================================
-
-
-@cuda.jit(device=True)
-def _scan_maps(sA, sB, A, B, i):
-    """Inclusive scan over the block of the maps h -> A h + B (thread order = time order).
-
-    sA, sB: (2, THREADS) ping-pong buffers, so each of the log2(THREADS) steps needs one
-    barrier. Returns p: thread i's composition of maps 0..i is in sA[p, i], sB[p, i]."""
-    p = 0
-    sA[p, i] = A
-    sB[p, i] = B
-    cuda.syncthreads()
-    offset = 1
-    while offset < THREADS:
-        if i >= offset:  # (A, B) after (Ap, Bp):  h -> A (Ap h + Bp) + B
-            B = A * sB[p, i - offset] + B
-            A = A * sA[p, i - offset]
-        p = 1 - p
-        sA[p, i] = A
-        sB[p, i] = B
-        cuda.syncthreads()
-        offset *= 2
-    return p
 
 
 @cuda.jit(device=True)
@@ -199,7 +255,7 @@ def _linear_scan_kernels(dtype: np.dtype):
             A, B = one, zero
             for k in range(ITEMS):  # compose my steps into h -> A h + B
                 A, B = va[k] * A, va[k] * B + vb[k]
-            p = _scan_maps(sA, sB, A, B, i)
+            p = scan_maps(sA, sB, A, B, i)
             state = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
             for k in range(ITEMS):
                 state = va[k] * state + vb[k]
@@ -236,7 +292,7 @@ def _linear_scan_kernels(dtype: np.dtype):
             A, B = one, zero
             for k in range(ITEMS):
                 A, B = vc[k] * A, vc[k] * B + vg[k]
-            p = _scan_maps(sA, sB, A, B, i)
+            p = scan_maps(sA, sB, A, B, i)
             dh = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
             for k in range(ITEMS):
                 dh = vc[k] * dh + vg[k]
@@ -255,16 +311,16 @@ def _launch(kernel, rows, *tensors):
     launch(kernel, rows, THREADS, *tensors)
 
 
-def _fwd_cuda(a, b, h0):
-    h = torch.empty_like(a)
-    fwd, _ = _linear_scan_kernels(np.dtype(str(a.dtype).removeprefix("torch.")))
+def _fwd_cuda(a, b, h0, h=None):
+    h = torch.empty_like(a) if h is None else h
+    fwd, _ = _linear_scan_kernels(numpy_dtype(a.dtype))
     _launch(fwd, a.shape[0], a, b, h0, h)
     return h
 
 
 def _bwd_cuda(a, h0, h, g):
     da, db, dh0 = torch.empty_like(a), torch.empty_like(a), torch.empty_like(h0)
-    _, bwd = _linear_scan_kernels(np.dtype(str(a.dtype).removeprefix("torch.")))
+    _, bwd = _linear_scan_kernels(numpy_dtype(a.dtype))
     _launch(bwd, a.shape[0], a, h0, h, g, da, db, dh0)
     return da, db, dh0
 
@@ -274,6 +330,18 @@ def _bwd_cuda(a, h0, h, g):
 # =============================================================================================
 
 
+def _as_rows(a, b, h0):
+    """(b, d, l) inputs as the kernels' contiguous rows: a, b (r, l) and h0 (r,) (zeros if None)."""
+    batch, d, l = a.shape
+    rows = (batch * d, l)
+    a_r = a.contiguous().view(rows)  # (r, l)
+    b_r = b.contiguous().view(rows)
+    h0_r = torch.zeros(batch * d, dtype=a.dtype, device=a.device) if h0 is None else (
+        h0.contiguous().view(-1)
+    )  # (r,)
+    return a_r, b_r, h0_r
+
+
 class _LinearScan(torch.autograd.Function):
     """Wraps a (forward, backward) pair of row kernels as one differentiable op."""
 
@@ -281,12 +349,7 @@ class _LinearScan(torch.autograd.Function):
     def forward(ctx, a, b, h0, kernels):
         fwd, bwd = kernels
         batch, d, l = a.shape
-        rows = (batch * d, l)
-        a_r = a.contiguous().view(rows)  # (r, l)
-        b_r = b.contiguous().view(rows)
-        h0_r = torch.zeros(batch * d, dtype=a.dtype, device=a.device) if h0 is None else (
-            h0.contiguous().view(-1)
-        )  # (r,)
+        a_r, b_r, h0_r = _as_rows(a, b, h0)
         h = fwd(a_r, b_r, h0_r) if a.numel() else torch.empty_like(a_r)  # (r, l)
         ctx.save_for_backward(a_r, h0_r, h)
         ctx.bwd, ctx.shape, ctx.has_h0 = bwd, a.shape, h0 is not None
@@ -323,7 +386,25 @@ def linear_scan_cuda(a, b, h0=None):
 IMPLS = {"ref": linear_scan_ref, "cpu": linear_scan_cpu, "cuda": linear_scan_cuda}
 
 
-def linear_scan(a, b, h0=None, *, backend=None):
+def _into(fwd):
+    """A forward kernel as ``(a, b, h0, out) -> out`` (no autograd): it writes into ``out``."""
+
+    def run(a, b, h0, out):
+        if a.numel():
+            fwd(*_as_rows(a, b, h0), out.view(a.shape[0] * a.shape[1], a.shape[2]))
+        return out
+
+    return run
+
+
+def _ref_into(a, b, h0, out):
+    return out.copy_(linear_scan_ref(a, b, h0))
+
+
+_OUT_IMPLS = {"ref": _ref_into, "cpu": _into(_fwd_cpu), "cuda": _into(_fwd_cuda)}
+
+
+def linear_scan(a, b, h0=None, *, backend=None, out=None):
     """The diagonal linear recurrence h_t = a_t * h_{t-1} + b_t, with h_{-1} = h0.
 
     Args:
@@ -331,22 +412,40 @@ def linear_scan(a, b, h0=None, *, backend=None):
         h0: (batch, d) initial state, or None for zeros.
         backend: "ref", "cpu", "cuda", a callable with this signature, or None to choose from
             the tensors' device (see ``minimodels.backend.resolve``).
+        out: a contiguous (batch, d, l) tensor of a's dtype and device that receives h (the
+            kernels write into it and allocate nothing of that size), or None. For calls
+            without autograd (inference, timing the kernel alone): a ValueError if a, b or h0
+            require grad while grad mode is on. It must not overlap a or b.
 
     Returns:
-        h: (batch, d, l) in the dtype of ``a``. Differentiable in a, b and h0 on every backend.
+        h: (batch, d, l) in the dtype of ``a`` (``out`` itself when given). Differentiable in a,
+        b and h0 on every backend (without ``out``).
     """
     expect_tensor("a", a, "batch, d, l")
     expect_tensor("b", b, "batch, d, l", dtypes=(a.dtype,), shape=a.shape)
     if h0 is not None:
         expect_tensor("h0", h0, "batch, d", dtypes=(a.dtype,), shape=a.shape[:2])
-    return dispatch(IMPLS, a, b, h0, backend=backend)
+    if out is None:
+        return dispatch(IMPLS, a, b, h0, backend=backend)
+    expect_out(out, a, "batch, d, l", (a, b, h0))
+    choice = resolve(backend, a, b, h0)
+    if callable(choice):
+        return out.copy_(choice(a, b, h0))
+    return dispatch(_OUT_IMPLS, a, b, h0, out, backend=choice)
 
 
-def __getattr__(name):
-    """``selective_scan`` and ``parallel_scan`` (chapter 05) live in kernels/selective_scan.py,
-    which builds on this module's CUDA scan; they are re-exported here lazily to avoid a cycle."""
-    if name in ("selective_scan", "parallel_scan"):
-        from minimodels.kernels import selective_scan as module
+def example_inputs(shape=None, *, dtype=torch.float32, device="cpu", seed=0) -> Example:
+    """The canonical inputs of ``linear_scan``: ``Example(args=(a, b, h0))``.
 
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    shape: (b, d, l), default (8, 1024, 4096) (the benchmark's). a ~ U[0.5, 1) (decays), b and
+    h0 ~ N(0, 1); drawn in float64 on the CPU from ``seed``, then cast to ``dtype`` and moved to
+    ``device`` (the same values for every dtype and device). rtol = atol = 1e-5 in float32,
+    1e-12 in float64 (against a float64 truth)."""
+    batch, d, l = EXAMPLE_SHAPE if shape is None else shape
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(batch, d, l, generator=g, dtype=torch.float64) * 0.5 + 0.5  # (b, d, l)
+    b = randn(g, batch, d, l)  # (b, d, l)
+    h0 = randn(g, batch, d)  # (b, d)
+    rtol, atol = TOLERANCES[dtype]
+    return Example(args=tuple(x.to(dtype=dtype, device=device) for x in (a, b, h0)),
+                   rtol=rtol, atol=atol, sizes={"batch": batch, "d_model": d, "seqlen": l})

@@ -1,6 +1,7 @@
 """attention: every backend against torch's scaled_dot_product_attention (in float64), the
 log-sum-exp against torch.logsumexp of materialised scores, gradients against autograd of the
-reference, large logits, and bad input."""
+reference, large logits, merging partial results by their log-sum-exp, the canonical example,
+and bad input."""
 
 import math
 
@@ -9,19 +10,25 @@ import torch
 import torch.nn.functional as F
 from helpers import ALL, KERNELS, device_for
 
-from minimodels.kernels.attention import attention, attention_ref, causal_mask
+import minimodels.kernels.attention as A
+from minimodels.kernels._common import Example
+from minimodels.kernels.attention import (
+    attention,
+    attention_ref,
+    causal_mask,
+    example_inputs,
+    merge_attention,
+)
 
 # (b, h, lq, lk, e): lq = 1, lk = 1, lengths off the tile sizes, lq != lk
 SHAPES = [(1, 1, 1, 1, 1), (2, 3, 1, 9, 4), (1, 2, 9, 9, 3), (2, 1, 5, 13, 8), (1, 2, 13, 6, 2)]
 
 
 def qkv(shape, dtype=torch.float64, device="cpu", seed=0, std=1.0):
-    b, h, lq, lk, e = shape
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, lq, e, generator=g, dtype=torch.float64) * std
-    k = torch.randn(b, h, lk, e, generator=g, dtype=torch.float64) * std
-    v = torch.randn(b, h, lk, e, generator=g, dtype=torch.float64)
-    return [x.to(dtype=dtype, device=device) for x in (q, k, v)]
+    """[q, k, v] of the canonical example at (b, h, lq, lk, e), float64 by default; q and k
+    scaled by ``std`` (the same values for any dtype and device)."""
+    q, k, v = example_inputs(shape, dtype=torch.float64, seed=seed).args
+    return [x.to(dtype=dtype, device=device) for x in (q * std, k * std, v)]
 
 
 def sdpa(q, k, v, causal=False, scale=None):
@@ -49,7 +56,9 @@ def test_backends_equal_sdpa(backend, shape, causal, dtype):
     out, lse = attention(q, k, v, causal=causal, return_lse=True, backend=backend)
     q64, k64, v64 = qkv(shape, seed=sum(shape))
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
-    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    ex = example_inputs(shape, dtype=dtype)
+    tol = ex.rtol
+    assert ex.rtol == ex.atol
     torch.testing.assert_close(out.cpu().double(), sdpa(q64, k64, v64, causal), rtol=tol, atol=tol)
     s = (q64 @ k64.transpose(-2, -1)) / math.sqrt(shape[-1])
     if causal:
@@ -143,3 +152,116 @@ T = torch.ones
 def test_bad_input_names_the_argument(args, kwargs, error, message):
     with pytest.raises(error, match=message):
         attention(*args, backend="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 0.5, "return_lse": True}, {"causal": True}])
+def test_empty_head_dimension_is_a_value_error(backend, kwargs):
+    """Issue #13: e = 0 raised a bare ZeroDivisionError (default scale 1/sqrt(e)), or with a
+    scale returned uninitialised memory as the lse on cpu and cuda. Every backend refuses it."""
+    q, k, v = (torch.ones(1, 2, 3, 0, device=device_for(backend)) for _ in range(3))
+    with pytest.raises(ValueError, match=r"q must have a head dimension e >= 1 \(its last"):
+        attention(q, k, v, backend=backend, **kwargs)
+
+
+def test_example_inputs_are_the_canonical_call(monkeypatch):
+    ex = example_inputs((2, 3, 5, 4), dtype=torch.float64, seed=2)
+    assert isinstance(ex, Example) and ex.kwargs == {"causal": False}
+    q, k, v = ex.args
+    assert q.shape == k.shape == v.shape == (2, 3, 5, 4) and q.dtype == torch.float64
+    assert ex.sizes == {"batch": 2, "n_heads": 3, "seqlen": 5, "seqlen_k": 5, "d_head": 4}
+    assert (ex.rtol, ex.atol) == (1e-12, 1e-12)
+    ex32 = example_inputs((2, 3, 5, 7, 4), seed=2)  # (b, h, lq, lk, e): other key length
+    assert ex32.args[1].shape == (2, 3, 7, 4) and ex32.args[0].dtype == torch.float32
+    assert (ex32.rtol, ex32.atol) == (2e-6, 2e-6)
+    torch.testing.assert_close(ex32.args[0].double(), q, rtol=1e-7, atol=0)  # same values
+    torch.testing.assert_close(ex.call(attention, backend="cpu"), sdpa(*ex.args),
+                               rtol=ex.rtol, atol=ex.atol)
+    assert A.EXAMPLE_SHAPE == (1, 8, 4096, 64)  # the CPU benchmark's size
+    monkeypatch.setattr(A, "EXAMPLE_SHAPE", (1, 2, 3, 4))
+    assert example_inputs().sizes["seqlen"] == 3
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape, k1", [((2, 3, 5, 11, 4), 6), ((1, 2, 1, 9, 3), 1),
+                                       ((1, 1, 7, 7, 2), 6)])
+def test_merge_of_two_key_sets_equals_attention_over_all(backend, shape, k1):
+    """Attention over keys [0, k1) merged with attention over [k1, lk) is attention over all
+    keys (SDPA in float64): out and lse."""
+    dev = device_for(backend)
+    q, k, v = qkv(shape, device=dev, seed=k1)
+    part1 = attention(q, k[:, :, :k1], v[:, :, :k1], return_lse=True, backend=backend)
+    part2 = attention(q, k[:, :, k1:], v[:, :, k1:], return_lse=True, backend=backend)
+    out, lse = merge_attention(*part1, *part2)
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    torch.testing.assert_close(out.cpu(), sdpa(q, k, v), rtol=1e-12, atol=1e-12)
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(shape[-1])
+    torch.testing.assert_close(lse.cpu(), torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lq, lk, k1", [(4, 10, 3), (1, 5, 4), (5, 5, 0)])
+def test_merge_of_a_cache_and_a_causal_chunk_equals_causal_attention(lq, lk, k1):
+    """A KV-cache step: the first k1 keys are seen by every query (k1 <= lk - lq), the rest
+    under the bottom-right causal mask; merged, they are causal attention over all lk keys."""
+    q, k, v = qkv((2, 2, lq, lk, 3), seed=lk)
+    want, want_lse = attention_ref(q, k, v, causal=True, return_lse=True)
+    part2 = attention(q, k[:, :, k1:], v[:, :, k1:], causal=True, return_lse=True)
+    if k1 == 0:  # nothing cached: an empty part has lse = -inf and out = 0
+        part1 = (torch.zeros_like(q), torch.full(q.shape[:3], -math.inf, dtype=q.dtype))
+    else:
+        part1 = attention(q, k[:, :, :k1], v[:, :, :k1], return_lse=True)
+    out, lse = merge_attention(*part1, *part2)
+    torch.testing.assert_close(out, sdpa(q, k, v, causal=True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_with_fully_masked_parts_and_large_logits():
+    """A row that sees no key of a part (lse = -inf, out = 0) takes the other part unchanged;
+    rows with no key in either part give out = 0, lse = -inf (no NaN); lse ~ 1e4 stays finite."""
+    q, k, v = qkv((1, 2, 4, 8, 3), seed=9, std=60.0)
+    out1, lse1 = attention(q, k[:, :, :5], v[:, :, :5], return_lse=True, backend="cpu")
+    out2, lse2 = attention(q, k[:, :, 5:], v[:, :, 5:], return_lse=True, backend="cpu")
+    assert lse1.abs().max() > 1e3  # the test really has large logits
+    out, lse = merge_attention(out1, lse1, out2, lse2)
+    torch.testing.assert_close(out, sdpa(q, k, v), rtol=1e-10, atol=1e-10)
+    masked = torch.zeros_like(lse2).bool()
+    masked[:, :, 1:3] = True  # rows 1 and 2 see no key of part 2
+    out2m = out2.masked_fill(masked[..., None], 0.0)
+    lse2m = lse2.masked_fill(masked, -math.inf)
+    out, lse = merge_attention(out1, lse1, out2m, lse2m)
+    torch.testing.assert_close(out[:, :, 1:3], out1[:, :, 1:3], rtol=0, atol=0)
+    torch.testing.assert_close(lse[:, :, 1:3], lse1[:, :, 1:3], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, 0], merge_attention(out1, lse1, out2, lse2)[0][:, :, 0])
+    lse1m = lse1.masked_fill(masked, -math.inf)
+    out, lse = merge_attention(out1.masked_fill(masked[..., None], 0.0), lse1m, out2m, lse2m)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[:, :, 1:3] == 0).all() and (lse[:, :, 1:3] == -math.inf).all()
+    assert torch.isfinite(lse[:, :, [0, 3]]).all()
+
+
+def test_merge_is_differentiable():
+    q, k, v = (x.requires_grad_() for x in qkv((1, 1, 3, 5, 2), seed=4))
+    fn = lambda q, k, v: merge_attention(*attention_ref(q, k[:, :, :2], v[:, :, :2], return_lse=True),
+                                         *attention_ref(q, k[:, :, 2:], v[:, :, 2:], return_lse=True))
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+O, L = torch.ones(1, 2, 3, 4), torch.zeros(1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((O[0], L, O, L), ValueError, r"out1 must have 4 dimensions \(b, h, l, e\)"),
+        ((O, L, O[..., :2], L), ValueError, r"out2 must have shape \(b, h, l, e\) = \(1, 2, 3, 4\)"),
+        ((O, L[..., :2], O, L), ValueError, r"lse1 must have shape \(b, h, l\) = \(1, 2, 3\)"),
+        ((O, L, O, L.double()), TypeError, "lse2 must be float32"),
+        ((O, L, O, L[None]), ValueError, "lse2 must have 3 dimensions"),
+        ((O, L.tolist(), O, L), TypeError, "lse1 must be a torch.Tensor"),
+        ((O, L, O, L.to("meta")), ValueError, "lse2 must be on cpu"),
+    ],
+)
+def test_merge_bad_input_names_the_argument(args, error, message):
+    with pytest.raises(error, match=message):
+        merge_attention(*args)

@@ -1,9 +1,17 @@
-"""The benchmark helpers and the plain-PyTorch peers (they must compute the same scan)."""
+"""The benchmark helpers and the plain-PyTorch peers (they must compute the same scan); every
+benchmark from the command line at a tiny size, on the CPU and (in Numba's CUDA simulator) on
+the ``--device cuda`` path."""
+
+import ast
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+import minimodels.benchmarks
 from minimodels import bench
+from minimodels.backend import cuda_simulated
 from minimodels.benchmarks import scan as scan_bench
 from minimodels.kernels.scan import linear_scan_ref
 from minimodels.plots import fit_slope
@@ -29,6 +37,68 @@ def test_table_reports_ratios_and_floor_multiples():
     table = bench.format_table(rows, reference="ref", floor_seconds=0.005)
     assert "| ref | 100 | 1x | 20.00 |" in table
     assert "| fast | 10 | 10x | 2.00 | kernel |" in table
+
+
+def test_table_has_a_gpu_column_when_rows_have_gpu_times():
+    rows = [bench.Row("ref", 0.1, gpu_seconds=0.08), bench.Row("fast", 0.01, "kernel")]
+    table = bench.format_table(rows, reference="ref", floor_seconds=0.005)
+    assert table.splitlines()[0] == "| implementation | ms | speed-up vs ref | x floor | GPU ms | note |"
+    assert "| ref | 100 | 1x | 20.00 | 80 |  |" in table
+    assert "| fast | 10 | 10x | 2.00 | - | kernel |" in table
+    [(_, parsed, floor)] = bench.parse_tables("title\n\n" + table)
+    assert parsed == [("ref", 100.0), ("fast", 10.0)] and floor == pytest.approx(5.0)
+    plain = bench.format_table(rows[1:], reference="fast", floor_seconds=0.005)
+    assert "GPU ms" not in plain
+
+
+def test_convert_maps_every_tensor_of_an_example():
+    from minimodels.kernels._common import Example
+
+    ex = Example(args=(torch.ones(2), 3), kwargs={"h0": torch.zeros(1), "flag": True})
+    ex64 = bench.convert(ex, torch.Tensor.double)
+    assert ex64.args[0].dtype == torch.float64 and ex64.args[1] == 3
+    assert ex64.kwargs["h0"].dtype == torch.float64 and ex64.kwargs["flag"] is True
+    assert ex.args[0].dtype == torch.float32  # the original is left alone
+
+
+def test_measure_times_and_counts_calls():
+    calls = []
+    row = bench.measure("x", lambda: calls.append(1), "cpu", "note", warmup=1, repeat=3)
+    assert row.name == "x" and row.note == "note" and row.gpu_seconds is None
+    assert len(calls) == 4 and 0 <= row.seconds < 1
+
+
+def test_benchmarks_use_only_public_kernel_names():
+    """Benchmarks sit above the kernels: they may use an op's public functions and constants,
+    never a name starting with ``_`` from ``minimodels.kernels``."""
+    folder = Path(minimodels.benchmarks.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        kernel_modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minimodels.kernels"):
+                for alias in node.names:
+                    assert not alias.name.startswith("_"), (path.name, alias.name)
+                    kernel_modules.add(alias.asname or alias.name)
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert ".kernels._" not in alias.name, (path.name, alias.name)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in kernel_modules):
+                assert not node.attr.startswith("_"), (path.name, f"{node.value.id}.{node.attr}")
+
+
+def test_kernels_folder_holds_no_gpu_check_scripts():
+    """Checks are tests (tests/test_gpu.py), timings are benchmarks: kernels/ imports neither."""
+    import minimodels.kernels
+
+    folder = Path(minimodels.kernels.__file__).parent
+    assert not list(folder.glob("*_gpu_check.py"))
+    for path in folder.rglob("*.py"):
+        text = path.read_text()
+        for layer in ("minimodels.bench", "minimodels.lab", "minimodels.models", "minimodels.check"):
+            assert f"import {layer}" not in text and f"from {layer}" not in text, (path, layer)
 
 
 def test_fit_slope_recovers_a_power_law():
@@ -64,3 +134,61 @@ def test_every_benchmark_runs_from_the_command_line(kernel, shape, capsys):
     assert bench.main([kernel, "--shape", shape]) == 0
     out = capsys.readouterr().out
     assert "| implementation |" in out and "minimodels cpu kernel" in out
+    assert f"{tuple(int(s) for s in shape.split(','))}" in out  # the size it was asked for
+    for _, rows, floor in bench.parse_tables(out):
+        assert rows and floor and all(ms > 0 for _, ms in rows)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_simulated(), reason="the --device cuda path at a tiny size runs in "
+                    "Numba's CUDA simulator; on a real GPU tests/test_gpu.py runs it")
+@pytest.mark.parametrize("kernel, shape, rows", [
+    ("scan", "1,2,8", ["torch chunked cumprod/cumsum", "minimodels cuda kernel, preallocated out"]),
+    ("attention", "1,1,8,4", ["SDPA bf16"]),
+    ("wkv", "1,8,4", ["minimodels cuda kernel, preallocated y", "minimodels cuda kernel, backward",
+                      "batch sweep"]),
+    ("s4d", "2,2,8", ["ref (materialised"]),
+    ("selective_scan", "1,2,8,2", ["pscan-style forward+backward"])])
+def test_every_benchmark_runs_on_the_cuda_path_in_the_simulator(kernel, shape, rows, capsys):
+    """``--device cuda`` under NUMBA_ENABLE_CUDASIM=1: the simulated kernels on CPU tensors,
+    the GPU-only rows (SDPA bf16, backward, the batch sweep) included; no GPU time column
+    (there is no GPU), and the header says the times are not measurements."""
+    assert bench.main([kernel, "--device", "cuda", "--shape", shape]) == 0
+    out = capsys.readouterr().out
+    assert "on cuda: Numba's CUDA simulator" in out and "minimodels cuda kernel" in out
+    for header in re.findall(r"^\| implementation \|.*$", out, flags=re.M):
+        assert "GPU ms" not in header  # no GPU, no GPU time
+    for row in rows:
+        assert row in out
+    assert not re.search(r"\bnan\b", out)
+    if kernel != "attention":  # each row's error against float64 (attention: tests/test_gpu.py)
+        assert re.search(r"(max err|rel\. error) \d", out)
+
+
+def test_save_writes_tables_and_plot_per_device(tmp_path, monkeypatch, capsys):
+    """``--save`` writes RESULTS/DEVICE/KERNEL.md and RESULTS/DEVICE.png (the same code path
+    for --device cuda on a GPU; here on the CPU at a tiny size, into a temporary folder)."""
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    assert bench.main(["scan", "--shape", "1,2,8", "--save"]) == 0
+    assert "| implementation |" in (tmp_path / "cpu" / "scan.md").read_text()
+    assert (tmp_path / "cpu.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"wrote {tmp_path / 'cpu.png'}" in capsys.readouterr().out
+
+
+def test_a_cuda_table_with_gpu_times_plots(tmp_path):
+    rows = [bench.Row("SDPA", 0.05, gpu_seconds=0.049), bench.Row("minimodels cuda kernel", 0.09,
+                                                                  "tiled", 0.088)]
+    (tmp_path / "cuda").mkdir()
+    (tmp_path / "cuda" / "attention.md").write_text(
+        "attention on cuda: H200\n\n" + bench.format_table(rows, reference="SDPA",
+                                                             floor_seconds=0.03) + "\n")
+    assert bench.plot_results("cuda", tmp_path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_save_refuses_simulated_cuda_times(monkeypatch, capsys):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    if not bench.cuda_available():
+        pytest.skip("numba.cuda cannot be imported")
+    with pytest.raises(SystemExit):
+        bench.main(["scan", "--device", "cuda", "--save"])
+    assert "simulated" in capsys.readouterr().err

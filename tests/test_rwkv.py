@@ -6,15 +6,10 @@ import pytest
 import torch
 from helpers import KERNELS, device_for, run_steps
 
+from minimodels import use_backend
 from minimodels.kernels.wkv import wkv
-from minimodels.models.rwkv import (
-    RWKVLM,
-    RWKVBlock,
-    RWKVChannelMix,
-    RWKVTimeMix,
-    aft_simple,
-    token_shift,
-)
+from minimodels.models import LM, Residual, state_numel
+from minimodels.models.rwkv import RWKVChannelMix, RWKVTimeMix, aft_simple, token_shift
 
 pytestmark = pytest.mark.ch03
 
@@ -23,10 +18,15 @@ D = 12
 
 
 
-def state_numel(state):
-    if isinstance(state, torch.Tensor):
-        return state.numel()
-    return sum(state_numel(s) for s in state if s is not None)
+def RWKVBlock(d, layer=0, n_layers=1):
+    """RWKV's block: x + TimeMix(LN(x)), then + ChannelMix(LN(·))."""
+    return Residual(d, RWKVTimeMix(d, layer, n_layers), RWKVChannelMix(d, layer, n_layers),
+                    torch.nn.LayerNorm)
+
+
+def RWKVLM(vocab, d_model, n_layers):
+    return LM(vocab, d_model, n_layers, mixer="rwkv", norm="layer", embed_norm=True,
+              tie_head=False)
 
 
 @pytest.mark.parametrize("make", [lambda: RWKVTimeMix(D), lambda: RWKVChannelMix(D),
@@ -35,12 +35,11 @@ def state_numel(state):
 def test_step_equals_forward(make, backend):
     torch.manual_seed(0)
     layer = make().double()
-    for m in layer.modules():
-        if isinstance(m, RWKVTimeMix):
-            m.backend = backend
     x = torch.randn(2, 11, D, dtype=torch.float64)
-    y, state = run_steps(layer, x)
-    torch.testing.assert_close(y, layer(x), rtol=1e-10, atol=1e-10)
+    with use_backend(backend):
+        y, state = run_steps(layer, x)
+        want = layer(x)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
 
 
 def test_state_size_is_constant():
@@ -57,7 +56,7 @@ def test_state_size_is_constant():
 
 def test_lm_step_equals_forward_and_generates():
     torch.manual_seed(0)
-    lm = RWKVLM(vocab=11, d_model=16, n_layers=2).double()
+    lm = RWKVLM(11, 16, 2).double()
     tokens = torch.randint(0, 11, (2, 9))
     logits = lm(tokens)
     assert logits.shape == (2, 9, 11)
@@ -126,18 +125,19 @@ def test_decays_are_nonnegative_and_spread():
 def test_training_through_kernel_backward_learns(backend):
     torch.manual_seed(0)
     dev = device_for(backend)
-    lm = RWKVLM(vocab=5, d_model=16, n_layers=1, backend=backend).to(dev)
+    lm = RWKVLM(5, 16, 1).to(dev)
     seq = torch.tensor([[0, 1, 2, 3, 4] * 4], device=dev)  # a cycle: next token is determined
     opt = torch.optim.Adam(lm.parameters(), lr=1e-2)
     losses = []
     for _ in range(40):
-        loss = torch.nn.functional.cross_entropy(lm(seq[:, :-1])[0], seq[0, 1:])
+        with use_backend(backend):
+            loss = torch.nn.functional.cross_entropy(lm(seq[:, :-1])[0], seq[0, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
-    assert lm.blocks[0].att.time_decay.grad is not None
+    assert lm.blocks[0].mixer.time_decay.grad is not None
 
 
 def test_bad_input():

@@ -1,11 +1,14 @@
 """linear_scan: every backend against references outside the kernel (a materialised dense
-matrix, in float64), gradients against autograd of the reference, and bad input."""
+matrix, in float64), gradients against autograd of the reference, ``out=``, the canonical
+example, and bad input."""
 
 import pytest
 import torch
 from helpers import ALL, KERNELS, device_for
 
-from minimodels.kernels.scan import linear_scan, linear_scan_ref
+import minimodels.kernels.scan as scan
+from minimodels.kernels._common import Example
+from minimodels.kernels.scan import example_inputs, linear_scan, linear_scan_ref
 
 SHAPES = [(1, 1, 1), (2, 3, 1), (2, 3, 37), (1, 33, 70), (3, 5, 64)]  # 33 rows / 70 steps: tails
 
@@ -22,11 +25,8 @@ def dense_scan(a, b, h0):
 
 
 def inputs(shape, dtype=torch.float64, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.rand(shape, generator=g, dtype=torch.float64) * 0.5 + 0.5  # decays in [0.5, 1)
-    b = torch.randn(shape, generator=g, dtype=torch.float64)
-    h0 = torch.randn(shape[:2], generator=g, dtype=torch.float64)
-    return [x.to(dtype=dtype, device=device) for x in (a, b, h0)]
+    """[a, b, h0] of the canonical example (a: decays in [0.5, 1)), in float64 by default."""
+    return list(example_inputs(shape, dtype=dtype, device=device, seed=seed).args)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -44,8 +44,8 @@ def test_backends_equal_dense_matrix(backend, shape, dtype):
     want = dense_scan(*inputs(shape, seed=sum(shape)))
     h = linear_scan(a, b, h0, backend=backend)
     assert h.dtype == dtype and h.shape == shape and h.device.type == dev.type
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(h.cpu().double(), want, rtol=tol, atol=tol)
+    ex = example_inputs(shape, dtype=dtype)
+    torch.testing.assert_close(h.cpu().double(), want, rtol=ex.rtol, atol=ex.atol)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -74,9 +74,22 @@ def test_non_contiguous_inputs(backend):
     )
 
 
-def test_empty_sequence():
-    a = torch.ones(2, 3, 0)
-    assert linear_scan(a, a, backend="cpu").shape == (2, 3, 0)
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_empty_sequence(backend, with_h0):
+    """Issue #13: l = 0 gives an empty (b, d, 0) on every backend (ref raised IndexError, or
+    torch.stack's error with h0), and the gradients are zeros of the inputs' shapes."""
+    dev = device_for(backend)
+    a, b = (torch.ones(2, 3, 0, dtype=torch.float64, device=dev, requires_grad=True)
+            for _ in range(2))
+    h0 = torch.ones(2, 3, dtype=torch.float64, device=dev, requires_grad=True)
+    args = (a, b, h0) if with_h0 else (a, b)
+    h = linear_scan(*args, backend=backend)
+    assert h.shape == (2, 3, 0) and h.dtype == torch.float64 and h.device.type == dev.type
+    grads = torch.autograd.grad(h.sum(), args, allow_unused=True)
+    for x, g in zip(args, grads, strict=True):
+        assert g is None or (g.shape == x.shape and not g.any())
+    assert grads[0] is not None and grads[1] is not None
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -117,3 +130,90 @@ def test_backward_kernel_equals_autograd_of_reference(backend, shape):
 def test_bad_input_names_the_argument(args, error, message):
     with pytest.raises(error, match=message):
         linear_scan(*args, backend="cpu")
+
+
+def test_example_inputs_are_the_canonical_call(monkeypatch):
+    ex = example_inputs((2, 3, 5), dtype=torch.float64, seed=4)
+    assert isinstance(ex, Example) and ex.kwargs == {}
+    a, b, h0 = ex.args
+    assert a.shape == b.shape == (2, 3, 5) and h0.shape == (2, 3) and a.dtype == torch.float64
+    assert ((a >= 0.5) & (a < 1)).all()
+    assert ex.sizes == {"batch": 2, "d_model": 3, "seqlen": 5}
+    assert (ex.rtol, ex.atol) == (1e-12, 1e-12)
+    ex32 = example_inputs((2, 3, 5), seed=4)  # float32 by default: the same values, rounded
+    assert ex32.args[0].dtype == torch.float32 and (ex32.rtol, ex32.atol) == (1e-5, 1e-5)
+    torch.testing.assert_close(ex32.args[0].double(), a, rtol=1e-7, atol=0)
+    assert not torch.equal(example_inputs((2, 3, 5), seed=5).args[1], ex32.args[1])
+    torch.testing.assert_close(ex.call(linear_scan, backend="cpu"), dense_scan(*ex.args),
+                               rtol=ex.rtol, atol=ex.atol)
+    assert scan.EXAMPLE_SHAPE == (8, 1024, 4096)  # the benchmark's size
+    monkeypatch.setattr(scan, "EXAMPLE_SHAPE", (1, 2, 3))
+    assert example_inputs().sizes == {"batch": 1, "d_model": 2, "seqlen": 3}
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_out_receives_the_result(backend, with_h0):
+    dev = device_for(backend)
+    a, b, h0 = inputs((2, 3, 37), device=dev, seed=2)
+    h0 = h0 if with_h0 else None
+    out = torch.full_like(a, torch.nan)
+    got = linear_scan(a, b, h0, backend=backend, out=out)
+    assert got is out
+    torch.testing.assert_close(out, linear_scan_ref(a, b, h0))
+
+
+def test_out_with_a_callable_backend_and_non_contiguous_inputs():
+    a, b, h0 = inputs((2, 5, 4), seed=3)
+    a_t = a.transpose(1, 2).contiguous().transpose(1, 2)
+    out = torch.empty_like(a)
+    assert linear_scan(a_t, b, h0, backend=linear_scan_ref, out=out) is out
+    torch.testing.assert_close(out, linear_scan_ref(a, b, h0))
+    assert linear_scan(a_t, b, h0, backend="cpu", out=out.zero_()) is out
+    torch.testing.assert_close(out, linear_scan_ref(a, b, h0))
+
+
+def test_out_refuses_inputs_that_require_grad_unless_no_grad():
+    a, b, h0 = inputs((1, 2, 3))
+    a.requires_grad_()
+    out = torch.empty_like(b)
+    with pytest.raises(ValueError, match="out= is for calls without autograd"):
+        linear_scan(a, b, h0, backend="cpu", out=out)
+    with torch.no_grad():
+        linear_scan(a, b, h0, backend="cpu", out=out)
+    torch.testing.assert_close(out, linear_scan_ref(a, b, h0).detach())
+
+
+@pytest.mark.parametrize(
+    "out, error, message",
+    [
+        (torch.empty(1, 2, 4, dtype=torch.float64), ValueError, r"out must have shape .* \(1, 2, 3\)"),
+        (torch.empty(1, 2, 3), TypeError, "out must be float64"),
+        (torch.empty(1, 3, 2, dtype=torch.float64).transpose(1, 2), ValueError, "out must be contiguous"),
+        (torch.empty(1, 2, 3, dtype=torch.float64, device="meta"), ValueError, "out must be on cpu"),
+        ([[0.0]], TypeError, "out must be a torch.Tensor"),
+    ],
+)
+def test_bad_out_names_the_argument(out, error, message):
+    a, b, h0 = inputs((1, 2, 3))
+    with pytest.raises(error, match=message):
+        linear_scan(a, b, h0, backend="cpu", out=out)
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (([1.0], torch.ones(1)), TypeError, "a must be a torch.Tensor"),
+        ((torch.ones(3), None), TypeError, "b must be a torch.Tensor"),
+        ((torch.ones(3, dtype=torch.int64),) * 2, TypeError, "a must be float32 or float64"),
+        ((torch.tensor(0.5), torch.tensor(1.0)), ValueError, "a must have at least one dim"),
+        ((torch.ones(2, 3), torch.ones(2, 3).double()), TypeError, "b must be float32 like a"),
+        ((torch.ones(2, 3), torch.ones(3)), ValueError, r"b must have the shape of a, .* \(2, 3\)"),
+        ((torch.ones(2, 1), torch.ones(2, 3)), ValueError, r"b must have the shape of a"),
+        ((torch.ones(2, 3), torch.ones(2, 3, device="meta")), ValueError, "b must be on cpu"),
+    ],
+)
+def test_parallel_scan_bad_input_names_the_argument(args, error, message):
+    """Issue #13: parallel_scan checked nothing (int tensors and broadcast shapes passed)."""
+    with pytest.raises(error, match=message):
+        scan.parallel_scan(*args)

@@ -1,20 +1,20 @@
 """selective_scan: every backend against the reference and against a reference outside the
 kernel (the (b, d, l, n) expansion materialised with cumulative products), gradients of every
-input against autograd of the reference in float64, parallel_scan against linear_scan, and bad
-input."""
+input against autograd of the reference in float64, parallel_scan against linear_scan, the
+canonical example, and bad input."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import ALL, KERNELS, device_for
 
-from minimodels.kernels.scan import linear_scan
-from minimodels.kernels.selective_scan import (
-    combine,
-    parallel_scan,
-    selective_scan,
-    selective_scan_ref,
-)
+import minimodels.kernels.scan as scan
+import minimodels.kernels.selective_scan as ss
+import minimodels.kernels.selective_scan.cuda as ss_cuda
+from minimodels.backend import cuda_simulated
+from minimodels.kernels._common import Example
+from minimodels.kernels.scan import combine, linear_scan, parallel_scan
+from minimodels.kernels.selective_scan import example_inputs, selective_scan, selective_scan_ref
 
 pytestmark = pytest.mark.ch05
 
@@ -22,19 +22,42 @@ NAMES = "u delta A B C D z delta_bias".split()
 
 
 def inputs(b, d, l, n, *, var_B=True, var_C=True, dtype=torch.float64, device="cpu", seed=0):
-    """[u, delta, A, B, C, D, z, delta_bias], drawn in float64 then cast (same values for any
-    dtype and device)."""
-    g = torch.Generator().manual_seed(seed)
+    """[u, delta, A, B, C, D, z, delta_bias] of the canonical (Mamba-style) example, float64 by
+    default; the same values for any dtype and device."""
+    return list(example_inputs((b, d, l, n), dtype=dtype, device=device, seed=seed, var_B=var_B,
+                               var_C=var_C).args)
 
-    def r(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    u, delta = r(b, d, l), 0.5 * r(b, d, l)
-    A = -(torch.rand(d, n, generator=g, dtype=torch.float64) + 0.1)  # decaying
-    B = r(b, n, l) if var_B else r(d, n)
-    C = r(b, n, l) if var_C else r(d, n)
-    D, z, bias = r(d), r(b, d, l), 0.3 * r(d)
-    return [x.to(dtype=dtype, device=device) for x in (u, delta, A, B, C, D, z, bias)]
+def test_example_inputs_are_the_canonical_call(monkeypatch):
+    ex = example_inputs((2, 3, 5, 4), dtype=torch.float64, seed=1, var_C=False)
+    assert isinstance(ex, Example) and ex.kwargs == {"delta_softplus": True}
+    u, delta, A, B, C, D, z, bias = ex.args
+    assert u.shape == delta.shape == z.shape == (2, 3, 5) and A.shape == (3, 4)
+    assert B.shape == (2, 4, 5) and C.shape == (3, 4) and D.shape == bias.shape == (3,)
+    assert (A < 0).all() and delta.mean() < -1  # a decaying state; small steps after softplus
+    assert ex.sizes == {"batch": 2, "d_model": 3, "seqlen": 5, "d_state": 4}
+    assert (ex.rtol, ex.atol) == (1e-12, 1e-12)
+    ex32 = example_inputs((2, 3, 5, 4), seed=1, var_C=False)
+    assert u.dtype == torch.float64 and ex32.args[0].dtype == torch.float32
+    assert (ex32.rtol, ex32.atol) == (2e-5, 2e-5)
+    torch.testing.assert_close(ex32.args[2].double(), A, rtol=1e-7, atol=0)  # same values
+    torch.testing.assert_close(ex.call(selective_scan, backend="cpu"),
+                               expanded(*ex.args, softplus=True)[0], rtol=ex.rtol, atol=ex.atol)
+    assert ss.EXAMPLE_SHAPE == (1, 1536, 4096, 16)  # the benchmark's size
+    monkeypatch.setattr(ss, "EXAMPLE_SHAPE", (1, 2, 3, 4))
+    assert example_inputs().sizes == {"batch": 1, "d_model": 2, "seqlen": 3, "d_state": 4}
+
+
+def test_public_names_keep_their_import_paths():
+    """parallel_scan and combine live in kernels/scan.py; chapter 05 also finds them here."""
+    import minimodels
+
+    assert ss.parallel_scan is scan.parallel_scan is minimodels.parallel_scan
+    assert ss.combine is scan.combine
+    assert minimodels.selective_scan is ss.selective_scan
+    assert set(ss.IMPLS) == {"ref", "cpu", "cuda"}
+    assert ss.IMPLS["cpu"] is ss.selective_scan_cpu and ss.IMPLS["cuda"] is ss.selective_scan_cuda
+    assert not hasattr(scan, "selective_scan")  # no lazy re-export (and no import cycle)
 
 
 def expanded(u, delta, A, B, C, D, z, delta_bias, softplus):
@@ -99,10 +122,18 @@ def call(fn, args, opts, **kw):
               bias if opts["delta_bias"] else None, opts["softplus"], **kw)
 
 
+def positive_delta(args, opts):
+    """Without softplus, delta is Δ itself: pass the example's Δ = softplus(delta) (positive)."""
+    if not opts["softplus"]:
+        args[1] = F.softplus(args[1])
+    return args
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("opts", OPTIONS)
 def test_optional_arguments(backend, opts):
-    args = inputs(2, 3, 21, 4, var_C=False, device=device_for(backend), seed=3)
+    args = positive_delta(inputs(2, 3, 21, 4, var_C=False, device=device_for(backend), seed=3),
+                          opts)
     got = call(selective_scan, args, opts, return_last_state=True, backend=backend)
     want = call(selective_scan_ref, args, opts, return_last_state=True)
     for x, w in zip(got, want, strict=True):
@@ -133,9 +164,65 @@ def test_growing_states_with_positive_A(backend):
 @pytest.mark.parametrize("backend", KERNELS)
 def test_large_delta_passes_through_softplus_like_torch(backend):
     u, delta, A, B, C, D, z, bias = inputs(1, 2, 9, 3, device=device_for(backend))
-    delta = delta * 30  # some entries above softplus's threshold of 20
+    delta = (delta + 2.0) * 30  # some entries above softplus's threshold of 20, some far below
+    assert (delta > 20).any() and (delta < 0).any()
     got = selective_scan(u, delta, A, B, C, delta_softplus=True, backend=backend)
     torch.testing.assert_close(got, selective_scan_ref(u, delta, A, B, C, delta_softplus=True))
+
+
+def overflow_inputs(l, dtype, device, delta):
+    """u, delta, A, B, C (b = 1, d = 2, n = 2) with u, B, C in [0.5, 1.5) and A = -100 in
+    float32 (-1000 in float64): a step with Δ = -1 has Δ A = 100 (1000), e^{Δ A} = inf."""
+    g = torch.Generator().manual_seed(l)
+    u, B, C = (torch.rand(1, 2, l, generator=g, dtype=torch.float64) + 0.5 for _ in range(3))
+    A = torch.full((2, 2), -100.0 if dtype == torch.float32 else -1000.0, dtype=torch.float64)
+    return [x.to(dtype=dtype, device=device) for x in (u, delta, A, B, C)]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overflow_of_a_growing_state_is_inf_on_every_backend(backend, dtype):
+    """Issue #13: without softplus Δ < 0 is allowed, so Δ A > 0 although A ≤ 0. The exact
+    state overflows (e^100 x in float32, e^1000 x in float64): every backend returns -inf
+    there (the CPU's exp_neg gave finite garbage), and the exact, finite first step (x_{-1} = 0
+    is not decayed: ref and cuda gave NaN from inf · 0)."""
+    if backend == "cuda" and dtype == torch.float64 and cuda_simulated():
+        pytest.skip("the simulator's math.exp raises OverflowError in float64")
+    dev = device_for(backend)
+    u, delta, A, B, C = overflow_inputs(6, dtype, dev, -torch.ones(1, 2, 6))
+    y, last = selective_scan(u, delta, A, B, C, return_last_state=True, backend=backend)
+    y0 = -(B[:, None, :, 0] * C[:, None, :, 0]).sum(-1) * u[..., 0]  # Δ = -1: x_0 = -B u
+    torch.testing.assert_close(y[..., 0], y0)
+    assert torch.isneginf(y[..., 1:]).all() and torch.isneginf(last).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overflowing_decay_at_the_first_step_only_stays_finite(backend, dtype):
+    """Δ_0 = -2 (e^{Δ_0 A} = inf) multiplies x_{-1} = 0, then small Δ: the exact result is
+    finite, forward and backward, on every backend (l = 40 crosses chunks and, in the
+    simulator, the cuda forward's segments, whose composition skips segment 0's decay)."""
+    dev = device_for(backend)
+    delta = torch.full((1, 2, 40), 0.05, dtype=torch.float64)
+    delta[..., 0] = -2.0
+    args = overflow_inputs(40, dtype, dev, delta)
+    zero, gate = torch.zeros(2, dtype=torch.float64), torch.ones(1, 2, 40, dtype=torch.float64)
+    want_y, want_last = expanded(*(x.cpu().double() for x in args), zero, gate, zero,
+                                 softplus=False)
+    want_y = want_y / F.silu(gate)  # expanded always gates; undo it
+    y, last = selective_scan(*args, return_last_state=True, backend=backend)
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(y.cpu().double(), want_y, rtol=tol, atol=tol)
+    torch.testing.assert_close(last.cpu().double(), want_last, rtol=tol, atol=tol)
+    if dtype == torch.float64:  # gradients: finite, and equal to autograd of the reference
+        opts = dict(D=False, z=False, delta_bias=False, softplus=False)
+        off = torch.zeros(2, dtype=dtype, device=dev)
+        full = [*args, off, args[0], off]  # D, z, delta_bias: placeholders that opts leave out
+        got = grads(lambda *a, **k: selective_scan(*a, **k, backend=backend), full, opts)
+        ref = grads(selective_scan_ref, full, opts)
+        for name in ref:
+            assert torch.isfinite(ref[name]).all(), name
+            torch.testing.assert_close(got[name], ref[name], msg=lambda m, n=name: f"∂{n}: {m}")
 
 
 def grads(fn, args, opts, seed=1):
@@ -165,7 +252,8 @@ def test_backward_kernel_equals_autograd_of_reference(backend, shape, var_B, var
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("opts", OPTIONS[:3])
 def test_backward_without_optional_arguments(backend, opts):
-    args = inputs(2, 2, 19, 3, var_B=False, device=device_for(backend), seed=11)
+    args = positive_delta(inputs(2, 2, 19, 3, var_B=False, device=device_for(backend), seed=11),
+                          opts)
     got = grads(lambda *a, **k: selective_scan(*a, **k, backend=backend), args, opts)
     want = grads(selective_scan_ref, args, opts)
     assert set(got) == set(want)
@@ -206,9 +294,9 @@ def test_non_contiguous_inputs(backend):
 
 
 def test_float32_long_sequence_stays_accurate():
-    args = inputs(1, 3, 2000, 4, dtype=torch.float32)
-    want = selective_scan_ref(*inputs(1, 3, 2000, 4), True)
-    err = (selective_scan(*args, True, backend="cpu").double() - want).abs().max()
+    ex = example_inputs((1, 3, 2000, 4))
+    want = example_inputs((1, 3, 2000, 4), dtype=torch.float64).call(selective_scan_ref)
+    err = (ex.call(selective_scan, backend="cpu").double() - want).abs().max()
     assert err < 1e-4 * want.abs().max()
 
 
@@ -220,9 +308,8 @@ def test_empty_sequence():
 
 @pytest.mark.parametrize("l", [1, 2, 5, 8, 13, 64])
 def test_parallel_scan_equals_linear_scan(l):
-    g = torch.Generator().manual_seed(l)
-    a = torch.rand(2, 3, l, generator=g, dtype=torch.float64)
-    b = torch.randn(2, 3, l, generator=g, dtype=torch.float64)
+    a, b, _ = scan.example_inputs((2, 3, l), dtype=torch.float64, seed=l).args
+    a = a * 2 - 1  # decays in [0, 1)
     torch.testing.assert_close(parallel_scan(a, b), linear_scan(a, b, backend="ref"))
 
 
@@ -282,7 +369,7 @@ def test_bad_input_names_the_argument(change, error, message):
 
 def test_cuda_refuses_a_too_large_state():
     from minimodels.backend import cuda_available
-    from minimodels.kernels.selective_scan import N_MAX, _fwd_cuda
+    from minimodels.kernels.selective_scan.cuda import N_MAX, _fwd_cuda
 
     if not cuda_available():
         pytest.skip("no cuda backend")
@@ -322,19 +409,28 @@ def test_cuda_forward_segments_equal_one_pass(l, monkeypatch):
     """The CUDA forward splits the sequence into segments when b·d gives too few blocks (pass 1
     runs each segment from zero; pass 2 restarts each from the composed earlier segments).
     One segment and as many as there are chunks give the same y, x_L and gradients."""
-    import minimodels.kernels.selective_scan as ss
     from minimodels.backend import cuda_available
 
     if not cuda_available():
         pytest.skip("no cuda backend")
     args = inputs(1, 3, l, 5, var_B=True, var_C=False, device=device_for("cuda"), seed=4)
-    results = []
+    kernel, first_passes = ss_cuda._forward_kernel, []
+
+    def spy(*a):
+        first_passes.append(len(a) == 7 and a[6] is True)  # first_pass=True: segments > 1
+        return kernel(*a)
+
+    monkeypatch.setattr(ss_cuda, "_forward_kernel", spy)
+    results, split = [], []
     for target in (1, 10**6):  # one segment; one segment per chunk
-        monkeypatch.setattr(ss, "TARGET_BLOCKS", target)
+        monkeypatch.setattr(ss_cuda, "TARGET_BLOCKS", target)
+        first_passes.clear()
         params = [a.detach().clone().requires_grad_() for a in args]
         y, last = selective_scan(*params, True, return_last_state=True, backend="cuda")
         grads = torch.autograd.grad((y.sum() + last.sum()), params)
         results.append((y, last, *grads))
+        split.append(any(first_passes))
+    assert split == [False, l > ss_cuda.CHUNK]  # the patch reached the launcher
     want_y, want_last = selective_scan_ref(*args, True, return_last_state=True)
     torch.testing.assert_close(results[1][0], want_y)
     torch.testing.assert_close(results[1][1], want_last)

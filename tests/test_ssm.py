@@ -4,7 +4,9 @@ against materialised matrix powers, recurrence = convolution, and the S4D layer'
 import numpy as np
 import pytest
 import torch
+from helpers import ALL, device_for, run_steps
 
+from minimodels import use_backend
 from minimodels.models.ssm import (
     METHODS,
     S4D,
@@ -139,15 +141,13 @@ def test_recurrent_equals_convolutional(L):
     torch.testing.assert_close(ssm_convolutional(Ad, Bd, C, u), ssm_recurrent(Ad, Bd, C, u))
 
 
-def test_causal_fft_conv_equals_direct_convolution():
-    g = torch.Generator().manual_seed(4)
-    u, K = torch.randn(2, 3, 33, dtype=torch.float64, generator=g), torch.randn(
-        3, 33, dtype=torch.float64, generator=g)
-    direct = torch.stack([(K[..., : k + 1].flip(-1) * u[..., : k + 1]).sum(-1)
-                          for k in range(33)], -1)
-    torch.testing.assert_close(causal_fft_conv(u, K), direct)
+def test_causal_fft_conv_is_reexported_from_the_kernel_module():
+    """Chapters import it from models.ssm; it lives in kernels/long_conv.py (tested there)."""
+    from minimodels.kernels import long_conv
+
+    assert causal_fft_conv is long_conv.causal_fft_conv
     with pytest.raises(ValueError, match="K must have length"):
-        causal_fft_conv(u, K[..., :5])
+        causal_fft_conv(torch.zeros(2, 8), torch.zeros(2, 5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -175,8 +175,53 @@ def test_s4d_learns_gradients_and_bad_d_state():
         S4D(3, 5)
 
 
-def test_s4d_kernel_equals_s4d_kernel_reference():
-    from minimodels.kernels.ssm_kernel import s4d_kernel_ref
+def old_s4d_forward(layer, x):
+    """The layer's forward before it called s4d_kernel: its kernel in PyTorch (real arithmetic
+    for the powers), then the FFT convolution and D·u. x (b, l, d) -> (b, l, d)."""
+    A, C, dt = layer.ssm()
+    dtA = dt[:, None] * A  # (d, n)
+    w = 2 * C * torch.expm1(dtA) / A  # (d, n): 2·C·B̄
+    l = torch.arange(x.shape[1], dtype=dt.dtype)
+    mag = torch.exp(dtA.real[..., None] * l)  # (d, n, l)
+    phase = dtA.imag[..., None] * l  # (d, n, l)
+    K = (mag * (w.real[..., None] * torch.cos(phase) - w.imag[..., None] * torch.sin(phase))
+         ).sum(1)  # (d, l)
+    u = x.transpose(1, 2)  # (b, d, l)
+    return (causal_fft_conv(u, K) + layer.D[:, None] * u).transpose(1, 2)
 
-    layer = S4D(3, 6, seed=1).double()
-    torch.testing.assert_close(layer.kernel(50), s4d_kernel_ref(*layer.ssm(), 50))
+
+@pytest.mark.parametrize("backend", ALL)
+def test_s4d_forward_on_each_backend_equals_the_old_formula(backend):
+    """float64; the cuda backend (the simulator in CI) at a tiny size."""
+    dev = device_for(backend)
+    layer = S4D(3, 6, seed=1).double().to(dev)
+    x = torch.randn(2, 29, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = x.to(dev)
+    y = S4D(3, 6, seed=1, backend=backend).double().to(dev)(x)
+    with use_backend(backend):
+        y_ctx = layer(x)
+    want = old_s4d_forward(layer, x)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y_ctx, want, rtol=1e-10, atol=1e-12)
+    g = torch.randn(y.shape, dtype=torch.float64, device=dev)
+    got = torch.autograd.grad(y_ctx, list(layer.parameters()), g)
+    expected = torch.autograd.grad(want, list(layer.parameters()), g)
+    for (name, _), a, b in zip(layer.named_parameters(), got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    ys, _ = run_steps(layer, x)
+    torch.testing.assert_close(ys, y, rtol=1e-10, atol=1e-11)
+
+
+def test_s4d_parameters_unchanged_by_the_kernel_switch():
+    """Parameter names, shapes, creation order and the RNG draws are the chapter's."""
+    layer = S4D(4, 8, seed=3)
+    names = [name for name, _ in layer.named_parameters()]
+    assert names == ["log_A_real", "A_imag", "C", "log_dt", "D"]
+    g = torch.Generator().manual_seed(3)
+    C = torch.randn(4, 4, 2, generator=g) * 0.5 ** 0.5
+    u = torch.rand(4, generator=g)
+    D = torch.randn(4, generator=g)
+    torch.testing.assert_close(layer.C.data, C)
+    torch.testing.assert_close(layer.log_dt.data, torch.log(torch.tensor(1e-3))
+                               + u * (torch.log(torch.tensor(1e-1)) - torch.log(torch.tensor(1e-3))))
+    torch.testing.assert_close(layer.D.data, D)

@@ -1,12 +1,16 @@
 """wkv: every backend against the WKV formula materialised as a dense causal softmax in float64
 (a reference outside the kernels' log-space recurrence), large keys in float32, state
-resumption, gradients against autograd of the reference, and bad input."""
+resumption, gradients against autograd of the reference, ``out=``, the canonical example, and
+bad input."""
 
 import pytest
 import torch
 from helpers import ALL, KERNELS, device_for
 
-from minimodels.kernels.wkv import wkv, wkv_ref, wkv_state0
+import minimodels.kernels.wkv as W
+import minimodels.kernels.wkv.cpu as W_cpu
+from minimodels.kernels._common import Example
+from minimodels.kernels.wkv import example_inputs, wkv, wkv_ref, wkv_state0
 
 pytestmark = pytest.mark.ch03
 
@@ -28,14 +32,11 @@ def dense_wkv(w, u, k, v):
 
 
 def inputs(shape, dtype=torch.float64, device="cpu", seed=0, k_scale=2.0):
-    b, l, c = shape
-    g = torch.Generator().manual_seed(seed)
-    w = torch.rand(c, generator=g, dtype=torch.float64) * 3  # decay rates in [0, 3)
+    """[w, u, k, v] of the canonical example (decay rates in [0, 2)), float64 by default, with
+    w[0] = 0 and k scaled by ``k_scale`` (the same values for any dtype and device)."""
+    w, u, k, v = example_inputs(shape, dtype=torch.float64, seed=seed).args
     w[0] = 0.0  # no decay at all: a plain causal average weighted by e^k
-    u = torch.randn(c, generator=g, dtype=torch.float64)
-    k = torch.randn(b, l, c, generator=g, dtype=torch.float64) * k_scale
-    v = torch.randn(b, l, c, generator=g, dtype=torch.float64)
-    return [x.to(dtype=dtype, device=device) for x in (w, u, k, v)]
+    return [x.to(dtype=dtype, device=device) for x in (w, u, k * k_scale, v)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -53,8 +54,8 @@ def test_backends_equal_dense_softmax(backend, shape, dtype):
     want = dense_wkv(*inputs(shape, seed=sum(shape)))
     y = wkv(*args, backend=backend)
     assert y.dtype == dtype and y.shape == shape and y.device.type == dev.type
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(y.cpu().double(), want, rtol=tol, atol=tol)
+    ex = example_inputs(shape, dtype=dtype)
+    torch.testing.assert_close(y.cpu().double(), want, rtol=ex.rtol, atol=ex.atol)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -143,6 +144,30 @@ def test_backward_with_large_keys_in_float32(backend):
         torch.testing.assert_close(g.cpu().double(), wnt, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_w_gradient_with_large_decay_and_keys_in_float32(backend):
+    """Issue #13: w = 16, k = ±60: one token dominates each state and ∂L/∂w is ~1e-7 in some
+    channels. Summing g (∂a/∂w - y ∂b/∂w) / den in float32 cancelled two nearly equal terms
+    (errors of 1e-6, 230%); the kernels now carry ∂a/∂w - m ∂b/∂w about the state's mean."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(13)
+    c, l = 16, 100
+    w = torch.full((c,), 16.0, dtype=torch.float64)
+    u = torch.randn(c, generator=g, dtype=torch.float64)
+    k = 60.0 * torch.sign(torch.randn(1, l, c, generator=g, dtype=torch.float64))
+    v = torch.randn(1, l, c, generator=g, dtype=torch.float64)
+    gy = torch.randn(1, l, c, generator=g, dtype=torch.float64)
+    a64 = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    want = torch.autograd.grad(wkv_ref(*a64), a64, gy)
+    assert want[0].abs().min() < 1e-6  # the channels that went wrong
+    a32 = [x.float().to(dev).requires_grad_() for x in (w, u, k, v)]
+    got = torch.autograd.grad(wkv(*a32, backend=backend), a32, gy.float().to(dev))
+    torch.testing.assert_close(got[0].cpu().double(), want[0], rtol=1e-4, atol=1e-7)
+    for name, x, y in zip("ukv", got[1:], want[1:], strict=True):
+        torch.testing.assert_close(x.cpu().double(), y, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_non_contiguous_inputs(backend):
     dev = device_for(backend)
@@ -158,15 +183,15 @@ def test_non_contiguous_inputs(backend):
 def test_cpu_kernel_blocks_of_channels(dtype, threads, monkeypatch):
     """The CPU forward splits channels into blocks by thread count (small calls use one block):
     force the split of a large call, with a short last block, against the dense softmax."""
-    import minimodels.kernels.wkv as W
-
-    block = W._block
+    block, calls = W_cpu._block, []
     assert [block(b, 2048, t) for b, t in [(1, 2), (3, 2), (4, 2), (1, 1)]] == [1024] * 2 + [2048] * 2
     shape = (3, 9, 37)  # 37 channels: blocks of 16 or 32 leave a short last block
-    monkeypatch.setattr(W, "_block", lambda b, c, t: block(b, c, threads))
+    monkeypatch.setattr(W_cpu, "_block", lambda b, c, t: calls.append(t) or block(b, c, threads))
     w, u, k, v = inputs(shape, dtype, seed=11)
     y, s = wkv(w, u, k, v, return_state=True, backend="cpu")
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert calls  # the patch reached the kernel's wrapper
+    ex = example_inputs(shape, dtype=dtype)
+    tol = ex.rtol
     torch.testing.assert_close(y.double(), dense_wkv(*inputs(shape, seed=11)), rtol=tol, atol=tol)
     torch.testing.assert_close(s, wkv_ref(w, u, k, v, return_state=True)[1], rtol=tol, atol=tol)
     if dtype == torch.float64:  # the backward kernel uses the same blocks
@@ -193,6 +218,18 @@ def test_negative_decay_is_a_value_error():
         wkv(w, u, k, v)
 
 
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("name, value", [("u", torch.inf), ("u", -torch.inf), ("u", torch.nan),
+                                         ("w", torch.inf), ("w", torch.nan)])
+def test_non_finite_u_or_w_is_a_value_error(backend, name, value):
+    """Issue #13: u = +inf gave y = v on the CPU and NaN on ref and cuda. A non-finite decay or
+    bonus is a diverged parameter: every backend refuses it, naming the argument."""
+    args = dict(zip("wukv", inputs((1, 4, 3), device=device_for(backend)), strict=True))
+    args[name][1] = value
+    with pytest.raises(ValueError, match=f"{name} must be .*finite"):
+        wkv(*args.values(), backend=backend)
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [
@@ -211,3 +248,73 @@ def test_bad_input(change, error, match):
     args = change({"w": w, "u": u, "k": k, "v": v, "state": None})
     with pytest.raises(error, match=match):
         wkv(args["w"], args["u"], args["k"], args["v"], state=args["state"], backend="cpu")
+
+
+def test_example_inputs_are_the_canonical_call(monkeypatch):
+    ex = example_inputs((2, 5, 3), dtype=torch.float64, seed=6)
+    assert isinstance(ex, Example) and ex.kwargs == {}
+    w, u, k, v = ex.args
+    assert w.shape == u.shape == (3,) and k.shape == v.shape == (2, 5, 3)
+    assert ((w >= 0) & (w < 2)).all()
+    assert ex.sizes == {"batch": 2, "seqlen": 5, "d_model": 3}
+    assert (ex.rtol, ex.atol) == (1e-12, 1e-12)
+    ex32 = example_inputs((2, 5, 3), seed=6)
+    assert ex32.args[2].dtype == torch.float32 and (ex32.rtol, ex32.atol) == (2e-5, 2e-5)
+    torch.testing.assert_close(ex32.args[2].double(), k, rtol=1e-7, atol=0)  # same values
+    torch.testing.assert_close(ex.call(wkv, backend="cpu"), dense_wkv(*ex.args),
+                               rtol=ex.rtol, atol=ex.atol)
+    assert W.EXAMPLE_SHAPE == (1, 4096, 2048)  # the benchmark's size
+    monkeypatch.setattr(W, "EXAMPLE_SHAPE", (1, 2, 3))
+    assert example_inputs().sizes == {"batch": 1, "seqlen": 2, "d_model": 3}
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_out_receives_the_result(backend, with_state):
+    dev = device_for(backend)
+    w, u, k, v = inputs((2, 11, 6), device=dev, seed=12)
+    state = wkv_ref(w, u, k, v, return_state=True)[1] if with_state else None
+    state_before = None if state is None else state.clone()
+    out = torch.full_like(k, torch.nan)
+    y, s = wkv(w, u, k, v, state=state, return_state=True, backend=backend, out=out)
+    assert y is out
+    want, want_s = wkv_ref(w, u, k, v, state=state, return_state=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(s, want_s)
+    if state is not None:
+        assert torch.equal(state, state_before)  # the caller's state is not updated in place
+    assert wkv(w, u, k, v, state=state, backend=backend, out=out.zero_()) is out
+    torch.testing.assert_close(out, want)
+
+
+def test_out_with_a_callable_backend():
+    w, u, k, v = inputs((1, 4, 3), seed=13)
+    out = torch.empty_like(k)
+    assert wkv(w, u, k, v, backend=wkv_ref, out=out) is out
+    torch.testing.assert_close(out, wkv_ref(w, u, k, v))
+
+
+def test_out_refuses_inputs_that_require_grad_unless_no_grad():
+    w, u, k, v = inputs((1, 4, 3))
+    v.requires_grad_()
+    out = torch.empty_like(k)
+    with pytest.raises(ValueError, match="out= is for calls without autograd"):
+        wkv(w, u, k, v, backend="cpu", out=out)
+    with torch.no_grad():
+        wkv(w, u, k, v, backend="cpu", out=out)
+    torch.testing.assert_close(out, wkv_ref(w, u, k, v).detach())
+
+
+@pytest.mark.parametrize(
+    "out, error, message",
+    [
+        (torch.empty(2, 4, 2, dtype=torch.float64), ValueError, r"out must have shape \(b, l, c\) = \(2, 4, 3\)"),
+        (torch.empty(2, 4, 3), TypeError, "out must be float64"),
+        (torch.empty(2, 3, 4, dtype=torch.float64).transpose(1, 2), ValueError, "out must be contiguous"),
+        (torch.empty(2, 4, 3, dtype=torch.float64, device="meta"), ValueError, "out must be on cpu"),
+    ],
+)
+def test_bad_out_names_the_argument(out, error, message):
+    w, u, k, v = inputs((2, 4, 3))
+    with pytest.raises(error, match=message):
+        wkv(w, u, k, v, backend="cpu", out=out)

@@ -19,8 +19,8 @@ from importlib import metadata
 
 from minimodels.backend import BackendUnavailable, available_backends, resolve, use_backend
 from minimodels.kernels.attention import attention
-from minimodels.kernels.scan import linear_scan
-from minimodels.kernels.selective_scan import parallel_scan, selective_scan
+from minimodels.kernels.scan import linear_scan, parallel_scan
+from minimodels.kernels.selective_scan import selective_scan
 from minimodels.kernels.ssm_kernel import s4d_kernel
 from minimodels.kernels.wkv import wkv
 

@@ -5,11 +5,19 @@
     python -m minimodels.bench attention             # one module per kernel: minimodels.benchmarks
     python -m minimodels.bench all --save            # every kernel; tables and a plot saved
                                                      # under kernels/results/ (make bench)
+    python -m minimodels.bench all --device cuda --save   # the same on a GPU: results/cuda/
 
 Every row is reported as milliseconds, as a ratio to the reference and as a multiple of the
 memory floor: the bytes the op must move (each input read once, each output written once)
 over the bandwidth of a large copy measured on the same device in the same run. Absolute
-times mean little on shared machines; ratios in one run do.
+times mean little on shared machines; ratios in one run do. On a real GPU each row also has
+its GPU time (``gpu_time``: the kernels alone, without the host's launch overhead).
+
+Inputs come from each op's ``example_inputs`` (``minimodels.kernels.<op>``), so benchmarks,
+tests and chapters time and check the same tensors. Under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``) ``--device cuda`` runs every row of a benchmark on CPU tensors
+through the simulated kernels at whatever ``--shape`` is given: a test of the code paths, not a
+measurement (``--save`` refuses it).
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from minimodels.backend import cuda_available, cuda_simulated
 from minimodels.kernels.fastexp import exp_neg
 
-__all__ = ["Row", "copy_bandwidth", "exp_neg_rate", "exp_rate", "format_table", "machine",
-           "sweep", "timeit"]
+__all__ = ["Row", "convert", "copy_bandwidth", "exp_neg_rate", "exp_rate", "format_table",
+           "gpu_time", "machine", "measure", "real_gpu", "sweep", "tensor_device", "timeit"]
 
 
 def _sync(device: torch.device | str) -> None:
@@ -78,6 +87,29 @@ def gpu_time(fn: Callable[[], object], repeat: int = 10) -> float:
             fn()
         torch.cuda.synchronize()
     return sum(e.device_time_total for e in prof.key_averages()) / repeat / 1e6
+
+
+def real_gpu() -> bool:
+    """True when a real CUDA GPU runs the ``cuda`` backend (not Numba's simulator)."""
+    return cuda_available() and not cuda_simulated()
+
+
+def tensor_device(device: str) -> str:
+    """Where a benchmark's tensors live: ``device``, except that the CUDA simulator runs the
+    ``cuda`` backend on CPU tensors (torch has no GPU there)."""
+    return "cpu" if device == "cuda" and cuda_simulated() else device
+
+
+def convert(example, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A copy of an op's ``Example`` with ``fn`` applied to every tensor among its args and
+    kwargs (``convert(ex, torch.Tensor.double)``; ``lambda t: t.detach().requires_grad_()``)."""
+    import dataclasses
+
+    def apply(x):
+        return fn(x) if isinstance(x, torch.Tensor) else x
+
+    return dataclasses.replace(example, args=tuple(apply(x) for x in example.args),
+                               kwargs={k: apply(v) for k, v in example.kwargs.items()})
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 1 << 30) -> float:
@@ -138,29 +170,52 @@ def sweep(
 
 @dataclass
 class Row:
+    """One implementation's time: ``seconds`` of wall clock (``timeit``), and on a real GPU
+    ``gpu_seconds``, the device time of its kernels alone (``gpu_time``)."""
+
     name: str
     seconds: float
     note: str = ""
+    gpu_seconds: float | None = None
+
+
+def measure(name: str, fn: Callable[[], object], device: str = "cpu", note: str = "", *,
+            gpu_repeat: int = 10, **timeit_kwargs) -> Row:
+    """A ``Row`` for ``fn()``: its median wall time (``timeit(fn, **timeit_kwargs)``) and, on a
+    real GPU, its GPU time. Under the CUDA simulator every call is slow and meaningless as a
+    time: ``fn`` runs once after one warm-up."""
+    if device == "cuda" and cuda_simulated():
+        timeit_kwargs.update(warmup=1, repeat=1)
+    seconds = timeit(fn, device=tensor_device(device), **timeit_kwargs)
+    gpu = gpu_time(fn, repeat=gpu_repeat) if device == "cuda" and real_gpu() else None
+    return Row(name, seconds, note, gpu)
 
 
 def format_table(rows: Sequence[Row], *, reference: str, floor_seconds: float) -> str:
-    """A Markdown table: ms, speed-up over ``reference`` and multiple of the floor."""
+    """A Markdown table: ms, speed-up over ``reference`` and multiple of the floor (and a column
+    of GPU ms when a row has its GPU time)."""
     ref = next(r.seconds for r in rows if r.name == reference)
+    gpu = any(r.gpu_seconds is not None for r in rows)
     lines = [
-        "| implementation | ms | speed-up vs ref | x floor | note |",
-        "|---|---:|---:|---:|---|",
+        "| implementation | ms | speed-up vs ref | x floor |" + (" GPU ms |" if gpu else "")
+        + " note |",
+        "|---|---:|---:|---:|" + ("---:|" if gpu else "") + "---|",
     ]
     for r in rows:
+        gpu_ms = "-" if r.gpu_seconds is None else f"{r.gpu_seconds * 1e3:.3g}"
         lines.append(
             f"| {r.name} | {r.seconds * 1e3:.3g} | {ref / r.seconds:.3g}x | "
-            f"{r.seconds / floor_seconds:.2f} | {r.note} |"
+            f"{r.seconds / floor_seconds:.2f} |" + (f" {gpu_ms} |" if gpu else "")
+            + f" {r.note} |"
         )
     return "\n".join(lines)
 
 
 def machine(device: str) -> str:
     """A one-line description of where the numbers were taken."""
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and cuda_simulated():
+        what = "Numba's CUDA simulator on the CPU (times are not measurements)"
+    elif torch.device(device).type == "cuda":
         what = torch.cuda.get_device_name()
     else:
         what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -250,8 +305,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"write each table to {RESULTS.name}/DEVICE/KERNEL.md under kernels/"
                              " and redraw kernels/results/DEVICE.png")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not cuda_available():
+        from minimodels.backend import BackendUnavailable, resolve
+
+        try:
+            resolve("cuda")
+        except BackendUnavailable as err:  # says why: no GPU, no driver, numba-cuda broken
+            parser.error(f"--device cuda: {err}")
+    if args.device == "cuda" and args.save and cuda_simulated():
+        parser.error("--save with --device cuda under the CUDA simulator would overwrite the GPU's"
+                     " results with simulated times: unset NUMBA_ENABLE_CUDASIM on a real GPU")
     if args.kernel == "plot":
-        print("wrote", plot_results(args.device))
+        print("wrote", plot_results(args.device, RESULTS))
         return 0
     shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -263,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             (RESULTS / args.device).mkdir(parents=True, exist_ok=True)
             (RESULTS / args.device / f"{name}.md").write_text(text + "\n")
     if args.save:
-        print("wrote", plot_results(args.device))
+        print("wrote", plot_results(args.device, RESULTS))
     return 0
 
 

@@ -3,12 +3,13 @@
     run()                                   # CPU, (h, n, L) = (1536, 32, 4096), complex64
     run(device="cuda")                      # adds the numba.cuda kernel
 
-The floor counts the work each approach cannot avoid. The reference evaluates one complex exp
-per (h, n, l); on the CPU pip's Numba and torch call a scalar exp, cos and sin for it, so its
-floor is h·n·L complex exps over the measured complex-exp rate (a tiny njit loop, times the
-threads). The kernels need h·n·(2 + L/(BLOCK·REANCHOR)) exps, h·n·L complex multiply-adds
-(4 FLOPs each: K += Re(a)·Re(t) − Im(a)·Im(t)) and one write of K; their floor is the largest of
-exps / exp rate, FLOPs / matmul rate and bytes / copy bandwidth, all measured in the same run.
+Inputs come from ``ssm_kernel.example_inputs``. The floor counts the work each approach cannot
+avoid. The reference evaluates one complex exp per (h, n, l); on the CPU pip's Numba and torch
+call a scalar exp, cos and sin for it, so its floor is h·n·L complex exps over the measured
+complex-exp rate (a tiny njit loop, times the threads). The kernels need
+h·n·(2 + L/(BLOCK·REANCHOR)) exps, h·n·L complex multiply-adds (4 FLOPs each:
+K += Re(a)·Re(t) − Im(a)·Im(t)) and one write of K; their floor is the largest of exps / exp
+rate, FLOPs / matmul rate and bytes / copy bandwidth, all measured in the same run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit
 
-from minimodels.bench import Row, copy_bandwidth, format_table, machine, timeit
+from minimodels.bench import (
+    copy_bandwidth,
+    format_table,
+    machine,
+    measure,
+    tensor_device,
+    timeit,
+)
 from minimodels.benchmarks.attention import matmul_rate  # the attainable FLOP rate
 from minimodels.kernels import ssm_kernel as sk
 
@@ -45,28 +53,20 @@ def complex_exp_rate(size: int = 1 << 20) -> float:
     return size / seconds * get_num_threads()
 
 
-def _inputs(shape, device, dtype, seed=0):
-    h, n, _ = shape
-    g = torch.Generator().manual_seed(seed)
-    k = torch.arange(n, dtype=torch.float64)
-    A = torch.complex(torch.full((h, n), -0.5, dtype=torch.float64), math.pi * k.repeat(h, 1))
-    C = torch.randn(h, n, dtype=torch.complex128, generator=g)
-    u = torch.rand(h, generator=g, dtype=torch.float64)
-    dt = torch.exp(math.log(1e-3) + u * (math.log(1e-1) - math.log(1e-3)))  # S4D's init
-    return A.to(device, dtype), C.to(device, dtype), dt.to(device, _REAL[dtype])
-
-
 def run(shape=None, device="cpu", dtype=None) -> str:
     """Markdown table: reference, cpu kernel (and cuda kernel on ``device="cuda"``), with
     time, speed-up over the reference, multiple of the floor and relative error (max |K − K64|
-    / max |K64| against the float64 reference, on the first 64 channels). Defaults: (h, n, L) =
-    (1536, 32, 4096), complex64."""
-    shape, dtype = shape or (1536, 32, 4096), dtype or torch.complex64
-    h, n, L = shape
-    A, C, dt = _inputs(shape, device, dtype)
+    / max |K64| against the float64 reference, on the first 64 channels). Defaults:
+    ``ssm_kernel.example_inputs``' (h, n, L) = (1536, 32, 4096), complex64."""
+    dev = tensor_device(device)
+    ex = sk.example_inputs(shape, device=dev, **({"dtype": dtype} if dtype else {}))
+    A, C, dt = ex.args[:3]  # (h, n), (h, n), (h,)
+    L = ex.args[3] if len(ex.args) > 3 else ex.kwargs["L"]
+    (h, n), dtype = A.shape, A.dtype
+    shape = (h, n, L)
     check = min(h, 64)
-    want = sk.s4d_kernel_ref(A[:check].to(torch.complex128), C[:check].to(torch.complex128),
-                             dt[:check].double(), L)
+    want = sk.s4d_kernel(A[:check].to(torch.complex128), C[:check].to(torch.complex128),
+                         dt[:check].double(), L, backend="ref")
 
     def rel_error(K):
         return ((K[:check].double() - want).abs().max() / want.abs().max()).item()
@@ -74,16 +74,16 @@ def run(shape=None, device="cpu", dtype=None) -> str:
     rows = []
 
     def add(name, backend, note, **kw):
-        K = sk.s4d_kernel(A, C, dt, L, backend=backend)
-        seconds = timeit(lambda: sk.s4d_kernel(A, C, dt, L, backend=backend), device=device,
-                         **kw)
-        rows.append(Row(name, seconds, f"{note}; rel. error {rel_error(K):.1e}"))
+        K = ex.call(sk.s4d_kernel, backend=backend)
+        row = measure(name, lambda: ex.call(sk.s4d_kernel, backend=backend), device,
+                      f"{note}; rel. error {rel_error(K):.1e}", **kw)
+        rows.append(row)
         del K
 
     # the reference materialises (h, n, L) complex: a few GB at full size, so time it once
     add("ref (materialised, one complex exp per element)", "ref",
         f"{h * n * L * torch.empty((), dtype=dtype).element_size() / 1e9:.1f} GB of powers",
-        warmup=0, repeat=1)
+        warmup=0, repeat=1, gpu_repeat=1)
     kernel_exps = h * n * (2 + math.ceil(L / (sk.BLOCK * sk.REANCHOR)))
     if device == "cpu":
         add("minimodels cpu kernel", "cpu", f"{kernel_exps / 1e6:.2f} M exps", warmup=1,
@@ -91,10 +91,10 @@ def run(shape=None, device="cpu", dtype=None) -> str:
     else:
         add("minimodels cuda kernel", "cuda",
             f"grid ({math.ceil(L / (sk.THREADS * sk.ITEMS))}, {h}) x {sk.THREADS} threads",
-            warmup=3, repeat=50)
+            warmup=10, repeat=200)
     flops = 4 * h * n * L
     nbytes = h * L * torch.empty((), dtype=_REAL[dtype]).element_size()
-    rate, bandwidth = matmul_rate(device, _REAL[dtype]), copy_bandwidth(device, 1 << 28)
+    rate, bandwidth = matmul_rate(dev, _REAL[dtype]), copy_bandwidth(dev, 1 << 28)
     lines = [f"s4d_kernel at (h, n, L) = {shape} {str(dtype)[6:]} on {device}: {machine(device)}"]
     if device == "cpu":
         exp_rate = complex_exp_rate()
@@ -112,7 +112,3 @@ def run(shape=None, device="cpu", dtype=None) -> str:
                  f"{nbytes / 1e6:.0f} MB at {bandwidth / 1e9:.0f} GB/s (copy)")
     lines += ["", format_table(rows, reference=rows[0].name, floor_seconds=floor)]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(run())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minimodels.bench import Row, copy_bandwidth, format_table, machine, timeit
+from minimodels.bench import convert, copy_bandwidth, format_table, machine, measure, tensor_device
 from minimodels.kernels import scan
 
 __all__ = ["run", "scan_torch_associative", "scan_torch_chunked"]
@@ -49,20 +49,23 @@ def scan_torch_associative(a, b, h0=None):
     return associative_scan(combine, (a, b), dim=-1, combine_mode=mode)[1]
 
 
+GPU_SHAPE = (8, 4096, 8192)  # --device cuda default: large enough to fill an H200
+
+
 def run(shape=None, device="cpu", dtype=None) -> str:
     """linear_scan vs its reference and plain-PyTorch peers at (batch, d, l), default
-    (8, 1024, 4096) float32, as speed-ups and multiples of the memory floor."""
-    shape = tuple(shape or (8, 1024, 4096))
-    dtype = dtype or torch.float32
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.empty(shape, dtype=dtype, device=device).uniform_(0.5, 1.0, generator=gen)
-    b = torch.empty(shape, dtype=dtype, device=device).normal_(generator=gen)
-    h0 = torch.randn(shape[:2], dtype=dtype, device=device, generator=gen)
+    ``scan.example_inputs``' (8, 1024, 4096) on the CPU and (8, 4096, 8192) on a GPU, float32,
+    as speed-ups and multiples of the memory floor."""
+    if shape is None and device == "cuda":
+        shape = GPU_SHAPE
+    ex = scan.example_inputs(shape, device=tensor_device(device),
+                             **({"dtype": dtype} if dtype else {}))
+    a = ex.args[0]  # (b, d, l)
+    shape, dtype = tuple(a.shape), a.dtype
     nbytes = 3 * a.numel() * a.element_size()  # read a, b; write h
-    floor = nbytes / copy_bandwidth(device)
-    expected = scan.linear_scan(a.double(), b.double(), h0.double(), backend="cpu"
-                                if device == "cpu" else "cuda")
+    floor = nbytes / copy_bandwidth(tensor_device(device))
+    kernel = "cpu" if device == "cpu" else "cuda"
+    expected = convert(ex, torch.Tensor.double).call(scan.linear_scan, backend=kernel)
 
     def error(h):
         return f"max err {(h.double() - expected).abs().max().item():.1e}"
@@ -70,33 +73,26 @@ def run(shape=None, device="cpu", dtype=None) -> str:
     rows = []
 
     def add(name, fn, note="", exact=True, **kw):
-        seconds = timeit(fn, device=device, **kw)
+        row = measure(name, fn, device, note, **kw)
         if exact:  # a scan: report its error against the float64 kernel
-            note = f"{note}{'; ' if note else ''}{error(fn())}"
-        rows.append(Row(name, seconds, note))
+            row.note = f"{note}{'; ' if note else ''}{error(fn())}"
+        rows.append(row)
 
-    add("ref (Python loop over l)", lambda: scan.linear_scan(a, b, h0, backend="ref"),
-        warmup=1, repeat=3)
-    add("torch associative_scan", lambda: scan_torch_associative(a, b, h0), warmup=1, repeat=3)
-    add("torch chunked cumprod/cumsum", lambda: scan_torch_chunked(a, b, h0))
-    backends = ["cpu"] if device == "cpu" else ["cuda"]
-    for name in backends:
-        add(f"minimodels {name} kernel", lambda n=name: scan.linear_scan(a, b, h0, backend=n),
-            "output allocated per call")
-    if device == "cpu":
-        out_np = torch.empty_like(a).view(-1, shape[-1])
-        args = [t.contiguous().view(-1, shape[-1]).numpy() for t in (a, b)]
-        args.insert(2, h0.reshape(-1).numpy())
-
-        def prealloc():
-            scan._linear_scan_cpu_fwd(*args, out_np.numpy())
-            return out_np.view(shape)
-
-        add("minimodels cpu kernel, preallocated out", prealloc, "kernel alone")
+    add("ref (Python loop over l)", lambda: ex.call(scan.linear_scan, backend="ref"),
+        warmup=1, repeat=3, gpu_repeat=2)
+    add("torch associative_scan", lambda: ex.call(scan_torch_associative), warmup=1, repeat=3,
+        gpu_repeat=2)
+    add("torch chunked cumprod/cumsum", lambda: ex.call(scan_torch_chunked))
+    add(f"minimodels {kernel} kernel", lambda: ex.call(scan.linear_scan, backend=kernel),
+        "output allocated per call")
+    out = torch.empty_like(a)
+    add(f"minimodels {kernel} kernel, preallocated out",
+        lambda: ex.call(scan.linear_scan, backend=kernel, out=out), "kernel alone")
+    b = ex.args[1]
     add("torch.addcmul(b, a, a)", lambda: torch.addcmul(b, a, a),
         "not a scan: one out-of-place op moving the same bytes", exact=False)
     header = (
-        f"linear_scan at {tuple(shape)} {str(dtype)[6:]} on {device}: {machine(device)}\n"
+        f"linear_scan at {shape} {str(dtype)[6:]} on {device}: {machine(device)}\n"
         f"memory floor = {nbytes / 1e6:.0f} MB / {nbytes / floor / 1e9:.0f} GB/s (measured "
         f"copy) = {floor * 1e3:.3g} ms\n\n"
     )

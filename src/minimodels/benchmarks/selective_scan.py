@@ -6,19 +6,23 @@
 The baseline "expanded + Blelloch scan" is what a pure-PyTorch port of Mamba does (the approach
 of ``mambapy``'s ``pscan``, written here from the algorithm): materialise Ā = exp(Δ A) and
 B̄u = Δ B u as (b, d, l, n) tensors and scan them in log2(l) vectorised levels. Every row is a
-speed-up over the reference and a multiple of two floors: bytes (u, Δ, z, B, C read once, y
-written once, over the bandwidth of a large copy measured in the same run) and exps (b·d·l·n of
+speed-up over the reference and a multiple of two floors: bytes (every input of
+``selective_scan.example_inputs`` read once: u, Δ, z, B, C and the small A, D, bias; y written
+once, over the bandwidth of a large copy measured in the same run) and exps (b·d·l·n of
 them, over the exp rate of a scalar loop measured in the same run: on the CPU, pip's Numba calls
 libm's scalar exp, so the CPU kernel is exp-bound).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minimodels.bench import copy_bandwidth, exp_rate, machine, timeit
+from minimodels.bench import convert, copy_bandwidth, exp_rate, machine, measure, tensor_device
+from minimodels.kernels import selective_scan as ss
 
 __all__ = ["run", "selective_scan_pscan"]
 
@@ -27,7 +31,7 @@ def selective_scan_pscan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False):
     """The selective scan with the (b, d, l, n) expansion materialised and scanned by
     Blelloch's algorithm (``parallel_scan``). Input-dependent B, C (b, n, l) only."""
-    from minimodels.kernels.selective_scan import parallel_scan
+    from minimodels.kernels.scan import parallel_scan
 
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
@@ -41,82 +45,83 @@ def selective_scan_pscan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return y * F.silu(z) if z is not None else y
 
 
-def _inputs(shape, device, dtype):
-    b, d, l, n = shape
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def r(*s):
-        return torch.randn(*s, device=device, dtype=dtype, generator=g)
-
-    A = -torch.exp(0.5 * r(d, n))
-    return dict(u=r(b, d, l), delta=r(b, d, l) - 2.0, A=A, B=r(b, n, l), C=r(b, n, l), D=r(d),
-                z=r(b, d, l), delta_bias=0.1 * r(d))
-
-
-def run(shape=(1, 1536, 4096, 16), device="cpu", dtype=torch.float32) -> str:
-    """Time the forward (and forward+backward for the kernels) at ``shape`` = (b, d, l, n)."""
-    from minimodels.kernels.selective_scan import selective_scan
-
-    if shape is None:
-        shape = (1, 1536, 4096, 16)
-    if isinstance(shape, str):
-        shape = tuple(int(s) for s in shape.split(","))
-    if dtype is None:
-        dtype = torch.float32
-    b, d, l, n = shape
-    kw = _inputs(shape, device, dtype)
-    size = torch.tensor([], dtype=dtype).element_size()
-    nbytes = (4 * b * d * l + 2 * b * n * l) * size  # u, Δ, z, y; B, C
-    floor_bytes = nbytes / copy_bandwidth(device)
+def run(shape=None, device="cpu", dtype=None) -> str:
+    """Time the forward (and forward+backward for the kernels; on a GPU also for the
+    pscan-style baseline) at ``shape`` = (b, d, l, n), default ``selective_scan.example_inputs``'
+    (1, 1536, 4096, 16) float32, with Δ through softplus as in a Mamba block."""
+    dev = tensor_device(device)
+    ex = ss.example_inputs(shape, device=dev, **({"dtype": dtype} if dtype else {}))
+    ex = dataclasses.replace(ex, kwargs={**ex.kwargs, "delta_softplus": True})
+    u, A = ex.args[0], ex.args[2]  # (b, d, l), (d, n)
+    (b, d, l), n, dtype = u.shape, A.shape[1], u.dtype
+    shape = (b, d, l, n)
+    size = u.element_size()
+    inputs = [x for x in (*ex.args, *ex.kwargs.values()) if isinstance(x, torch.Tensor)]
+    nbytes = sum(x.numel() for x in inputs) * size + u.numel() * size  # every input; y
+    floor_bytes = nbytes / copy_bandwidth(dev)
     exps = b * d * l * n
     floor_exp = exps / exp_rate(np.float32 if dtype == torch.float32 else np.float64) if (
         device == "cpu") else 0.0
     kernel = "cpu" if device == "cpu" else "cuda"
     with torch.no_grad():
-        expected = selective_scan(**{k: v.double() for k, v in kw.items()}, delta_softplus=True,
-                                  backend=kernel).to(dtype)
+        expected = convert(ex, torch.Tensor.double).call(ss.selective_scan, backend=kernel)
 
     def err(y):
-        return f"max err {(y.double() - expected.double()).abs().max().item():.1e}"
+        return f"max err {(y.double() - expected).abs().max().item():.1e}"
 
     rows = []
 
     def add(name, fn, note="", **t):
         with torch.no_grad():
-            seconds = timeit(fn, device=device, **t)
-            rows.append((name, seconds, f"{note}{'; ' if note else ''}{err(fn())}"))
+            row = measure(name, fn, device, note, **t)
+            row.note = f"{note}{'; ' if note else ''}{err(fn())}"
+            rows.append(row)
 
-    add("ref (Python loop over l)", lambda: selective_scan(**kw, delta_softplus=True,
-                                                            backend="ref"), warmup=0, repeat=1)
-    add("expanded + Blelloch scan (pscan-style)", lambda: selective_scan_pscan(
-        **kw, delta_softplus=True), f"materialises {exps * size / 1e6:.0f} MB tensors",
-        warmup=0, repeat=1)
-    add(f"minimodels {kernel} kernel", lambda: selective_scan(**kw, delta_softplus=True,
-                                                              backend=kernel), repeat=5)
-    params = {k: v.requires_grad_() for k, v in kw.items()}
+    add("ref (Python loop over l)", lambda: ex.call(ss.selective_scan, backend="ref"),
+        warmup=0, repeat=1, gpu_repeat=1)
+    add("expanded + Blelloch scan (pscan-style)", lambda: ex.call(selective_scan_pscan),
+        f"materialises {exps * size / 1e6:.0f} MB tensors", warmup=0, repeat=1, gpu_repeat=3)
+    add(f"minimodels {kernel} kernel", lambda: ex.call(ss.selective_scan, backend=kernel),
+        repeat=5 if device == "cpu" else 20, warmup=2 if device == "cpu" else 3)
 
-    def fwd_bwd():
-        with torch.enable_grad():
-            y = selective_scan(**params, delta_softplus=True, backend=kernel)
-            torch.autograd.grad(y.sum(), list(params.values()))
-        return y.detach()
+    def fwd_bwd(op, **kw):
+        params = convert(ex, lambda t: t.detach().clone().requires_grad_())
+        leaves = [x for x in (*params.args, *params.kwargs.values())
+                  if isinstance(x, torch.Tensor)]
 
-    seconds = timeit(fwd_bwd, device=device, repeat=5)
-    rows.append((f"minimodels {kernel} kernel, forward+backward", seconds, "not a forward"))
-    ref = rows[0][1]
+        def call():
+            with torch.enable_grad():
+                y = params.call(op, **kw)
+                torch.autograd.grad(y.sum(), leaves)
+            return y.detach()
+        return call
+
+    rows.append(measure(f"minimodels {kernel} kernel, forward+backward",
+                        fwd_bwd(ss.selective_scan, backend=kernel), device, "not a forward",
+                        repeat=5 if device == "cpu" else 20))
+    if device == "cuda":
+        rows.append(measure("pscan-style forward+backward", fwd_bwd(selective_scan_pscan),
+                            device, "not a forward", repeat=5, gpu_repeat=3))
+    ref = rows[0].seconds
+    gpu = any(r.gpu_seconds is not None for r in rows)
     lines = [
-        f"selective_scan forward at (b, d, l, n) = {tuple(shape)} {str(dtype)[6:]} on {device}: "
+        f"selective_scan forward at (b, d, l, n) = {shape} {str(dtype)[6:]} on {device}: "
         f"{machine(device)}",
         f"bytes floor = {nbytes / 1e6:.0f} MB / measured copy bandwidth = "
         f"{floor_bytes * 1e3:.3g} ms" + (
             f"; exp floor = {exps / 1e6:.0f} M exps / measured scalar exp rate = "
             f"{floor_exp * 1e3:.3g} ms" if floor_exp else ""),
         "",
-        "| implementation | ms | speed-up vs ref | x bytes floor | x exp floor | note |",
-        "|---|---:|---:|---:|---:|---|",
+        "| implementation | ms | speed-up vs ref | x bytes floor | x exp floor |"
+        + (" GPU ms | GPU x bytes floor |" if gpu else "") + " note |",
+        "|---|---:|---:|---:|---:|" + ("---:|---:|" if gpu else "") + "---|",
     ]
-    for name, s, note in rows:
-        x_exp = f"{s / floor_exp:.2f}" if floor_exp else "-"
-        lines.append(f"| {name} | {s * 1e3:.3g} | {ref / s:.3g}x | {s / floor_bytes:.1f} | "
-                     f"{x_exp} | {note} |")
+    for r in rows:
+        x_exp = f"{r.seconds / floor_exp:.2f}" if floor_exp else "-"
+        gpu_cells = ""
+        if gpu:
+            gpu_cells = (" - | - |" if r.gpu_seconds is None else
+                         f" {r.gpu_seconds * 1e3:.3g} | {r.gpu_seconds / floor_bytes:.1f} |")
+        lines.append(f"| {r.name} | {r.seconds * 1e3:.3g} | {ref / r.seconds:.3g}x | "
+                     f"{r.seconds / floor_bytes:.1f} | {x_exp} |{gpu_cells} {r.note} |")
     return "\n".join(lines)

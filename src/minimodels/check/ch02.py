@@ -10,6 +10,7 @@ import torch
 
 from minimodels.check import Case, Mistake, Verdict, _clone, _report, check_function
 from minimodels.kernels.attention import attention_ref, causal_mask
+from minimodels.kernels.attention import merge_attention as merge_attention_ref
 
 __all__ = ["causal_attention", "kv_step_mask", "merge_attention"]
 
@@ -129,12 +130,6 @@ def causal_attention(fn: Callable, *, strict: bool | None = None) -> Verdict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _merge_ref(out1, lse1, out2, lse2):
-    lse = torch.logaddexp(lse1, lse2)  # (b, h, l)
-    out = torch.exp(lse1 - lse)[..., None] * out1 + torch.exp(lse2 - lse)[..., None] * out2
-    return out, lse
-
-
 def _joined(fn):
     """fn's (out, lse) as one tensor (out and lse side by side on the last axis)."""
 
@@ -179,13 +174,13 @@ def _merge_mistakes() -> list[Mistake]:
         return joined((o1 + o2) / 2, torch.logaddexp(s1, s2))
 
     def max_lse(o1, s1, o2, s2):
-        return joined(_merge_ref(o1, s1, o2, s2)[0], torch.maximum(s1, s2))
+        return joined(merge_attention_ref(o1, s1, o2, s2)[0], torch.maximum(s1, s2))
 
     def sum_lse(o1, s1, o2, s2):
-        return joined(_merge_ref(o1, s1, o2, s2)[0], s1 + s2)
+        return joined(merge_attention_ref(o1, s1, o2, s2)[0], s1 + s2)
 
     def swapped(o1, s1, o2, s2):
-        out, lse = _merge_ref(o1, s1, o2, s2)
+        out, lse = merge_attention_ref(o1, s1, o2, s2)
         w1 = torch.exp(s1 - lse)[..., None]
         return joined((1 - w1) * o1 + w1 * o2, lse)
 
@@ -215,8 +210,8 @@ def _merge_mistakes() -> list[Mistake]:
 def merge_attention(fn: Callable, *, strict: bool | None = None) -> Verdict:
     """Exercise 2.2: ``fn(out1, lse1, out2, lse2) -> (out, lse)``: attention over the union of
     two disjoint key sets from the results over each. out_i: (b, h, l, e); lse_i: (b, h, l)."""
-    return _check("2.2", _joined(fn), _merge_cases(), _joined(_merge_ref), _merge_mistakes(),
-                  strict)
+    return _check("2.2", _joined(fn), _merge_cases(), _joined(merge_attention_ref),
+                  _merge_mistakes(), strict)
 
 
 # ---------------------------------------------------------------------------------------------

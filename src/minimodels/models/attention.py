@@ -1,5 +1,5 @@
-"""Multi-head attention with a KV cache, a pre-norm transformer block, a tiny language model,
-and a cost model of where a transformer's FLOPs and bytes go.
+"""Multi-head attention with a KV cache (the ``"attention"`` mixer; ``minimodels.models.LM`` makes
+it a transformer), and a cost model of where a transformer's FLOPs and bytes go.
 
 References: Vaswani et al., "Attention is all you need" (2017), sections 3.2.2 (multi-head
 attention) and 3.3; Xiong et al., "On layer normalization in the transformer architecture"
@@ -19,10 +19,8 @@ from torch import nn
 
 from minimodels.backend import expect_tensor
 from minimodels.kernels.attention import attention
-from minimodels.nn import MLP, RMSNorm, generate_greedy
 
-__all__ = ["AttentionCost", "MultiHeadAttention", "TransformerBlock", "TransformerLM",
-           "attention_cost"]
+__all__ = ["AttentionCost", "MultiHeadAttention", "attention_cost"]
 
 
 class MultiHeadAttention(nn.Module):
@@ -31,14 +29,14 @@ class MultiHeadAttention(nn.Module):
     forward: x (b, l, d) -> (b, l, d). step: x_t (b, d), state = KV cache (K, V) each
     (b, h, t, e) or None -> (y_t (b, d), (K', V') with t + 1 positions). With ``causal`` the
     step's query is the last of t + 1 positions and sees all of them: the bottom-right mask
-    with lq = 1. ``backend`` is passed to ``minimodels.kernels.attention``."""
+    with lq = 1. The kernel's backend: ``minimodels.use_backend``."""
 
-    def __init__(self, d_model: int, n_heads: int, causal: bool = True, backend=None):
+    def __init__(self, d_model: int, n_heads: int = 4, causal: bool = True):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
-        self.causal, self.backend = causal, backend
+        self.causal = causal
         self.Wq = nn.Linear(d_model, d_model, bias=False)
         self.Wk = nn.Linear(d_model, d_model, bias=False)
         self.Wv = nn.Linear(d_model, d_model, bias=False)
@@ -52,7 +50,7 @@ class MultiHeadAttention(nn.Module):
         expect_tensor("x", x, "b, l, d")
         b, l, d = x.shape
         q, k, v = (self._heads(W(x)) for W in (self.Wq, self.Wk, self.Wv))  # (b, h, l, e)
-        y = attention(q, k, v, causal=self.causal, backend=self.backend)  # (b, h, l, e)
+        y = attention(q, k, v, causal=self.causal)  # (b, h, l, e)
         return self.Wo(y.transpose(1, 2).reshape(b, l, d))  # (b, l, d)
 
     def step(self, x_t: torch.Tensor, state=None):
@@ -61,80 +59,8 @@ class MultiHeadAttention(nn.Module):
         if state is not None:
             k = torch.cat([state[0], k], dim=2)  # (b, h, t+1, e)
             v = torch.cat([state[1], v], dim=2)
-        y = attention(q, k, v, causal=self.causal, backend=self.backend)  # (b, h, 1, e)
+        y = attention(q, k, v, causal=self.causal)  # (b, h, 1, e)
         return self.Wo(y.reshape(x_t.shape)), (k, v)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm block: x + MHA(RMSNorm(x)), then + MLP(RMSNorm(·)). Same forward/step contract
-    as ``MultiHeadAttention`` (the state is its KV cache)."""
-
-    def __init__(self, d_model: int, n_heads: int, d_ff: int | None = None, causal=True,
-                 backend=None):
-        super().__init__()
-        self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, causal, backend)
-        self.mlp = MLP(d_model, d_ff)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))  # (b, l, d)
-        return x + self.mlp(self.norm2(x))
-
-    def step(self, x_t, state=None):
-        y, state = self.attn.step(self.norm1(x_t), state)  # (b, d)
-        x_t = x_t + y
-        return x_t + self.mlp(self.norm2(x_t)), state
-
-
-class TransformerLM(nn.Module):
-    """Token embedding + learned positions, ``n_layers`` causal blocks, RMSNorm, a linear head.
-
-    forward: tokens (b, l) int64 -> logits (b, l, vocab). step: token (b,), state -> (logits
-    (b, vocab), state) with state = (position, [KV cache of each block])."""
-
-    def __init__(self, vocab: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
-                 max_len: int = 512, backend=None):
-        super().__init__()
-        self.max_len = max_len
-        self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Embedding(max_len, d_model)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(d_model, n_heads, backend=backend) for _ in range(n_layers)
-        )
-        self.norm = RMSNorm(d_model)
-        self.head = nn.Linear(d_model, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        l = tokens.shape[1]
-        if l > self.max_len:
-            raise ValueError(f"tokens has length {l} > max_len={self.max_len}")
-        x = self.embed(tokens) + self.pos(torch.arange(l, device=tokens.device))  # (b, l, d)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))  # (b, l, vocab)
-
-    def step(self, token: torch.Tensor, state=None):
-        t, caches = (0, [None] * len(self.blocks)) if state is None else state
-        if t >= self.max_len:
-            raise ValueError(f"position {t} >= max_len={self.max_len}")
-        x = self.embed(token) + self.pos.weight[t]  # (b, d)
-        new = []
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block.step(x, cache)
-            new.append(cache)
-        return self.head(self.norm(x)), (t + 1, new)
-
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, n_new: int, use_cache: bool = True):
-        """Greedy continuation of prompt (b, l0) by n_new tokens -> (b, l0 + n_new). With
-        ``use_cache`` each new token costs one ``step``; without, a full forward pass."""
-        if use_cache:
-            return generate_greedy(self.step, prompt, n_new)
-        tokens = prompt
-        for _ in range(n_new):
-            nxt = self(tokens)[:, -1].argmax(-1)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        return tokens
 
 
 # =============================================================================================

@@ -18,9 +18,8 @@ from torch import nn
 
 from minimodels.backend import expect_tensor
 from minimodels.kernels.wkv import wkv
-from minimodels.nn import generate_greedy
 
-__all__ = ["RWKVBlock", "RWKVChannelMix", "RWKVLM", "RWKVTimeMix", "aft_simple", "token_shift"]
+__all__ = ["RWKVChannelMix", "RWKVTimeMix", "aft_simple", "token_shift"]
 
 
 def aft_simple(q, k, v, causal: bool = True):
@@ -44,8 +43,8 @@ def token_shift(x, mu, x_prev=None):
     return mu * x + (1 - mu) * shifted
 
 
-def _ratio(layer_id: int, n_layers: int) -> float:
-    return 1.0 - layer_id / max(n_layers, 1)  # 1 for the first layer, towards 0 for the last
+def _ratio(layer: int, n_layers: int) -> float:
+    return 1.0 - layer / max(n_layers, 1)  # 1 for the first layer, towards 0 for the last
 
 
 class RWKVTimeMix(nn.Module):
@@ -55,13 +54,14 @@ class RWKVTimeMix(nn.Module):
         o_t = W_o (σ(r_t) ⊙ wkv_t),  wkv_t = WKV(w, u, k, v)_t   (``minimodels.kernels.wkv``)
 
     forward: x (b, l, d) -> (b, l, d). step: x_t (b, d), state (x_{t-1} (b, d), WKV state
-    (b, 3, d)) or None -> (y_t (b, d), state'). ``backend`` is passed to ``wkv``."""
+    (b, 3, d)) or None -> (y_t (b, d), state'). ``layer`` of ``n_layers`` sets the initial
+    decays and shifts (deeper layers mix more of the present token)."""
 
-    def __init__(self, d_model: int, layer_id: int = 0, n_layers: int = 1, backend=None):
+    def __init__(self, d_model: int, layer: int = 0, n_layers: int = 1):
         super().__init__()
-        self.d_model, self.backend = d_model, backend
+        self.d_model = d_model
         i = torch.arange(d_model) / max(d_model - 1, 1)  # 0..1 across channels
-        ratio = _ratio(layer_id, n_layers)
+        ratio = _ratio(layer, n_layers)
         # RWKV's initialisation: decays spread from slow (w ≈ e^-5) to fast (w ≈ e^3) across
         # channels, so some channels remember long and others only the last few tokens
         self.time_decay = nn.Parameter(-5 + 8 * i ** (0.7 + 1.3 * (1 - ratio)))  # log w, (d,)
@@ -89,15 +89,14 @@ class RWKVTimeMix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_tensor("x", x, "b, l, d")
         r, k, v = self._rkv(x)
-        y = wkv(self.w, self.time_first, k, v, backend=self.backend)  # (b, l, d)
+        y = wkv(self.w, self.time_first, k, v)  # (b, l, d)
         return self.Wo(torch.sigmoid(r) * y)
 
     def step(self, x_t: torch.Tensor, state=None):
         expect_tensor("x_t", x_t, "b, d")
         x_prev, s = (None, None) if state is None else state
         r, k, v = self._rkv(x_t[:, None], x_prev)  # (b, 1, d)
-        y, s = wkv(self.w, self.time_first, k, v, state=s, return_state=True,
-                   backend=self.backend)  # (b, 1, d), (b, 3, d)
+        y, s = wkv(self.w, self.time_first, k, v, state=s, return_state=True)  # (b,1,d), (b,3,d)
         return self.Wo(torch.sigmoid(r) * y)[:, 0], (x_t, s)
 
 
@@ -109,12 +108,12 @@ class RWKVChannelMix(nn.Module):
 
     forward: x (b, l, d) -> (b, l, d). step: x_t (b, d), state x_{t-1} (b, d) or None."""
 
-    def __init__(self, d_model: int, layer_id: int = 0, n_layers: int = 1,
+    def __init__(self, d_model: int, layer: int = 0, n_layers: int = 1,
                  d_ff: int | None = None):
         super().__init__()
         d_ff = 4 * d_model if d_ff is None else d_ff
         i = torch.arange(d_model) / max(d_model - 1, 1)
-        ratio = _ratio(layer_id, n_layers)
+        ratio = _ratio(layer, n_layers)
         self.mu_k = nn.Parameter(i ** ratio)
         self.mu_r = nn.Parameter(i ** ratio)
         self.Wk = nn.Linear(d_model, d_ff, bias=False)
@@ -133,64 +132,3 @@ class RWKVChannelMix(nn.Module):
     def step(self, x_t: torch.Tensor, state=None):
         expect_tensor("x_t", x_t, "b, d")
         return self._mix(x_t[:, None], state)[:, 0], x_t
-
-
-class RWKVBlock(nn.Module):
-    """x + TimeMix(LN(x)), then + ChannelMix(LN(·)). Same forward/step contract; the state is
-    (time-mix state, channel-mix state)."""
-
-    def __init__(self, d_model: int, layer_id: int = 0, n_layers: int = 1, backend=None):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.att = RWKVTimeMix(d_model, layer_id, n_layers, backend)
-        self.ffn = RWKVChannelMix(d_model, layer_id, n_layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.att(self.ln1(x))  # (b, l, d)
-        return x + self.ffn(self.ln2(x))
-
-    def step(self, x_t: torch.Tensor, state=None):
-        s_att, s_ffn = (None, None) if state is None else state
-        y, s_att = self.att.step(self.ln1(x_t), s_att)  # (b, d)
-        x_t = x_t + y
-        y, s_ffn = self.ffn.step(self.ln2(x_t), s_ffn)
-        return x_t + y, (s_att, s_ffn)
-
-
-class RWKVLM(nn.Module):
-    """Token embedding, LayerNorm, ``n_layers`` RWKV blocks, LayerNorm, a linear head. No
-    positional embedding: the decays and token shifts carry order.
-
-    forward: tokens (b, l) int64 -> logits (b, l, vocab). step: token (b,), state (a list of
-    block states) or None -> (logits (b, vocab), state)."""
-
-    def __init__(self, vocab: int, d_model: int = 64, n_layers: int = 2, backend=None):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        self.ln_in = nn.LayerNorm(d_model)
-        self.blocks = nn.ModuleList(
-            RWKVBlock(d_model, i, n_layers, backend) for i in range(n_layers)
-        )
-        self.ln_out = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.ln_in(self.embed(tokens))  # (b, l, d)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_out(x))  # (b, l, vocab)
-
-    def step(self, token: torch.Tensor, state=None):
-        states = [None] * len(self.blocks) if state is None else state
-        x = self.ln_in(self.embed(token))  # (b, d)
-        new = []
-        for block, s in zip(self.blocks, states, strict=True):
-            x, s = block.step(x, s)
-            new.append(s)
-        return self.head(self.ln_out(x)), new
-
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
-        """Greedy continuation of prompt (b, l0) by n_new tokens, one ``step`` per token
-        (constant memory) -> (b, l0 + n_new)."""
-        return generate_greedy(self.step, prompt, n_new)

@@ -14,7 +14,8 @@ The continuous system  x'(t) = A x(t) + B u(t),  y(t) = C x(t) + D u(t)  becomes
 so y = K * u + D u: the recurrence and the causal convolution are one system.
 
 Glossary (code = paper): ``dt`` = Δ, ``Ad`` = Ā, ``Bd`` = B̄, ``K`` = the SSM kernel K̄,
-``log_dt`` = log Δ. Shapes: ``n`` state, ``m`` inputs, ``l``/``L`` length, ``h`` channels.
+``log_dt`` = log Δ. Shapes: ``n`` state, ``m`` inputs, ``l``/``L`` length, ``d`` channels,
+``b`` batch. ``causal_fft_conv`` lives in ``minimodels.kernels.long_conv`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import math
 import torch
 from torch import nn
 
+from minimodels.kernels.long_conv import causal_fft_conv
+from minimodels.kernels.ssm_kernel import s4d_kernel
+
 __all__ = [
     "METHODS",
     "S4D",
+    "S4DBlock",
     "causal_fft_conv",
     "discretize",
     "hippo_legs",
@@ -230,20 +235,6 @@ def ssm_recurrent(Ad, Bd, C, u) -> torch.Tensor:
     return torch.stack(ys, dim=-1)  # (..., L)
 
 
-def causal_fft_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """y_k = Σ_{j ≤ k} K_j u_{k−j} in O(L log L): zero-pad both to 2L, so the FFT's circular
-    convolution never wraps the tail onto the start. u: (..., L), K: (..., L) broadcastable.
-    Returns y: (..., L); complex if either input is complex."""
-    L = u.shape[-1]
-    if K.shape[-1] != L:
-        raise ValueError(f"K must have length L = {L} in its last axis, got {tuple(K.shape)}")
-    if u.is_complex() or K.is_complex():
-        return torch.fft.ifft(torch.fft.fft(u, n=2 * L) * torch.fft.fft(K, n=2 * L))[..., :L]
-    return torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(K, n=2 * L), n=2 * L)[
-        ..., :L
-    ]
-
-
 def ssm_convolutional(Ad, Bd, C, u) -> torch.Tensor:
     """The same map as ``ssm_recurrent`` as y = K * u (causal FFT convolution).
     u: (..., L) -> y: (..., L)."""
@@ -256,49 +247,42 @@ def ssm_convolutional(Ad, Bd, C, u) -> torch.Tensor:
 
 
 class S4D(nn.Module):
-    """Diagonal SSM layer (S4D): per channel h, n = d_state // 2 complex modes, ZOH with B = 1,
+    """Diagonal SSM layer (S4D): per channel d, n = d_state // 2 complex modes, ZOH with B = 1,
 
         Ā = exp(Δ A),  B̄ = (exp(Δ A) − 1) / A,  y = 2·Re(C x) + D u  (conjugate pairs halved),
-        K[h, l] = 2·Re Σ_n C[h,n] B̄[h,n] Ā[h,n]^l      (``minimodels.kernels.ssm_kernel``).
+        K[d, l] = 2·Re Σ_n C[d,n] B̄[d,n] Ā[d,n]^l      (``minimodels.kernels.ssm_kernel``).
 
     A = −exp(log_A_real) + i·A_imag (S4D-Lin init), Δ = exp(log_dt) with log Δ uniform in
-    [log dt_min, log dt_max]. forward: x (b, l, d) -> (b, l, d) by FFT convolution;
+    [log dt_min, log dt_max]. forward: x (b, l, d) -> (b, l, d) by FFT convolution with the
+    kernel ``s4d_kernel`` (its backend: ``backend=`` here, else ``minimodels.use_backend`` /
+    the tensors' device; every backend has a backward kernel, so this is what trains);
     step: x_t (b, d), state (b, d, n) complex -> (y_t (b, d), state)."""
 
     def __init__(self, d_model: int, d_state: int = 64, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, *, seed: int | None = None):
+                 dt_max: float = 1e-1, *, seed: int | None = None, backend=None):
         super().__init__()
         if d_state < 2 or d_state % 2:
             raise ValueError(f"d_state must be an even int >= 2, got {d_state!r}")
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        h, n = d_model, d_state // 2
-        self.d_model, self.d_state = d_model, d_state
+        d, n = d_model, d_state // 2
+        self.d_model, self.d_state, self.backend = d_model, d_state, backend
         A = s4d_lin(n)
-        self.log_A_real = nn.Parameter(torch.log(-A.real).repeat(h, 1).float())  # (h, n)
-        self.A_imag = nn.Parameter(A.imag.repeat(h, 1).float())  # (h, n)
-        C = torch.randn(h, n, 2, generator=g) * math.sqrt(0.5)
-        self.C = nn.Parameter(C)  # (h, n, 2): real and imaginary parts
-        u = torch.rand(h, generator=g)
+        self.log_A_real = nn.Parameter(torch.log(-A.real).repeat(d, 1).float())  # (d, n)
+        self.A_imag = nn.Parameter(A.imag.repeat(d, 1).float())  # (d, n)
+        C = torch.randn(d, n, 2, generator=g) * math.sqrt(0.5)
+        self.C = nn.Parameter(C)  # (d, n, 2): real and imaginary parts
+        u = torch.rand(d, generator=g)
         self.log_dt = nn.Parameter(math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min)))
-        self.D = nn.Parameter(torch.randn(h, generator=g))  # (h,)
+        self.D = nn.Parameter(torch.randn(d, generator=g))  # (d,)
 
     def ssm(self):
-        """(A, C, dt): A, C (h, n) complex in the parameters' precision, dt (h,)."""
+        """(A, C, dt): A, C (d, n) complex in the parameters' precision, dt (d,)."""
         A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
         return A, torch.view_as_complex(self.C), torch.exp(self.log_dt)
 
-    def kernel(self, L: int) -> torch.Tensor:
-        """K: (h, L), differentiable: ``s4d_kernel_ref``'s formula with the powers written in
-        real arithmetic, |z^l| = exp(l·Re Δ·A) and arg z^l = l·Im Δ·A, because torch's complex
-        exp is a scalar loop on the CPU (about 100x slower than its real exp, cos and sin)."""
-        A, C, dt = self.ssm()
-        dtA = dt[:, None] * A  # (h, n)
-        w = 2 * C * torch.expm1(dtA) / A  # (h, n): 2·C·B̄
-        l = torch.arange(L, dtype=dt.dtype, device=dt.device)
-        mag = torch.exp(dtA.real[..., None] * l)  # (h, n, L)
-        phase = dtA.imag[..., None] * l  # (h, n, L)
-        return (mag * (w.real[..., None] * torch.cos(phase) - w.imag[..., None] * torch.sin(phase))
-                ).sum(1)  # (h, L)
+    def kernel(self, L: int, *, backend=None) -> torch.Tensor:
+        """K: (d, L), differentiable: ``s4d_kernel`` on ``backend`` (default: the layer's)."""
+        return s4d_kernel(*self.ssm(), L, backend=backend or self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = x.transpose(1, 2)  # (b, d, l)
@@ -314,3 +298,25 @@ class S4D(nn.Module):
         state = Ad * state + Bd * x_t[..., None]  # (b, d, n)
         y = 2 * (C * state).sum(-1).real + self.D * x_t  # (b, d)
         return y, state
+
+
+class S4DBlock(nn.Module):
+    """S4's block around the S4D layer (S4, section 3.4; the ``"s4d"`` mixer): the SSM, a GELU,
+    then a gated linear output (GLU), with no selection:
+
+        y = GLU(W · gelu(S4D(x))),   W: d -> 2d,   GLU([a, g]) = a ⊙ σ(g)
+
+    forward: x (b, l, d) -> (b, l, d); step: x_t (b, d), the S4D state -> (y_t (b, d), state)."""
+
+    def __init__(self, d_model: int, d_state: int = 64, dt_min: float = 1e-3,
+                 dt_max: float = 1e-1):
+        super().__init__()
+        self.s4d = S4D(d_model, d_state, dt_min, dt_max)
+        self.out = nn.Linear(d_model, 2 * d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.glu(self.out(nn.functional.gelu(self.s4d(x))))  # (b, l, d)
+
+    def step(self, x_t: torch.Tensor, state=None):
+        y, state = self.s4d.step(x_t, state)  # (b, d)
+        return nn.functional.glu(self.out(nn.functional.gelu(y))), state

@@ -1,0 +1,180 @@
+"""Scaled dot-product attention, computed tile by tile with the online softmax (FlashAttention).
+
+References: Vaswani et al., "Attention is all you need" (2017), section 3.2.1 (scaled
+dot-product attention); Milakov & Gimelshein, "Online normalizer calculation for softmax"
+(2018), algorithm 3; Dao et al., "FlashAttention" (2022), algorithm 1 (tiling, rescaling).
+
+Glossary (code = paper): ``q, k, v`` = Q, K, V; ``scale`` = 1/sqrt(d_k) (``e`` = d_k here);
+``s`` = the scores S = scale·QKᵀ; ``m`` = the running row max m(x); ``ssum`` = the running
+normaliser ℓ(x) (the paper's l: ``l`` is a length here); ``acc`` = the unnormalised output Õ;
+``lse`` = m + log ℓ, the log-sum-exp of a row. Shapes: ``b`` batch, ``h`` heads, ``lq``/``lk``
+query and key lengths, ``e`` head dim; the kernels see ``(r, l, e)`` with ``r = b·h`` heads.
+
+    out_i = Σ_j softmax_j(s_ij) v_j,   s_ij = scale · q_i·k_j,   lse_i = log Σ_j exp(s_ij)
+
+over the keys j that query i may see: all of them, or with ``causal=True`` those with
+j ≤ i + (lk - lq) (bottom-right aligned, as FlashAttention: the last query sees every key).
+
+The online softmax: after a tile of keys J with scores s_J, a row's state (m, ℓ, Õ) becomes
+
+    m' = max(m, max_J s),   ℓ' = e^(m - m') ℓ + Σ_J e^(s_J - m'),
+    Õ' = e^(m - m') Õ + Σ_J e^(s_J - m') v_J,          and at the end out = Õ / ℓ.
+
+Backward: by recomputation. ``attention`` with the ``cpu``/``cuda`` backend is a
+``torch.autograd.Function`` whose backward re-runs ``attention_ref`` under autograd (O(lq·lk)
+memory in the backward pass only). FlashAttention's own backward kernel is not implemented.
+
+Two partial results over disjoint sets of keys merge into the whole by their log-sum-exps:
+``merge_attention`` (blockwise and ring attention).
+
+Layout: ``ref.py`` the reference (the definition), the causal mask and ``merge_attention``;
+``cpu.py`` the Numba loop; ``cuda.py`` the numba.cuda kernel and its launcher; this file: the
+autograd Function, the public entry and ``example_inputs``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minimodels.backend import dispatch, expect_tensor
+from minimodels.kernels._common import Example, randn
+from minimodels.kernels.attention.cpu import BLOCK_K, BLOCK_Q, _fwd_cpu
+from minimodels.kernels.attention.cuda import _fwd_cuda
+from minimodels.kernels.attention.ref import attention_ref, causal_mask, merge_attention
+
+__all__ = ["attention", "attention_ref", "attention_cpu", "attention_cuda", "IMPLS",
+           "causal_mask", "merge_attention", "example_inputs", "BLOCK_Q", "BLOCK_K"]
+
+# =============================================================================================
+# Constants
+# =============================================================================================
+
+# example_inputs: the CPU benchmark's size (b, h, l, e), non-causal
+EXAMPLE_SHAPE = (1, 8, 4096, 64)
+TOLERANCES = {torch.float32: (2e-6, 2e-6), torch.float64: (1e-12, 1e-12)}  # (rtol, atol)
+
+
+# =============================================================================================
+# Autograd: the forward is a kernel; the backward recomputes with the reference
+# =============================================================================================
+
+
+class _Attention(torch.autograd.Function):
+    """Forward by a tiled kernel; backward by recomputation through ``attention_ref``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, fwd):
+        b, h, lq, e = q.shape
+        lk = k.shape[2]
+        rows = b * h
+        q_r = q.contiguous().view(rows, lq, e)  # (r, lq, e)
+        k_r = k.contiguous().view(rows, lk, e)  # (r, lk, e)
+        v_r = v.contiguous().view(rows, lk, e)
+        if q.numel():
+            out, lse = fwd(q_r, k_r, v_r, causal, scale)
+        else:
+            out, lse = torch.empty_like(q_r), q_r.new_empty(q_r.shape[:2])
+        ctx.save_for_backward(q, k, v)
+        ctx.causal, ctx.scale = causal, scale
+        return out.view(b, h, lq, e), lse.view(b, h, lq)
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+            out, lse = attention_ref(q, k, v, ctx.causal, ctx.scale, return_lse=True)
+            dq, dk, dv = torch.autograd.grad((out, lse), (q, k, v), (g_out, g_lse))
+        return dq, dk, dv, None, None, None
+
+
+def _scale(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def attention_cpu(q, k, v, causal=False, scale=None, return_lse=False):
+    """Numba CPU kernel, parallel over heads × query tiles. Same contract as ``attention_ref``."""
+    out, lse = _Attention.apply(q, k, v, causal, _scale(q, scale), _fwd_cpu)
+    return (out, lse) if return_lse else out
+
+
+def attention_cuda(q, k, v, causal=False, scale=None, return_lse=False):
+    """numba.cuda kernel (or the CUDA simulator). Same contract as ``attention_ref``."""
+    out, lse = _Attention.apply(q, k, v, causal, _scale(q, scale), _fwd_cuda)
+    return (out, lse) if return_lse else out
+
+
+# =============================================================================================
+# Public entry
+# =============================================================================================
+
+IMPLS = {"ref": attention_ref, "cpu": attention_cpu, "cuda": attention_cuda}
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend=None):
+    """Scaled dot-product attention softmax(scale · q kᵀ) v without forming the scores.
+
+    Args:
+        q: (b, h, lq, e) queries; k, v: (b, h, lk, e) keys and values; float32 or float64,
+            one dtype and device; e >= 1.
+        causal: if True, query i sees key j only when j ≤ i + (lk - lq) (bottom-right
+            aligned, as FlashAttention; equal to SDPA's ``is_causal`` when lq == lk).
+            Needs lq ≤ lk.
+        scale: multiplies the scores; default 1 / sqrt(e).
+        return_lse: also return lse = log Σ_j exp(s_ij) over the visible keys, (b, h, lq).
+        backend: "ref", "cpu", "cuda", a callable with this signature, or None to choose from
+            the tensors' device (see ``minimodels.backend.resolve``).
+
+    Returns:
+        out (b, h, lq, e) in the dtype of q, or (out, lse) with ``return_lse``. Differentiable
+        on every backend (the kernels' backward recomputes with ``attention_ref``).
+    """
+    expect_tensor("q", q, "b, h, lq, e")
+    expect_tensor("k", k, "b, h, lk, e", dtypes=(q.dtype,))
+    expect_tensor("v", v, "b, h, lk, e", dtypes=(q.dtype,), shape=k.shape)
+    b, h, lq, e = q.shape
+    if e == 0:  # no features to compare: the scores, the default scale 1/sqrt(e) are undefined
+        raise ValueError(f"q must have a head dimension e >= 1 (its last dimension), got shape "
+                         f"{tuple(q.shape)}")
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, e):
+        raise ValueError(
+            f"k must have shape (b, h, lk, e) with b, h, e = {(b, h, e)} from q, got "
+            f"{tuple(k.shape)}"
+        )
+    if k.shape[2] == 0:
+        raise ValueError("k and v must hold at least one key (lk >= 1)")
+    if causal and lq > k.shape[2]:
+        raise ValueError(
+            f"causal attention needs lq <= lk (bottom-right aligned mask), got lq={lq}, "
+            f"lk={k.shape[2]}"
+        )
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    return dispatch(IMPLS, q, k, v, causal=causal, scale=scale, return_lse=return_lse,
+                    backend=backend)
+
+
+def example_inputs(shape=None, *, dtype=torch.float32, device="cpu", seed=0) -> Example:
+    """The canonical inputs of ``attention``: ``Example(args=(q, k, v), kwargs={"causal": False})``.
+
+    shape: (b, h, l, e) with as many keys as queries, or (b, h, lq, lk, e); default
+    (1, 8, 4096, 64) (the CPU benchmark's). q (b, h, lq, e), k and v (b, h, lk, e) ~ N(0, 1),
+    drawn in float64 on the CPU from ``seed``, then cast to ``dtype`` and moved to ``device``
+    (the same values for every dtype and device). rtol = atol = 2e-6 in float32, 1e-12 in
+    float64 (against a float64 truth)."""
+    shape = EXAMPLE_SHAPE if shape is None else tuple(shape)
+    if len(shape) == 4:
+        b, h, lq, e = shape
+        lk = lq
+    else:
+        b, h, lq, lk, e = shape
+    g = torch.Generator().manual_seed(seed)
+    q = randn(g, b, h, lq, e)  # (b, h, lq, e)
+    k = randn(g, b, h, lk, e)  # (b, h, lk, e)
+    v = randn(g, b, h, lk, e)
+    rtol, atol = TOLERANCES[dtype]
+    return Example(args=tuple(x.to(dtype=dtype, device=device) for x in (q, k, v)),
+                   kwargs={"causal": False}, rtol=rtol, atol=atol,
+                   sizes={"batch": b, "n_heads": h, "seqlen": lq, "seqlen_k": lk, "d_head": e})
