@@ -8,7 +8,7 @@ from minimodels.backend import cuda_simulated
 # The fuzzer's profiles (tests/test_fuzz.py): "quick" in `make test` (derandomized, so CI sees
 # the same cases every run), "long" under `pytest -m fuzz`; HYPOTHESIS_PROFILE picks another.
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("quick", max_examples=100, derandomize=True, database=None,
+settings.register_profile("quick", max_examples=200, derandomize=True, database=None,
                           deadline=None, print_blob=True, suppress_health_check=_SLOW_IS_FINE)
 settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
                           suppress_health_check=_SLOW_IS_FINE)
