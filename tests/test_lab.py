@@ -203,3 +203,25 @@ def test_say_formats_a_sentence_and_resolves_rules():
                  verdict=lab.above("x", 3))
     assert isinstance(md, Markdown)
     assert md.data == "The kernel is 3.0x the reference: the claim holds."
+
+
+def test_core_pulls_the_marked_lines_and_refuses_walls(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    src = tmp_path / "kmod.py"
+    src.write_text("x = 0\n\n\ndef f(a):\n    # [core] step\n    b = a + 1  # one\n"
+                   "    return b\n    # [/core]\n\n\n# [core] wall\n" + "y = 1\n" * 41
+                   + "# [/core]\n# [core] open\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("kmod", None)
+    kmod = importlib.import_module("kmod")
+    md = lab.core(kmod.f, "step").data
+    assert md.startswith("```python\nb = a + 1  # one\nreturn b\n```")
+    assert "lines 6–7" in md and "kmod.py" in md
+    with pytest.raises(ValueError, match="no '# \\[core\\] nope' marker"):
+        lab.core(kmod, "nope")
+    with pytest.raises(ValueError, match="41 lines > 40"):
+        lab.core(kmod, "wall")
+    with pytest.raises(ValueError, match="no closing"):
+        lab.core(kmod, "open")

@@ -44,6 +44,7 @@ __all__ = [
     "below",
     "between",
     "claims_table",
+    "core",
     "decode_throughput",
     "peak_memory",
     "saved_for_backward",
@@ -379,3 +380,44 @@ def say(template: str, **values: Any):
     from IPython.display import Markdown
 
     return Markdown(_fill(template, values))
+
+
+# =============================================================================================
+# A kernel's core, pulled from its source
+# =============================================================================================
+
+CORE_MAX_LINES = 40
+
+
+def core(obj, name: str, *, max_lines: int = CORE_MAX_LINES):
+    """The lines of ``obj``'s source file (a module or a function) between the markers
+    ``# [core] name`` and the next ``# [/core]``, dedented, as a Markdown code block with the
+    file and line numbers and a link to the whole file: a chapter shows the 10–30 lines that
+    carry a kernel's idea, and they cannot drift from the code that runs. Raises ValueError when
+    the marker is missing or the core is longer than ``max_lines``."""
+    import inspect
+    import textwrap
+    from pathlib import Path
+
+    from IPython.display import Markdown
+
+    path = Path(inspect.getsourcefile(obj))
+    lines = path.read_text().splitlines()
+    start = next((i for i, s in enumerate(lines) if s.strip() == f"# [core] {name}"), None)
+    if start is None:
+        raise ValueError(f"no '# [core] {name}' marker in {path}")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() == "# [/core]"), None)
+    if end is None:
+        raise ValueError(f"the core '{name}' in {path} has no closing '# [/core]'")
+    body = lines[start + 1:end]
+    if len(body) > max_lines:
+        raise ValueError(f"the core '{name}' in {path} has {len(body)} lines > {max_lines}: "
+                         "show the idea, link the rest")
+    root = Path(__file__).resolve().parents[2]  # the repository (src/minimodels/lab.py)
+    try:
+        shown = path.resolve().relative_to(root).as_posix()
+    except ValueError:  # an installed wheel: no repository around it
+        shown = path.name
+    text = textwrap.dedent("\n".join(body))
+    return Markdown(f"```python\n{text}\n```\n\n<small>`{shown}`, lines {start + 2}–{end}: the "
+                    f"core of the kernel; [the whole file](../{shown}).</small>")
