@@ -196,6 +196,31 @@ def test_launcher_is_kept_only_when_its_packing_equals_numbas():
         assert _Launcher.checked(_FakeOverload(argtypes, changed), args, args, 0) is None
 
 
+def test_size_one_axes_do_not_switch_the_fast_path_off():
+    """Numba packs the strides of size-1 axes by its own rule (a (1, 1, 2) float32 view is both
+    C- and F-contiguous and gets F strides (4, 4, 4); C order gives (8, 8, 4)). A kernel only
+    indexes such an axis at 0, so the first-call comparison ignores those strides: a launcher is
+    kept for a shape class whose first call had size-1 axes; a stride that differs on an axis
+    that is used still rejects it."""
+    from numba import types
+
+    from minimodels.backend import _Launcher
+
+    t = torch.zeros(1, 1, 2)
+    argtypes = (types.Array(types.float32, 3, "C"),)
+
+    def numba_rules(strides):
+        def prepare(ty, value, stream, retr, params):
+            params += [0, 0, value.numel(), 4, value.data_ptr(), *value.shape, *strides]
+        return prepare
+
+    kept = _Launcher.checked(_FakeOverload(argtypes, numba_rules((4, 4, 4))), (t,), (t,), 0)
+    assert isinstance(kept, _Launcher)
+    with pytest.warns(RuntimeWarning, match=r"argument 0 .*ours .*Numba's"):
+        assert _Launcher.checked(_FakeOverload(argtypes, numba_rules((8, 8, 8))),
+                                 (t,), (t,), 0) is None
+
+
 def test_scalar_packing_equals_numbas_prepare_args():
     """Our packers against the real ``_Kernel._prepare_args`` of the installed numba-cuda, for
     scalars (arrays need a GPU: test_launch_packs_arguments_as_numba_does). Run without the

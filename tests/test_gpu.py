@@ -45,6 +45,37 @@ def test_canonical_size_matches_float64_reference(module_name):
     torch.testing.assert_close(got.double(), want.double(), rtol=ex.rtol, atol=ex.atol)
 
 
+SIZE_ONE_SHAPES = {"scan": (1, 1, 5), "attention": (1, 1, 3, 8), "wkv": (1, 3, 1),
+                   "ssm_kernel": (1, 1, 7), "selective_scan": (1, 1, 6, 1)}
+NORMAL_SHAPES = {"scan": (2, 3, 70), "attention": (2, 2, 70, 16), "wkv": (2, 70, 3),
+                 "ssm_kernel": (3, 4, 70), "selective_scan": (2, 3, 70, 4)}
+
+
+@pytest.mark.parametrize("module_name", sorted(OPS))
+def test_fast_launch_path_survives_size_one_axes(module_name):
+    """A kernel's first call with size-1 axes, then a normal shape of the same kinds: both take
+    ``backend.launch``'s fast path (Numba packs the strides of size-1 axes by its own rule; the
+    first-call comparison must not switch the path off for the whole shape class), forward and
+    backward."""
+    from minimodels import backend
+
+    module = importlib.import_module(f"minimodels.kernels.{module_name}")
+    op = getattr(module, OPS[module_name])
+    backend._LAUNCHERS.clear()
+    for shape in (SIZE_ONE_SHAPES[module_name], NORMAL_SHAPES[module_name]):
+        ex = module.example_inputs(shape, device=DEV)
+        args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                else a for a in ex.args]
+        out = op(*args, **ex.kwargs, backend="cuda")
+        out = out[0] if isinstance(out, tuple) else out
+        if out.requires_grad:
+            out.float().sum().backward()
+        torch.cuda.synchronize()
+        assert backend._LAUNCHERS, "no kernel went through backend.launch"
+        off = [k[0] for k, v in backend._LAUNCHERS.items() if v is None]
+        assert not off, f"fast path switched off for {off} at shape {shape}"
+
+
 # --- attention ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])

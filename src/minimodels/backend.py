@@ -320,17 +320,23 @@ class _Launcher:
             launcher = cls(overload)
         except TypeError:  # an argument type without fast packing: Numba's path, no warning
             return None
-        ours, theirs = launcher.pack(args), []
+        from numba import types
+
         try:
-            for ty, value in zip(overload.argument_types, converted, strict=True):
+            for i, (ty, a, value) in enumerate(zip(overload.argument_types, args, converted,
+                                                   strict=True)):
+                ours, theirs = [], []
+                launcher.packers[i](a, ours)
                 overload._prepare_args(ty, value, stream, [], theirs)
-        except (AttributeError, TypeError) as err:
-            theirs = [err]
-        if [_comparable(x) for x in ours] != [_comparable(x) for x in theirs]:
+                if isinstance(ty, types.Array):  # the stride of a size-1 axis is never used
+                    ours, theirs = (_strides_of_used_axes(p, a.shape) for p in (ours, theirs))
+                if [_comparable(x) for x in ours] != [_comparable(x) for x in theirs]:
+                    raise _Mismatch(f"argument {i} ({ty}): ours {ours}, Numba's {theirs}")
+        except (AttributeError, TypeError, _Mismatch) as err:
             name = getattr(getattr(overload, "py_func", None), "__name__", "a kernel")
             warnings.warn(f"backend.launch: this numba-cuda packs the arguments of {name} "
-                          f"otherwise (its first: {theirs[:1]}); launching through Numba's own "
-                          "path", RuntimeWarning, stacklevel=3)
+                          f"otherwise ({err}); launching through Numba's own path",
+                          RuntimeWarning, stacklevel=3)
             return None
         return launcher
 
@@ -349,6 +355,20 @@ class _Launcher:
         if config is None:
             config = self.configs[grid, block] = LaunchConfig(grid=grid, block=block)
         core_launch(stream, config, self.kernel, *params)
+
+
+class _Mismatch(Exception):
+    """Our packing of a kernel argument differs from Numba's."""
+
+
+def _strides_of_used_axes(packed: list, shape) -> list:
+    """A packed array argument (meminfo, parent, size, itemsize, data, *shape, *strides) with the
+    strides of its size-1 axes blanked: a kernel only ever indexes such an axis at 0, and Numba
+    packs them by its own rule (a (1, 1, 2) view gets F-order strides (4, 4, 4) where C order
+    gives (8, 8, 4): both flags hold), so comparing them would reject a correct launcher."""
+    n = len(shape)
+    head, strides = packed[:len(packed) - n], packed[len(packed) - n:]
+    return head + [None if size == 1 else st for size, st in zip(shape, strides, strict=True)]
 
 
 def _comparable(x):
