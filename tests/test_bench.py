@@ -192,3 +192,15 @@ def test_save_refuses_simulated_cuda_times(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main(["scan", "--device", "cuda", "--save"])
     assert "simulated" in capsys.readouterr().err
+
+
+def test_mambapy_peer_computes_the_selective_scan():
+    """The benchmark's mambapy row runs mambapy's own pscan on the same inputs: it must compute
+    the same selective scan as the reference (float64), or its speed means nothing."""
+    pytest.importorskip("mambapy")
+    from minimodels.benchmarks.selective_scan import selective_scan_mambapy
+    from minimodels.kernels import selective_scan as ss
+
+    ex = ss.example_inputs((2, 3, 13, 4), dtype=torch.float64, seed=3)
+    torch.testing.assert_close(ex.call(selective_scan_mambapy),
+                               ex.call(ss.selective_scan, backend="ref"))

@@ -23,13 +23,14 @@ def _name(requirement: str) -> str:
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["test"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + extras["test"] + extras["bench"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = [r for r in pip if not r.startswith("-e")]
     assert sorted(map(_name, listed)) == sorted(map(_name, wanted))
     assert sorted(listed) == sorted(wanted), "same pins in both files"
-    assert any(r.startswith("-e") and ".[test]" in r for r in pip), "pip installs the package"
+    assert any(r.startswith("-e") and ".[test,bench]" in r for r in pip), "pip installs the package"
     python = [d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")]
     assert python == ["python=3.11"]
 

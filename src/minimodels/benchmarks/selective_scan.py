@@ -11,6 +11,10 @@ speed-up over the reference and a multiple of two floors: bytes (every input of
 once, over the bandwidth of a large copy measured in the same run) and exps (b·d·l·n of
 them, over the exp rate of a scalar loop measured in the same run: on the CPU, pip's Numba calls
 libm's scalar exp, so the CPU kernel is exp-bound).
+
+The peer a user would pick instead is ``mambapy`` itself (Mamba in pure PyTorch, its ``pscan``):
+with the optional extra installed (``pip install -e '.[bench]'``) the table has a row of its own
+code, forward and forward + backward; without it the table says that the peer is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +28,18 @@ import torch.nn.functional as F
 from minimodels.bench import convert, copy_bandwidth, exp_rate, machine, measure, tensor_device
 from minimodels.kernels import selective_scan as ss
 
-__all__ = ["run", "selective_scan_pscan"]
+__all__ = ["mambapy_pscan", "run", "selective_scan_mambapy", "selective_scan_pscan"]
+
+MISSING_MAMBAPY = "mambapy not installed: pip install -e '.[bench]' for its pscan row"
+
+
+def mambapy_pscan():
+    """mambapy's own ``pscan(A, X)`` (inputs (b, l, d, n)), or None when it is not installed."""
+    try:
+        from mambapy.pscan import pscan
+    except ImportError:
+        return None
+    return pscan
 
 
 def selective_scan_pscan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -40,6 +55,26 @@ def selective_scan_pscan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     Bu = (delta * u)[:, :, None, :] * B[:, None]  # (b, d, n, l)
     x = parallel_scan(Abar, Bu)  # (b, d, n, l)
     y = torch.einsum("bdnl,bnl->bdl", x, C)
+    if D is not None:
+        y = y + D[:, None] * u
+    return y * F.silu(z) if z is not None else y
+
+
+def selective_scan_mambapy(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False):
+    """The selective scan as mambapy computes it (its ``selective_scan``: Ā and B̄u materialised
+    channels-last, then its ``pscan``). Input-dependent B, C (b, n, l) only."""
+    pscan = mambapy_pscan()
+    if pscan is None:
+        raise ImportError(MISSING_MAMBAPY)
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    delta = F.softplus(delta) if delta_softplus else delta  # (b, d, l)
+    dt = delta.transpose(1, 2)  # (b, l, d)
+    dA = torch.exp(dt[..., None] * A)  # (b, l, d, n)
+    BX = (dt * u.transpose(1, 2))[..., None] * B.transpose(1, 2)[:, :, None, :]  # (b, l, d, n)
+    hs = pscan(dA, BX)  # (b, l, d, n)
+    y = (hs @ C.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)  # (b, d, l)
     if D is not None:
         y = y + D[:, None] * u
     return y * F.silu(z) if z is not None else y
@@ -81,6 +116,10 @@ def run(shape=None, device="cpu", dtype=None) -> str:
         warmup=0, repeat=1, gpu_repeat=1)
     add("expanded + Blelloch scan (pscan-style)", lambda: ex.call(selective_scan_pscan),
         f"materialises {exps * size / 1e6:.0f} MB tensors", warmup=0, repeat=1, gpu_repeat=3)
+    has_mambapy = mambapy_pscan() is not None
+    if has_mambapy:
+        add("mambapy pscan (its own code)", lambda: ex.call(selective_scan_mambapy),
+            "the pure-PyTorch peer", warmup=1, repeat=3, gpu_repeat=5)
     add(f"minimodels {kernel} kernel", lambda: ex.call(ss.selective_scan, backend=kernel),
         repeat=5 if device == "cpu" else 20, warmup=2 if device == "cpu" else 3)
 
@@ -102,6 +141,9 @@ def run(shape=None, device="cpu", dtype=None) -> str:
     if device == "cuda":
         rows.append(measure("pscan-style forward+backward", fwd_bwd(selective_scan_pscan),
                             device, "not a forward", repeat=5, gpu_repeat=3))
+    if has_mambapy:
+        rows.append(measure("mambapy pscan forward+backward", fwd_bwd(selective_scan_mambapy),
+                            device, "not a forward", warmup=1, repeat=3, gpu_repeat=3))
     ref = rows[0].seconds
     gpu = any(r.gpu_seconds is not None for r in rows)
     lines = [
@@ -111,6 +153,7 @@ def run(shape=None, device="cpu", dtype=None) -> str:
         f"{floor_bytes * 1e3:.3g} ms" + (
             f"; exp floor = {exps / 1e6:.0f} M exps / measured scalar exp rate = "
             f"{floor_exp * 1e3:.3g} ms" if floor_exp else ""),
+        "" if has_mambapy else MISSING_MAMBAPY,
         "",
         "| implementation | ms | speed-up vs ref | x bytes floor | x exp floor |"
         + (" GPU ms | GPU x bytes floor |" if gpu else "") + " note |",
