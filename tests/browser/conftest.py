@@ -179,8 +179,21 @@ class LabServer:
         self.url, self.token, self.root, self.notebooks, self.log = url, token, root, notebooks, log
 
     def page_url(self, notebook: str) -> str:
-        rel = (self.notebooks / notebook).relative_to(self.root).as_posix()
+        return self.url_for(self.notebooks / notebook)
+
+    def url_for(self, path: Path) -> str:
+        """The JupyterLab page of ``path``, a file under the server's root."""
+        rel = path.relative_to(self.root).as_posix()
         return f"{self.url}lab/tree/{rel}?reset&token={self.token}"
+
+    def fresh_copy(self, src: Path, folder: str) -> Path:
+        """Copy ``src`` (a notebook outside chapters/, e.g. an exercise) to <root>/<folder>/,
+        replacing an earlier copy, and return the copy's path: the page then edits and may
+        autosave the copy, never the committed file."""
+        dest = self.root / folder / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        return dest
 
     def shutdown_kernels(self) -> None:
         """Stop every kernel (one notebook runs at a time), so that a hung or heavy kernel does
