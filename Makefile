@@ -6,8 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-# Numba caches compiled kernels here, shared by the tests and every notebook.
-export NUMBA_CACHE_DIR := $(CURDIR)/.numba_cache
+# Numba caches compiled kernels here, shared by the tests and every notebook. The folder is keyed
+# by the kernels' sources: Numba checks only the timestamp of the file that defines a jitted
+# function, so an edit to a helper it calls (kernels/fastexp.py) would leave stale machine code.
+KERNEL_HASH := $(shell cat $(sort $(wildcard kernels/*.py kernels/*/*.py)) | sha1sum | cut -c1-12)
+export NUMBA_CACHE_DIR := $(CURDIR)/.numba_cache/$(KERNEL_HASH)
 
 # Tests run two processes at once (pytest -n auto on 2 cores); each keeps to one torch/OpenMP
 # thread so they do not oversubscribe the cores (small-op training slowed 100x without this).

@@ -87,6 +87,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 # =============================================================================================
 
 
+# [core] scan_maps
 @cuda.jit(device=True)
 def scan_maps(sA, sB, A, B, i):
     """Inclusive scan over the block of the maps h -> A h + B (thread order = time order).
@@ -108,3 +109,4 @@ def scan_maps(sA, sB, A, B, i):
         cuda.syncthreads()
         offset *= 2
     return p
+# [/core]

@@ -12,8 +12,11 @@ a Taylor polynomial, the power of two written straight into the float's exponent
 ln 2 = LN2_HI + LN2_LO with LN2_HI short (9 significant bits), so t·LN2_HI is exact for every t
 used. The truncation error r^(D+1)/(D+1)! is below 5e-9 (D = 7) and 4e-18 (D = 13), under the
 rounding of the dtype. Arguments below EXP_MIN (-87 in float32, -708 in float64: 2^t stays a
-normal number) count as EXP_MIN, so e^-inf is 1.6e-38 (float32) or 3.3e-308 (float64) instead
-of 0: the kernels only ever add such weights to a weight of 1 (the running maximum's).
+normal number) give exactly 0 (a select after the polynomial, which is evaluated at EXP_MIN so
+that 2^t stays in range): e^-inf = 0 as libm's, and results below e^EXP_MIN (1.6e-38 in
+float32, 3.3e-308 in float64) flush to 0. nan gives nan. (It used to return
+e^EXP_MIN there: WKV at an empty past then weighted a k = -inf token by 1.6e-38 alone and
+returned its v where the definition is 0/0.)
 
 Measured (6 M arguments spread over [EXP_MIN, 0] plus [-5, 0], against exp in long double): max
 relative error 7.8e-8 = 0.66 eps in float32 and 1.4e-16 = 0.64 eps in float64 (libm's own:
@@ -47,8 +50,8 @@ DEGREE32, DEGREE64 = 7, 13
 
 # The constants as scalars of each dtype: Numba freezes NumPy scalars of a global as constants
 # of their own type, so float32 arithmetic stays float32 (a Python float would be float64).
-_C32 = tuple(np.float32(c) for c in (EXP_MIN32, LOG2E, LN2_HI, LN2_LO, 0.5))
-_C64 = tuple(np.float64(c) for c in (EXP_MIN64, LOG2E, LN2_HI, LN2_LO, 0.5))
+_C32 = tuple(np.float32(c) for c in (EXP_MIN32, LOG2E, LN2_HI, LN2_LO, 0.5, 0.0))
+_C64 = tuple(np.float64(c) for c in (EXP_MIN64, LOG2E, LN2_HI, LN2_LO, 0.5, 0.0))
 _T32 = tuple(np.float32(1 / math.factorial(d)) for d in range(DEGREE32 + 1))  # 1/d!
 _T64 = tuple(np.float64(1 / math.factorial(d)) for d in range(DEGREE64 + 1))
 
@@ -72,30 +75,31 @@ def _pow2(typingctx, t):
 
 
 def exp_neg(x):
-    """e^max(x, EXP_MIN) for x ≤ 0. This Python body is a stand-in (``math.exp``); inside
-    njit code the overload below runs: float32 in, float32 out (float64 likewise)."""
-    return math.exp(max(x, EXP_MIN64))
+    """e^x for x ≤ 0, and 0 for x < EXP_MIN (e^-inf = 0). This Python body is a stand-in
+    (``math.exp``); inside njit code the overload below runs: float32 in, float32 out (float64
+    likewise)."""
+    return 0.0 if x < EXP_MIN64 else math.exp(x)
 
 
 def _exp_neg32(x):
-    lo, log2e, ln2_hi, ln2_lo, half = _C32
+    lo, log2e, ln2_hi, ln2_lo, half, zero = _C32
     c0, c1, c2, c3, c4, c5, c6, c7 = _T32
     y = max(x, lo)
     t = np.floor(y * log2e + half)  # round(y / ln 2)
     r = (y - t * ln2_hi) - t * ln2_lo  # |r| ≤ ln2 / 2
     p = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
-    return p * _pow2(t)
+    return zero if x < lo else p * _pow2(t)  # nan < lo is false: nan stays nan
 
 
 def _exp_neg64(x):
-    lo, log2e, ln2_hi, ln2_lo, half = _C64
+    lo, log2e, ln2_hi, ln2_lo, half, zero = _C64
     c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13 = _T64
     y = max(x, lo)
     t = np.floor(y * log2e + half)
     r = (y - t * ln2_hi) - t * ln2_lo
     p = ((((((c13 * r + c12) * r + c11) * r + c10) * r + c9) * r + c8) * r + c7) * r + c6
     p = (((((p * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
-    return p * _pow2(t)
+    return zero if x < lo else p * _pow2(t)  # nan < lo is false: nan stays nan
 
 
 @overload(exp_neg, jit_options={"fastmath": {"contract"}})

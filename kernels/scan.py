@@ -57,6 +57,7 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}  # (rt
 # =============================================================================================
 
 
+# [core] linear_scan_ref
 def linear_scan_ref(a, b, h0=None):
     """h_t = a_t * h_{t-1} + b_t with h_{-1} = h0 (zeros if None).
 
@@ -69,6 +70,7 @@ def linear_scan_ref(a, b, h0=None):
     if not out:  # l = 0: an empty (b, d, 0), still in the graph of a, b and h0
         return a * h[..., None] + b
     return torch.stack(out, dim=-1)  # (b, d, l)
+# [/core]
 
 
 # =============================================================================================
@@ -76,6 +78,7 @@ def linear_scan_ref(a, b, h0=None):
 # =============================================================================================
 
 
+# [core] combine
 def combine(left, right):
     """Compose two steps of h -> a h + b: first ``left`` = (a1, b1), then ``right`` = (a2, b2).
 
@@ -83,6 +86,7 @@ def combine(left, right):
     a1, b1 = left
     a2, b2 = right
     return a1 * a2, a2 * b1 + b2
+# [/core]
 
 
 def parallel_scan(a, b, op=combine):
@@ -98,6 +102,7 @@ def parallel_scan(a, b, op=combine):
     _expect_scan_pair(a, b)
     l = a.shape[-1]
     L = 1 << max(l - 1, 0).bit_length()
+    # [core] parallel_scan
     level = F.pad(a, (0, L - l), value=1.0), F.pad(b, (0, L - l), value=0.0)  # (..., L)
     tree = []
     while level[0].shape[-1] > 1:  # up-sweep
@@ -112,6 +117,7 @@ def parallel_scan(a, b, op=combine):
                        for p, r in zip(prefix, right_prefix, strict=True))  # (..., 2m)
     inclusive = op(tuple(x[..., :l] for x in prefix), (a, b))  # everything up to step t
     return inclusive[1]  # applied to h_{-1} = 0
+    # [/core]
 
 
 def _expect_scan_pair(a, b):
@@ -143,6 +149,7 @@ def _expect_scan_pair(a, b):
 # =============================================================================================
 
 
+# [core] linear_scan_loop
 def _linear_scan_loop(a, b, h0, h):
     """Forward loop. a, b, h: (r, l); h0: (r,). Writes h in place.
 
@@ -157,6 +164,7 @@ def _linear_scan_loop(a, b, h0, h):
             u = a[q, t] * u + b[q, t]
             h[r, t] = s
             h[q, t] = u
+# [/core]
 
 
 def _linear_scan_bwd_loop(a, h0, h, g, da, db, dh0):
@@ -246,6 +254,7 @@ def _linear_scan_kernels(dtype: np.dtype):
         carry = h0[r]  # the state entering the chunk
         _load(a, r, i * ITEMS, 1, 0, l, one, na)  # past the end: the identity map
         _load(b, r, i * ITEMS, 1, 0, l, zero, nb)
+        # [core] linear_scan_cuda_chunk
         for t0 in range(0, l, CHUNK):
             first = t0 + i * ITEMS
             for k in range(ITEMS):
@@ -263,6 +272,7 @@ def _linear_scan_kernels(dtype: np.dtype):
                     h[r, first + k] = state
             carry = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
             cuda.syncthreads()  # everyone has read sA, sB before the next chunk writes them
+        # [/core]
 
     @cuda.jit
     def bwd(a, h0, h, g, da, db, dh0):

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import minimodels.kernels.attention.cpu as attention_cpu
 import minimodels.kernels.attention.cuda as attention_cuda
+import minimodels.kernels.monarch.cpu as monarch_cpu
 import minimodels.kernels.selective_scan.cuda as selective_scan_cuda
 import minimodels.kernels.ssm_kernel as ssm_kernel
 import minimodels.kernels.wkv.cpu as wkv_cpu
@@ -409,6 +410,29 @@ def s4d_cases(draw, backend):
                 layout=tuple(_layout(draw, ["A", "C", "dt"], conjugate=["A", "C"])), **case)
 
 
+# ---------------------------------------------------------------------------------------------
+# monarch_multiply(x, w1, w2): x (b, k·p), w1 (k, q, p), w2 (l, s, r) with l·r = k·q
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def monarch_cases(draw, backend):
+    case = _base(draw, backend)
+    if backend == "cuda" and SIMULATED:  # one block of THREADS per token: a few tokens
+        b = draw(st.integers(0, 4))
+        k, q, p = (draw(st.integers(1, 4)) for _ in range(3))
+    else:  # CPU: tasks of TILE tokens
+        b = draw(lengths(2 * monarch_cpu.TILE + 1, [monarch_cpu.TILE], lo=0))
+        k, q, p = (draw(st.integers(1, 6)) for _ in range(3))
+    l = draw(st.sampled_from([d for d in range(1, k * q + 1) if (k * q) % d == 0]))
+    s = draw(st.integers(1, 6))
+    edits = _scaled(draw, ["x", "w1", "w2"], p_edit=0.25)
+    edits += _inject(draw, ["x", "w1", "w2"], b > 0)
+    names = ["x", "w1", "w2"]
+    return Case(op="monarch", shape=(b, k, q, p, l, s), edits=tuple(edits),
+                layout=tuple(_layout(draw, names, broadcast=["x"])), **case)
+
+
 OPS = {
     "linear_scan": Spec("minimodels.kernels.scan", "linear_scan", ("a", "b", "h0"), scan_cases,
                         lambda r, kw: {"h": r}, scan_resume),
@@ -422,4 +446,6 @@ OPS = {
     "s4d_kernel": Spec("minimodels.kernels.ssm_kernel", "s4d_kernel", ("A", "C", "dt", "L"),
                        s4d_cases, lambda r, kw: {"K": r}, complex=("A", "C"), static=("L",),
                        example_dtype="torch.complex128"),
+    "monarch": Spec("minimodels.kernels.monarch", "monarch_multiply", ("x", "w1", "w2"),
+                    monarch_cases, lambda r, kw: {"y": r}),
 }

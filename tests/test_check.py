@@ -122,3 +122,186 @@ def test_inputs_are_not_shared_with_the_learner():
         return out
 
     assert check.linear_scan(scribbles).passed
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 0.2: the scan as a Numba loop over NumPy rows, writing h in place
+# ---------------------------------------------------------------------------------------------
+
+numba = pytest.importorskip("numba")
+
+
+def rows_plain(a, b, h0, h):
+    for r in range(a.shape[0]):
+        state = h0[r]
+        for t in range(a.shape[1]):
+            state = a[r, t] * state + b[r, t]
+            h[r, t] = state
+
+
+rows_ok = numba.njit(rows_plain)
+
+
+@numba.njit
+def rows_zero_start(a, b, h0, h):
+    for r in range(a.shape[0]):
+        state = 0.0
+        for t in range(a.shape[1]):
+            state = a[r, t] * state + b[r, t]
+            h[r, t] = state
+
+
+@numba.njit
+def rows_state_across_rows(a, b, h0, h):
+    state = h0[0]
+    for r in range(a.shape[0]):
+        for t in range(a.shape[1]):
+            state = a[r, t] * state + b[r, t]
+            h[r, t] = state
+
+
+@numba.njit
+def rows_store_first(a, b, h0, h):
+    for r in range(a.shape[0]):
+        state = h0[r]
+        for t in range(a.shape[1]):
+            h[r, t] = state
+            state = a[r, t] * state + b[r, t]
+
+
+@numba.njit
+def rows_b_inside(a, b, h0, h):
+    for r in range(a.shape[0]):
+        state = h0[r]
+        for t in range(a.shape[1]):
+            state = a[r, t] * (state + b[r, t])
+            h[r, t] = state
+
+
+@numba.njit
+def rows_swapped(a, b, h0, h):
+    for r in range(a.shape[0]):
+        state = h0[r]
+        for t in range(a.shape[1]):
+            state = b[r, t] * state + a[r, t]
+            h[r, t] = state
+
+
+@numba.njit
+def rows_backwards(a, b, h0, h):
+    for r in range(a.shape[0]):
+        state = h0[r]
+        for t in range(a.shape[1] - 1, -1, -1):
+            state = a[r, t] * state + b[r, t]
+            h[r, t] = state
+
+
+@numba.njit
+def rows_first_row_only(a, b, h0, h):
+    state = h0[0]
+    for t in range(a.shape[1]):
+        state = a[0, t] * state + b[0, t]
+        h[0, t] = state
+
+
+@numba.njit
+def rows_skips_step_0(a, b, h0, h):
+    for r in range(a.shape[0]):
+        state = h0[r]
+        for t in range(1, a.shape[1]):
+            state = a[r, t] * state + b[r, t]
+            h[r, t] = state
+
+
+@numba.njit
+def rows_returns_new(a, b, h0, h):
+    out = np.empty_like(a)
+    for r in range(a.shape[0]):
+        state = h0[r]
+        for t in range(a.shape[1]):
+            state = a[r, t] * state + b[r, t]
+            out[r, t] = state
+    return out
+
+
+@numba.njit
+def rows_uses_a_list(a, b, h0, h):
+    for r in range(a.shape[0]):
+        h[r] = [0.0] * 3 + a[r]
+
+
+@numba.njit
+def rows_not_implemented(a, b, h0, h):
+    raise NotImplementedError("Exercise 0.2")
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (rows_not_implemented, "Exercise 0.2 .*not implemented yet"),
+        (rows_zero_start, r"Hint: this is the scan started from zeros: start each row from "
+                          r"state = h0\[r\]"),
+        (rows_state_across_rows, "Hint: each row starts where the previous row ended"),
+        (rows_store_first, r"Hint: your h\[r, t\] equals the expected h\[r, t-1\]"),
+        (rows_b_inside, r"Hint: this is a_t·\(h_{t-1} \+ b_t\)"),
+        (rows_swapped, "Hint: this is b_t·h_{t-1} \\+ a_t"),
+        (rows_backwards, "Hint: this runs the recurrence from the last step"),
+        (rows_first_row_only, r"raised ValueError on random \(3 rows, 7 steps\): row 1 of h was "
+                              "never written: loop over every row"),
+        (rows_skips_step_0, r"h was never written: .*every step t \(starting at t = 0\)"),
+        (rows_returns_new, "raised TypeError .*you returned ndarray and left h unwritten"),
+        (rows_uses_a_list, "raised TypeError .*Numba could not compile your function"),
+        (rows_plain, "right values, but rows_plain is a plain Python function: put @numba.njit"),
+    ],
+)
+def test_scan_rows_wrong_answers(fn, message):
+    with pytest.raises(check.CheckFailed, match=message):
+        check.scan_rows(fn)
+
+
+def test_scan_rows_correct_passes_and_prints_once(capsys):
+    assert check.scan_rows(rows_ok, strict=False).passed
+    assert capsys.readouterr().out.strip() == "Exercise 0.2 (rows_plain): passed 5 checks."
+
+
+def test_scan_rows_failure_prints_one_verdict_outside_pytest(capsys):
+    assert not check.scan_rows(rows_zero_start, strict=False).passed
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "state = h0[r]" in out[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 0.3: the slope of a log-log fit
+# ---------------------------------------------------------------------------------------------
+
+
+def slope_ok(x, y):
+    return np.polyfit(np.log(x), np.log(y), 1)[0]
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (lambda x, y: np.polyfit(x, y, 1)[0], "Hint: this is the slope of y against x: take logs"),
+        (lambda x, y: np.polyfit(x, np.log(y), 1)[0], "Hint: only y is in logs"),
+        (lambda x, y: np.polyfit(np.log(x), y, 1)[0], "Hint: only x is in logs"),
+        (lambda x, y: np.polyfit(np.log(y), np.log(x), 1)[0], "Hint: you fitted log x against log y"),
+        (lambda x, y: np.polyfit(np.log(x), np.log(y), 1)[1], "Hint: this is the intercept"),
+        (lambda x, y: (np.log(y[-1]) - np.log(y[0])) / (np.log(x[-1]) - np.log(x[0])),
+         r"wrong values on noisy timings.*Hint: this uses only the first and last points"),
+        (lambda x, y: 10 ** slope_ok(x, y), r"Hint: this is 10\*\*slope"),
+        (lambda x, y: np.polyfit(np.log(x), np.log(y), 1),
+         r"raised TypeError .*return one number, the slope; you returned a ndarray of 2 numbers"),
+        (lambda x, y: (slope_ok(x, y), 0.0), "raised TypeError .*return one number"),
+        (lambda x, y: "steep", "raised TypeError .*return one number, the slope; you returned str"),
+    ],
+)
+def test_loglog_slope_wrong_answers(fn, message):
+    with pytest.raises(check.CheckFailed, match=message):
+        check.loglog_slope(fn)
+
+
+def test_loglog_slope_correct_passes():
+    assert check.loglog_slope(slope_ok).passed
+    assert check.loglog_slope(lambda x, y: np.polyfit(np.log10(x), np.log10(y), 1)[0]).passed
+    assert check.loglog_slope(lambda x, y: torch.tensor(slope_ok(x, y))).passed

@@ -38,6 +38,8 @@ def good_attention(q, k, v):
         (lambda q, k, v: attend(q, k, v, tril(q, 1)), "off by one"),
         (lambda q, k, v: attend(q, k, v, tril(q).T), "keeps j >= i"),
         (lambda q, k, v: attend(q, k, v, tril(q, 99)), "no causal mask"),
+        (lambda q, k, v: attend(q, k, v, ~tril(q)), "your mask hides what it should show"),
+        (lambda q, k, v: (good_attention(q, k, v), None), "not a tuple"),
         (lambda q, k, v: attend(q, k, v, tril(q), scale=1.0), "not scaled"),
         (lambda q, k, v: attend(q, k, v, tril(q), subtract_max=False), "subtract each row's max"),
         (lambda q, k, v: good_attention(q, k, v).double(), "wrong dtype"),
@@ -70,6 +72,8 @@ def naive_merge(out1, lse1, out2, lse2):
         (lambda o1, s1, o2, s2: good_merge(o2, s1, o1, s2), "swapped"),
         (naive_merge, "exp(lse) overflowed"),
         (lambda o1, s1, o2, s2: good_merge(o1, s1, o2, s2)[0], "return a tuple (out, lse)"),
+        (lambda o1, s1, o2, s2: good_merge(o1, s1, o2, s2)[::-1], "in the order (out, lse)"),
+        (lambda o1, s1, o2, s2: list(good_merge(o1, s1, o2, s2)) + [None], "a list of 3"),
         (lambda o1, s1, o2, s2: (o1, s1[..., None]), "lse must have shape"),
     ],
 )
@@ -86,7 +90,12 @@ def test_merge_attention_checker(fn, message):
         (lambda lq, lk: torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq - 1), "see its own key"),
         (lambda lq, lk: torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq + 1), "from its future"),
         (lambda lq, lk: torch.ones(lq, lk, dtype=torch.bool).tril(lq - lk), "the other way"),
-        (lambda lq, lk: torch.ones(lq, lk).tril(lk - lq), "wrong dtype"),
+        (lambda lq, lk: torch.ones(lq, lk).tril(lk - lq), "a boolean mask"),
+        (lambda lq, lk: torch.ones(lq, lk, dtype=torch.long).tril(lk - lq), "a boolean mask"),
+        (lambda lq, lk: ~torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq),
+         "your mask hides what it should show"),
+        (lambda lq, lk: ~torch.ones(lq, lk, dtype=torch.bool).tril(), "hides what it should show"),
+        (lambda lq, lk: (torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq),), "one (lq, lk) tensor"),
     ],
 )
 def test_kv_step_mask_checker(fn, message):

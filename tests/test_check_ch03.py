@@ -203,3 +203,17 @@ def test_weights_mistakes_get_hints(kw, hint):
 def test_weights_naive_overflow_is_caught():
     v = check.wkv_weights(lambda w, u, k: weights(w, u, k, naive=True), strict=False)
     assert not v and "NaN or inf" in v.message and "running maximum" in v.message
+
+
+@pytest.mark.parametrize("wrap, hint", [
+    (lambda step: lambda tm, x_t, state: step(tm, x_t, state)[0], "return a tuple (y_t, state)"),
+    (lambda step: lambda tm, x_t, state: step(tm, x_t, state)[::-1], "y_t the output tensor"),
+    (lambda step: lambda tm, x_t, state: (*step(tm, x_t, state), None), "a tuple of 3"),
+    (lambda step: lambda tm, x_t, state: (step(tm, x_t, state)[0], None), "state returned"),
+    (lambda step: lambda tm, x_t, state: (lambda y, s: (y[:, None], s))(*step(tm, x_t, state)),
+     "one token in, one token out"),
+])
+def test_time_mix_structure_is_checked_before_unpacking(wrap, hint):
+    # a tensor where a tuple is expected must not be unpacked along the batch and misreported
+    v = check.time_mix_step(wrap(make_step()), strict=False)
+    assert not v and hint in v.message and "wrong values" not in v.message, v.message

@@ -25,15 +25,20 @@ def bilinear(A, B, dt):
 
 @pytest.mark.parametrize("fn, message", [
     (zoh, "passed 4 checks"),
-    (lambda A, B, dt: (zoh(A, B, dt)[0], zoh(A, B, dt)[1].conj()), "wrong values"),
+    (lambda A, B, dt: (zoh(A, B, dt)[0], zoh(A, B, dt)[1].conj()), "Bd: wrong values"),
+    (lambda A, B, dt: (zoh(A, B, dt)[0].conj(), zoh(A, B, dt)[1]), "Ad: wrong values"),
     (not_implemented, "not implemented yet"),
     (lambda A, B, dt: (1 + dt * A, dt * B), "forward Euler"),
     (lambda A, B, dt: (torch.exp(dt * A), dt * B), "Euler's (and Mamba's) rule"),
     (lambda A, B, dt: (torch.exp(A) * dt, (torch.exp(A) * dt - 1) / A * B), "exp(A)·Δ"),
     (lambda A, B, dt: (torch.exp(dt * A), (torch.exp(dt * A) - 1) * B), "division by A"),
     (bilinear, "bilinear rule, not ZOH"),
-    (lambda A, B, dt: torch.exp(dt * A), "return the pair"),
-    (lambda A, B, dt: (torch.exp(dt * A), B.sum()), "Ad and Bd should both be like A"),
+    (lambda A, B, dt: torch.exp(dt * A), "return a tuple (Ad, Bd) of two tensors, not one"),
+    (lambda A, B, dt: torch.stack(zoh(A, B, dt)), "not one stacked tensor"),
+    (lambda A, B, dt: (torch.exp(dt * A),), "tuple of length 1"),
+    (lambda A, B, dt: (torch.exp(dt * A), 1.0), "Bd is a float"),
+    (lambda A, B, dt: (torch.exp(dt * A), B.sum()), "Bd: wrong shape"),
+    (lambda A, B, dt: zoh(A.to(torch.complex128), B, dt), "Ad is complex on real A"),
 ])
 def test_zoh_diagonal(fn, message):
     verdict = check.zoh_diagonal(fn, strict=False)
@@ -100,7 +105,15 @@ def make_step(Ad="zoh", Bd="zoh", two=2.0, D_term=True, old=False):
     (make_step(two=1.0), "factor 2"),
     (make_step(D_term=False), "D·u is missing"),
     (make_step(old=True), "old state"),
-    (lambda x, u, A, C, D, dt: make_step()(x, u, A, C, D, dt)[0], "return the pair"),
+    (lambda x, u, A, C, D, dt: make_step()(x, u, A, C, D, dt)[0],
+     "return a tuple (y, x_new) of two tensors, not one stacked tensor"),
+    (lambda x, u, A, C, D, dt: torch.stack([*make_step()(x, u, A, C, D, dt)[1:],
+                                            make_step()(x, u, A, C, D, dt)[1]]),
+     "not one stacked tensor"),
+    (lambda x, u, A, C, D, dt: (2 * (C * make_step()(x, u, A, C, D, dt)[1]).sum(-1) + D * u,
+                                make_step()(x, u, A, C, D, dt)[1]), "Take `.real`"),
+    (lambda x, u, A, C, D, dt: (make_step()(x, u, A, C, D, dt)[0],
+                                make_step()(x, u, A, C, D, dt)[1].real), "x_new is real"),
     (not_implemented, "not implemented yet"),
 ])
 def test_s4d_step(fn, message):

@@ -2,6 +2,7 @@
 hint (a missing softplus, exp forgotten, Δ applied to C, the state reset between chunks, ...)."""
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from minimodels import check
@@ -41,6 +42,10 @@ def test_not_implemented(checker):
         (lambda *a: _loop(*a, discretise="euler"), "Euler"),
         (lambda *a: _loop(*a, delta_on="C"), "Δ multiplies C"),
         (lambda *a: _loop(*a, use_D=False), "D·u is missing"),
+        (lambda *a: _loop(*a, discretise="exp(A)"), r"exp\(A\) for exp\(Δ·A\)"),
+        (lambda *a: _loop(*a, discretise="exp(A)·Δ"), r"Ā = exp\(A\)·Δ"),
+        (lambda *a: _loop(*a, B_rule="zoh"), "ZOH's B̄"),
+        (lambda *a: _loop(*a, old_state=True), "previous state"),
     ],
 )
 def test_scan_mistakes_get_their_hint(wrong, hint):
@@ -83,12 +88,47 @@ def test_step_mistakes_get_their_hint(switch, hint):
         check.mamba_step(lambda *a: _step(*a, **switch), strict=True)
 
 
-def test_step_returning_a_bare_tensor_is_reported():
-    def no_state(block, x_t, state):
-        return block.step(x_t, state)[0]
+@pytest.mark.parametrize(
+    "wrong, message",
+    [
+        (lambda L, R: torch.stack(right_combine(L, R)), "not one stacked tensor"),
+        (lambda L, R: right_combine(L, R)[1], "return a tuple (a, b), not"),
+        (lambda L, R: (*right_combine(L, R), L[0]), "tuple of length 3"),
+        (lambda L, R: (right_combine(L, R)[0].sum(), right_combine(L, R)[1]),
+         "keep the shape of the inputs"),
+    ],
+)
+def test_combine_structure_is_checked_first(wrong, message):
+    verdict = check.combine(wrong, strict=False)
+    assert not verdict and message in verdict.message
 
-    verdict = check.mamba_step(no_state, strict=False)
-    assert not verdict and "raised" in verdict.message
+
+@pytest.mark.parametrize(
+    "wrong, message",
+    [
+        (lambda block, x_t, s: block.step(x_t, s)[0], "not one stacked tensor"),
+        (lambda block, x_t, s: torch.stack([block.step(x_t, s)[0]] * 2),
+         "return a tuple (y_t, state)"),
+        (lambda block, x_t, s: (block.step(x_t, s)[0], block.step(x_t, s)[1][1]),
+         "the state as a tuple"),
+        (lambda block, x_t, s: (block.step(x_t, s)[0], (block.step(x_t, s)[1][1],
+                                                        block.step(x_t, s)[1][0])),
+         "the state's window has shape"),
+        (lambda block, x_t, s: (block.step(x_t, s)[1][1].sum(-1), block.step(x_t, s)[1]),
+         "block.out_proj"),
+    ],
+)
+def test_step_structure_is_checked_first(wrong, message):
+    verdict = check.mamba_step(wrong, strict=False)
+    assert not verdict and message in verdict.message
+
+
+def test_step_uses_only_public_pieces():
+    import inspect
+
+    from minimodels.check import ch05
+
+    assert "._select" not in inspect.getsource(ch05)
 
 
 def test_checkers_print_when_not_strict(capsys):

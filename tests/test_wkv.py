@@ -230,6 +230,34 @@ def test_non_finite_u_or_w_is_a_value_error(backend, name, value):
         wkv(*args.values(), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("step, value", [(1, torch.inf), (0, -torch.inf), (2, -torch.inf)])
+def test_infinite_key_agrees_with_ref(backend, dtype, step, value):
+    """Found by the fuzzer: k = +inf (e^(inf - inf) in the definition) gave y = v from that
+    step on, and k = -inf at the first step (an empty past: 0/0) gave y = v_0, on the CPU,
+    whose exp clamped e^-inf to 1.6e-38; ref and cuda give nan. k = -inf after a non-empty
+    past is a token of weight 0: y = the past's mean, finite. Only channel 1 is hit."""
+    dev = device_for(backend)
+    w, u, k, v = inputs((2, 5, 3), dtype, dev)
+    k[0, step, 1] = value
+    y, s = wkv(w, u, k, v, return_state=True, backend=backend)
+    want, want_s = wkv(*(x.cpu() for x in (w, u, k, v)), return_state=True, backend="ref")
+    tol = {torch.float32: 2e-6, torch.float64: 1e-12}[dtype]
+    assert not torch.isfinite(want).all() or step == 2
+    torch.testing.assert_close(y.cpu(), want, rtol=tol, atol=tol, equal_nan=True)
+    # the state: a and b (nan after k = +inf, as ref's); p only scales them
+    torch.testing.assert_close(s[:, :2].cpu(), want_s[:, :2], rtol=tol, atol=tol, equal_nan=True)
+    if step == 2:  # finite: the backward agrees with autograd of the reference too
+        args = [x.detach().requires_grad_() for x in (w, u, k, v)]
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        got = torch.autograd.grad(wkv(*args, backend=backend), args, g.to(dev))
+        ref = [x.cpu().detach().requires_grad_() for x in args]
+        wanted = torch.autograd.grad(wkv_ref(*ref), ref, g)
+        for a, b in zip(got, wanted, strict=True):
+            torch.testing.assert_close(a.cpu(), b, rtol=10 * tol, atol=10 * tol)
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [

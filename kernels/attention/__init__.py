@@ -20,16 +20,30 @@ The online softmax: after a tile of keys J with scores s_J, a row's state (m, �
     m' = max(m, max_J s),   ℓ' = e^(m - m') ℓ + Σ_J e^(s_J - m'),
     Õ' = e^(m - m') Õ + Σ_J e^(s_J - m') v_J,          and at the end out = Õ / ℓ.
 
-Backward: by recomputation. ``attention`` with the ``cpu``/``cuda`` backend is a
-``torch.autograd.Function`` whose backward re-runs ``attention_ref`` under autograd (O(lq·lk)
-memory in the backward pass only). FlashAttention's own backward kernel is not implemented.
+Non-finite scores give what the definition gives (``attention_ref``) on every backend: a row
+whose visible scores are all -inf has out = nan and lse = -inf, a +inf score gives out = nan
+and lse = +inf (nan on the kernels if the row also has a nan score), a nan score nan.
+
+Backward (Dao, "FlashAttention-2" (2023), algorithm 2; Dao et al. (2022), algorithm 4):
+``attention`` with the ``cpu``/``cuda`` backend is a ``torch.autograd.Function`` that keeps q,
+k, v, out and lse, and whose backward kernels recompute the scores tile by tile from lse, never
+holding an (lq, lk) array (memory O((lq + lk)·e), as in the forward). With dO = ∂L/∂out and
+dlse = ∂L/∂lse (zero unless the caller uses lse):
+
+    P_ij = e^(s_ij - lse_i),   D_i = dO_i·out_i - dlse_i,   dP_ij = dO_i·v_j,
+    dS_ij = P_ij (dP_ij - D_i),
+    dv_j = Σ_i P_ij dO_i,   dq_i = scale · Σ_j dS_ij k_j,   dk_j = scale · Σ_i dS_ij q_i
+
+(∂lse_i/∂s_ij = P_ij, so dlse only shifts D). Non-finite scores: where ref's autograd has a
+nan gradient the kernels have nan or inf there too, except that a hidden (causal) key gets 0 from
+a row with lse = -inf where ref's dv gets nan (0 · nan through the mask).
 
 Two partial results over disjoint sets of keys merge into the whole by their log-sum-exps:
 ``merge_attention`` (blockwise and ring attention).
 
 Layout: ``ref.py`` the reference (the definition), the causal mask and ``merge_attention``;
-``cpu.py`` the Numba loop; ``cuda.py`` the numba.cuda kernel and its launcher; this file: the
-autograd Function, the public entry and ``example_inputs``.
+``cpu.py`` the Numba loops (forward, backward); ``cuda.py`` the numba.cuda kernels and their
+launchers; this file: the autograd Function, the public entry and ``example_inputs``.
 """
 
 from __future__ import annotations
@@ -40,8 +54,8 @@ import torch
 
 from minimodels.backend import dispatch, expect_tensor
 from minimodels.kernels._common import Example, randn
-from minimodels.kernels.attention.cpu import BLOCK_K, BLOCK_Q, _fwd_cpu
-from minimodels.kernels.attention.cuda import _fwd_cuda
+from minimodels.kernels.attention.cpu import BLOCK_K, BLOCK_Q, _bwd_cpu, _fwd_cpu
+from minimodels.kernels.attention.cuda import _bwd_cuda, _fwd_cuda
 from minimodels.kernels.attention.ref import attention_ref, causal_mask, merge_attention
 
 __all__ = ["attention", "attention_ref", "attention_cpu", "attention_cuda", "IMPLS",
@@ -57,15 +71,15 @@ TOLERANCES = {torch.float32: (2e-6, 2e-6), torch.float64: (1e-12, 1e-12)}  # (rt
 
 
 # =============================================================================================
-# Autograd: the forward is a kernel; the backward recomputes with the reference
+# Autograd: forward and backward are kernels (FlashAttention-2's backward)
 # =============================================================================================
 
 
 class _Attention(torch.autograd.Function):
-    """Forward by a tiled kernel; backward by recomputation through ``attention_ref``."""
+    """Forward and backward by tiled kernels; autograd keeps q, k, v, out and lse (O(l·e))."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, fwd):
+    def forward(ctx, q, k, v, causal, scale, fwd, bwd):
         b, h, lq, e = q.shape
         lk = k.shape[2]
         rows = b * h
@@ -76,18 +90,25 @@ class _Attention(torch.autograd.Function):
             out, lse = fwd(q_r, k_r, v_r, causal, scale)
         else:
             out, lse = torch.empty_like(q_r), q_r.new_empty(q_r.shape[:2])
-        ctx.save_for_backward(q, k, v)
-        ctx.causal, ctx.scale = causal, scale
-        return out.view(b, h, lq, e), lse.view(b, h, lq)
+        out, lse = out.view(b, h, lq, e), lse.view(b, h, lq)
+        ctx.save_for_backward(q_r, k_r, v_r, out, lse)
+        ctx.causal, ctx.scale, ctx.bwd = causal, scale, bwd
+        return out, lse
 
     @staticmethod
     def backward(ctx, g_out, g_lse):
-        q, k, v = ctx.saved_tensors
-        with torch.enable_grad():
-            q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-            out, lse = attention_ref(q, k, v, ctx.causal, ctx.scale, return_lse=True)
-            dq, dk, dv = torch.autograd.grad((out, lse), (q, k, v), (g_out, g_lse))
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        rows, lq, e = q.shape
+        b, h = out.shape[:2]
+        if not q.numel():
+            return (q.new_zeros(b, h, lq, e), k.new_zeros(b, h, *k.shape[1:]),
+                    v.new_zeros(b, h, *v.shape[1:]), None, None, None, None)
+        g_out = g_out.contiguous().view(rows, lq, e)  # (r, lq, e)
+        g_lse = g_lse.contiguous().view(rows, lq)  # (r, lq)
+        dq, dk, dv = ctx.bwd(q, k, v, out.view(rows, lq, e), lse.view(rows, lq), g_out, g_lse,
+                             ctx.causal, ctx.scale)
+        return (dq.view(b, h, lq, e), dk.view(b, h, *k.shape[1:]), dv.view(b, h, *v.shape[1:]),
+                None, None, None, None)
 
 
 def _scale(q, scale):
@@ -96,13 +117,13 @@ def _scale(q, scale):
 
 def attention_cpu(q, k, v, causal=False, scale=None, return_lse=False):
     """Numba CPU kernel, parallel over heads × query tiles. Same contract as ``attention_ref``."""
-    out, lse = _Attention.apply(q, k, v, causal, _scale(q, scale), _fwd_cpu)
+    out, lse = _Attention.apply(q, k, v, causal, _scale(q, scale), _fwd_cpu, _bwd_cpu)
     return (out, lse) if return_lse else out
 
 
 def attention_cuda(q, k, v, causal=False, scale=None, return_lse=False):
     """numba.cuda kernel (or the CUDA simulator). Same contract as ``attention_ref``."""
-    out, lse = _Attention.apply(q, k, v, causal, _scale(q, scale), _fwd_cuda)
+    out, lse = _Attention.apply(q, k, v, causal, _scale(q, scale), _fwd_cuda, _bwd_cuda)
     return (out, lse) if return_lse else out
 
 
@@ -129,7 +150,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend=No
 
     Returns:
         out (b, h, lq, e) in the dtype of q, or (out, lse) with ``return_lse``. Differentiable
-        on every backend (the kernels' backward recomputes with ``attention_ref``).
+        on every backend (the kernels' backward: FlashAttention-2's, tile by tile).
     """
     expect_tensor("q", q, "b, h, lq, e")
     expect_tensor("k", k, "b, h, lk, e", dtypes=(q.dtype,))

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from minimodels.backend import to_numba
 from minimodels.kernels._common import numpy_dtype
@@ -102,6 +102,7 @@ def _attention_loop(q, k, v, out, lse, scale, causal):
             for c in range(e):
                 Qt[c, ii] = q[r, i0 + ii, c] * scale
         j_end = min(lk, i0 + bq + offset) if causal else lk  # keys the last row sees
+        # [core] online softmax tile
         for j0 in range(0, j_end, BLOCK_K):
             bk = min(BLOCK_K, j_end - j0)
             _block_product(St, k[r, j0:j0 + bk], Qt, bk, e, False)  # Sᵀ = K Qᵀ
@@ -114,7 +115,10 @@ def _attention_loop(q, k, v, out, lse, scale, causal):
             for jj in range(bk):  # m' = max(m, max_J s), down the columns
                 for ii in range(BLOCK_Q):
                     m_new[ii] = max(m_new[ii], St[jj, ii])
-            for ii in range(BLOCK_Q):  # every row saw key 0 in the first tile: m' is finite
+            # m' = -inf while a row has seen only -inf scores (then alpha = 1, p = 0, ℓ = 0),
+            # +inf after a +inf score (its p = e^nan: ℓ and Õ become nan); the last loop
+            # reads both
+            for ii in range(BLOCK_Q):
                 alpha[ii] = exp_neg(m[ii] - m_new[ii]) if m[ii] != m_new[ii] else one
                 m[ii] = m_new[ii]
                 ssum[ii] *= alpha[ii]
@@ -122,18 +126,26 @@ def _attention_loop(q, k, v, out, lse, scale, causal):
                 for ii in range(BLOCK_Q):
                     s = St[jj, ii]
                     p = exp_neg(s - m_new[ii])
-                    p = p if s != -np.inf else zero  # hidden: exactly 0 (exp_neg clamps)
+                    p = p if s != -np.inf else zero  # hidden: 0, also at m' = -inf (e^nan)
                     St[jj, ii] = p
                     ssum[ii] += p
             for c in range(e):
                 for ii in range(BLOCK_Q):
                     At[c, ii] *= alpha[ii]
             _block_product(At, v[r, j0:j0 + bk].T, St, e, bk, True)  # Õᵀ += Vᵀ Pᵀ
-        for ii in range(bq):
-            inv = ssum[ii] ** -1
-            for c in range(e):
-                out[r, i0 + ii, c] = At[c, ii] * inv
-            lse[r, i0 + ii] = m[ii] + math.log(ssum[ii])
+        # [/core]
+        for ii in range(bq):  # out = Õ / ℓ, lse = m + log ℓ
+            mi, li = m[ii], ssum[ii]
+            if li > zero and mi - mi == zero:  # m finite, so ℓ >= 1 (its max's e^0) or nan
+                inv = one / li
+                for c in range(e):
+                    out[r, i0 + ii, c] = At[c, ii] * inv
+                lse[r, i0 + ii] = mi + math.log(li)
+            else:  # no finite max, or a nan score: out = nan as ref's e^(s - lse) gives it;
+                # lse = -inf (every visible score -inf: ℓ = 0), +inf (a +inf score), else nan
+                for c in range(e):
+                    out[r, i0 + ii, c] = np.nan
+                lse[r, i0 + ii] = mi if mi - mi != zero else np.nan
 
 
 _attention_cpu_fwd = njit(parallel=True, cache=True, fastmath={"contract"})(_attention_loop)
@@ -146,3 +158,203 @@ def _fwd_cpu(q, k, v, causal, scale):
     dtype = numpy_dtype(q.dtype)
     _attention_cpu_fwd(*map(to_numba, (q, k, v, out, lse)), dtype.type(scale), causal)
     return out, lse
+
+
+# =============================================================================================
+# CPU backward (Numba): FlashAttention-2's backward (Dao 2023, algorithm 2), tile by tile from
+# the saved lse, never forming an (lq, lk) array. With the tiles held transposed (queries last)
+# as in the forward, a pair of tiles (query tile I, key tile J) gives
+#   Sᵀ = K_J (scale·Q_I)ᵀ,  Pᵀ = e^(Sᵀ - lse_I),  dPᵀ = V_J dO_Iᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ - D_I),
+#   dV_J += Pᵀ dO_I,  dK_J += dSᵀ (scale·Q_I),  dQ_I += dS K_J  (times scale at the end).
+# Main pass: one prange task = one head r and every G-th key tile (G groups per head,
+# ``_groups``); for its key tile J it walks the query tiles I that see J. dK_J and dV_J belong
+# to the task alone; dQ is summed over the task's key tiles into its group's partial dQ
+# (G, r, lq, e), the G partials added afterwards: no atomics, and the result does not depend on
+# the thread schedule. Five products of BLOCK_K x BLOCK_Q x e per tile pair, one exp per score.
+# D: FlashAttention-2 takes D_i = dO_i·o_i (minus dlse_i: the gradient reaching lse adds
+# P_ij·dlse_i to dS_ij). That equals Σ_j P_ij dP_ij, but not to the last bit: where a row's
+# softmax is one-hot (large logits, or one key), dP_ij - D_i should vanish and is left at
+# eps·|dO||v| instead, which the sums over queries carry into dK and dQ (the fuzzer found it,
+# in float32 and float64 alike: the reference is exactly 0 there). So a first pass, one task per
+# head and query tile, forms D_i = Σ_j P_ij dP_ij - dlse_i from the same P and dP (the same
+# calls, bit for bit) as the main pass, as the reference's autograd does: two more products and
+# one more exp per tile pair (seven products in all, and two exps).
+# The query-side tiles arrive padded to whole tiles (queries past lq: zero q and dO, lse = +inf,
+# so P = 0 there) and transposed, made by ``_attention_bwd_prep``; the Sᵀ product is the
+# forward's own (the same P to the last bit).
+# =============================================================================================
+
+
+@njit(cache=True, fastmath={"contract"})
+def _block_product_w(Out, M, X, rows, inner, width):
+    """Out[r, :width] += Σ_{s < inner} M[r, s] X[s, :width] for r < rows: ``_block_product``
+    with a width given at run time (the head dim e), accumulating. dV_J += Pᵀ dO_I is
+    (dVJ, Pt, dO tile), dK_J += dSᵀ Q_I is (dKJ, dSt, Q tile)."""
+    r4, s4 = rows - rows % 4, inner - inner % 4
+    for r in range(0, r4, 4):
+        O0, O1, O2, O3 = Out[r], Out[r + 1], Out[r + 2], Out[r + 3]
+        for s in range(0, s4, 4):
+            a0, a1, a2, a3 = M[r, s], M[r, s + 1], M[r, s + 2], M[r, s + 3]
+            b0, b1, b2, b3 = M[r + 1, s], M[r + 1, s + 1], M[r + 1, s + 2], M[r + 1, s + 3]
+            c0, c1, c2, c3 = M[r + 2, s], M[r + 2, s + 1], M[r + 2, s + 2], M[r + 2, s + 3]
+            d0, d1, d2, d3 = M[r + 3, s], M[r + 3, s + 1], M[r + 3, s + 2], M[r + 3, s + 3]
+            X0, X1, X2, X3 = X[s], X[s + 1], X[s + 2], X[s + 3]
+            for ii in range(width):
+                x0, x1, x2, x3 = X0[ii], X1[ii], X2[ii], X3[ii]
+                O0[ii] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
+                O1[ii] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
+                O2[ii] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
+                O3[ii] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
+        for s in range(s4, inner):
+            a0, b0, c0, d0 = M[r, s], M[r + 1, s], M[r + 2, s], M[r + 3, s]
+            X0 = X[s]
+            for ii in range(width):
+                O0[ii] += a0 * X0[ii]
+                O1[ii] += b0 * X0[ii]
+                O2[ii] += c0 * X0[ii]
+                O3[ii] += d0 * X0[ii]
+    for r in range(r4, rows):
+        O0 = Out[r]
+        for s in range(inner):
+            a0, X0 = M[r, s], X[s]
+            for ii in range(width):
+                O0[ii] += a0 * X0[ii]
+
+
+def _attention_bwd_prep(q, do, lse, scale, qst, dot, lse_t):
+    """The backward's query-side tiles (one prange task per head and tile). q, do: (r, lq, e);
+    lse: (r, lq). Writes qst, dot (r, n_qt, e, BLOCK_Q) = (scale·q)ᵀ and dOᵀ, zeros given past
+    lq; lse_t (r, n_qt, BLOCK_Q) = lse, +inf past lq (P = 0 there)."""
+    rows, lq, e = q.shape
+    n_qt = qst.shape[1]
+    for task in prange(rows * n_qt):
+        r, t = task // n_qt, task % n_qt
+        i0 = t * BLOCK_Q
+        bq = min(BLOCK_Q, lq - i0)
+        for ii in range(BLOCK_Q):
+            lse_t[r, t, ii] = np.inf
+        for ii in range(bq):
+            for c in range(e):
+                qst[r, t, c, ii] = q[r, i0 + ii, c] * scale
+                dot[r, t, c, ii] = do[r, i0 + ii, c]
+            lse_t[r, t, ii] = lse[r, i0 + ii]
+
+
+@njit(cache=True, fastmath={"contract"})
+def _p_dp(St, dPt, kJ, vJ, Qt, dOt, lse_i, bk, e):
+    """Pᵀ = e^(K_J Qt - lse) into St and dPᵀ = V_J dOt into dPt (bk x BLOCK_Q; Qt = (scale·Q_I)ᵀ
+    and dOt = dO_Iᵀ are (e, BLOCK_Q)), for both passes: the same arithmetic, the same bits."""
+    _block_product(St, kJ, Qt, bk, e, False)  # Sᵀ = K_J (scale·Q_I)ᵀ
+    for jj in range(bk):  # Pᵀ = e^(Sᵀ - lse)
+        for ii in range(BLOCK_Q):
+            St[jj, ii] = exp_neg(St[jj, ii] - lse_i[ii])
+    _block_product(dPt, vJ, dOt, bk, e, False)  # dPᵀ = V_J dO_Iᵀ
+
+
+def _attention_bwd_d_loop(qst, dot, lse_t, dlse, k, v, D_t, causal, lq):
+    """First pass: D_t (r, n_qt, BLOCK_Q) = Σ_j P_ij dP_ij - dlse_i over the keys i sees (0
+    past lq). qst, dot, lse_t: ``_attention_bwd_prep``'s; dlse (r, lq); k, v (r, lk, e)."""
+    rows, n_qt, e, _ = qst.shape
+    lk = k.shape[1]
+    offset = lk - lq
+    for task in prange(rows * n_qt):
+        r, t = task // n_qt, task % n_qt
+        i0 = t * BLOCK_Q
+        bq = min(BLOCK_Q, lq - i0)
+        St = np.empty((BLOCK_K, BLOCK_Q), qst.dtype)
+        dPt = np.empty((BLOCK_K, BLOCK_Q), qst.dtype)
+        D = np.zeros(BLOCK_Q, qst.dtype)
+        j_end = min(lk, i0 + bq + offset) if causal else lk  # keys the last row sees
+        for j0 in range(0, j_end, BLOCK_K):
+            bk = min(BLOCK_K, j_end - j0)
+            _p_dp(St, dPt, k[r, j0:j0 + bk], v[r, j0:j0 + bk], qst[r, t], dot[r, t], lse_t[r, t],
+                  bk, e)
+            if causal:  # hidden keys: P = 0
+                for jj in range(bk):
+                    for ii in range(min(j0 + jj - offset - i0, BLOCK_Q)):
+                        St[jj, ii] = 0
+            for jj in range(bk):  # D += Σ_J P dP, down the columns
+                for ii in range(BLOCK_Q):
+                    D[ii] += St[jj, ii] * dPt[jj, ii]
+        for ii in range(BLOCK_Q):
+            D_t[r, t, ii] = D[ii] - dlse[r, i0 + ii] if ii < bq else D[ii]
+
+
+def _attention_bwd_loop(q, qst, do, dot, lse_t, D_t, k, v, dqp, dk, dv, causal, scale):
+    """Main pass. q, do: (r, lq, e) as given; qst, dot, lse_t, D_t the query-side tiles of
+    ``_attention_bwd_prep`` and the first pass; k, v, dk, dv: (r, lk, e); dqp (G, r, lq, e)
+    zeros, gets each group's Σ_J dS K_J. Writes dk (times scale), dv and dqp."""
+    G = dqp.shape[0]
+    rows, lq, e = q.shape
+    n_qt = qst.shape[1]
+    lk = k.shape[1]
+    offset = lk - lq  # causal: query i sees keys j <= i + offset
+    n_kt = (lk + BLOCK_K - 1) // BLOCK_K
+    for task in prange(rows * G):
+        r, g = task // G, task % G
+        St = np.empty((BLOCK_K, BLOCK_Q), q.dtype)  # Sᵀ, then Pᵀ
+        dPt = np.empty((BLOCK_K, BLOCK_Q), q.dtype)  # dPᵀ, then dSᵀ
+        dKJ = np.empty((BLOCK_K, e), q.dtype)  # Σ_I dSᵀ Q_I
+        dVJ = np.empty((BLOCK_K, e), q.dtype)
+        for jt in range(g, n_kt, G):
+            j0 = jt * BLOCK_K
+            bk = min(BLOCK_K, lk - j0)
+            dKJ[:] = 0
+            dVJ[:] = 0
+            kJ, vJ = k[r, j0:j0 + bk], v[r, j0:j0 + bk]
+            t_first = max(0, j0 - offset) // BLOCK_Q if causal else 0  # queries that see J
+            # [core] backward tile
+            for t in range(t_first, n_qt):
+                i0 = t * BLOCK_Q
+                bq = min(BLOCK_Q, lq - i0)
+                _p_dp(St, dPt, kJ, vJ, qst[r, t], dot[r, t], lse_t[r, t], bk, e)  # Pᵀ, dPᵀ
+                D_i = D_t[r, t]
+                for jj in range(bk):  # dSᵀ = Pᵀ ∘ (dPᵀ - D)
+                    for ii in range(BLOCK_Q):
+                        dPt[jj, ii] = St[jj, ii] * (dPt[jj, ii] - D_i[ii])
+                if causal:  # key j0 + jj is hidden from the queries ii < j0 + jj - offset - i0:
+                    for jj in range(bk):  # P = dS = 0 there, even in a row of nan (lse = -inf)
+                        for ii in range(min(j0 + jj - offset - i0, BLOCK_Q)):
+                            St[jj, ii] = 0
+                            dPt[jj, ii] = 0
+                _block_product_w(dVJ, St, do[r, i0:i0 + bq], bk, bq, e)  # dV_J += Pᵀ dO_I
+                _block_product_w(dKJ, dPt, q[r, i0:i0 + bq], bk, bq, e)  # dK_J += dSᵀ Q_I
+                _block_product_w(dqp[g, r, i0:i0 + bq], dPt.T, kJ, bq, bk, e)  # dQ_I += dS K_J
+            # [/core]
+            for jj in range(bk):
+                for c in range(e):
+                    dk[r, j0 + jj, c] = dKJ[jj, c] * scale
+                    dv[r, j0 + jj, c] = dVJ[jj, c]
+
+
+_attention_cpu_bwd_prep = njit(parallel=True, cache=True)(_attention_bwd_prep)
+_attention_cpu_bwd_d = njit(parallel=True, cache=True, fastmath={"contract"})(_attention_bwd_d_loop)
+_attention_cpu_bwd = njit(parallel=True, cache=True, fastmath={"contract"})(_attention_bwd_loop)
+
+
+def _groups(rows: int, lk: int) -> int:
+    """Key-tile groups per head: enough tasks for two per thread, at most one per key tile."""
+    n_kt = (lk + BLOCK_K - 1) // BLOCK_K
+    return max(1, min(n_kt, -(-2 * get_num_threads() // rows)))
+
+
+def _bwd_cpu(q, k, v, out, lse, g_out, g_lse, causal, scale):
+    """q, out, g_out: (r, lq, e); k, v: (r, lk, e); lse, g_lse: (r, lq); contiguous, lq >= 1
+    -> dq (r, lq, e), dk, dv (r, lk, e). (out is not needed: D comes from P and dP.)"""
+    rows, lq, e = q.shape
+    n_qt = (lq + BLOCK_Q - 1) // BLOCK_Q
+    G = _groups(rows, k.shape[1])
+    qst = q.new_zeros(rows, n_qt, e, BLOCK_Q)  # (r, n_qt, e, BQ)
+    dot = q.new_zeros(rows, n_qt, e, BLOCK_Q)
+    lse_t = q.new_empty(rows, n_qt, BLOCK_Q)  # (r, n_qt, BQ)
+    D_t = q.new_empty(rows, n_qt, BLOCK_Q)
+    dtype = numpy_dtype(q.dtype).type
+    _attention_cpu_bwd_prep(to_numba(q), to_numba(g_out), to_numba(lse), dtype(scale),
+                            *map(to_numba, (qst, dot, lse_t)))
+    _attention_cpu_bwd_d(*map(to_numba, (qst, dot, lse_t, g_lse, k, v, D_t)), causal, lq)
+    dqp = q.new_zeros(G, rows, lq, e)  # (G, r, lq, e)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _attention_cpu_bwd(*map(to_numba, (q, qst, g_out, dot, lse_t, D_t, k, v, dqp, dk, dv)),
+                       causal, dtype(scale))
+    dq = dqp[0] if G == 1 else dqp.sum(0)
+    return dq.mul_(scale), dk, dv

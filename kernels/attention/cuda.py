@@ -137,6 +137,7 @@ def _attention_kernel(dtype: np.dtype, e: int):
                             k[k_src + U(j0) * uE + cq + U(it * RSTEP * e)]
                             if j < U(lk) and cq < uE else zero)
                 cuda.syncthreads()
+                # [core] register tile
                 for c4 in range(EC // US):
                     c_base = U(c4 * US)
                     for cc in range(US):
@@ -147,6 +148,8 @@ def _attention_kernel(dtype: np.dtype, e: int):
                         for a in range(RM):
                             for b in range(RN):
                                 s[a, b] += qa[a] * kb[b]
+                # [/core]
+            # [core] softmax step
             # 2. mask; row max across the row's TX threads; P = e^(S - m'); rescale
             for a in range(RM):
                 i = i0 + tyi + TY * a
@@ -162,8 +165,11 @@ def _attention_kernel(dtype: np.dtype, e: int):
                 mx = m[a]
                 for t in range(TX):
                     mx = max(mx, sm[m_row + U(a * TY * (TX + 1) + t)])
-                alpha = math.exp(m[a] - mx)  # 0 on the first tile (m = -inf); m' is finite
-                m[a] = mx  # (every row sees key 0, which is in the first tile)
+                m_old = m[a]
+                m[a] = mx  # -inf while the row has seen only -inf scores; then subtract 0:
+                if mx == neg_inf:  # p = alpha = e^-inf = 0 (as ref's), not e^(-inf + inf) = nan
+                    mx = zero
+                alpha = math.exp(m_old - mx)  # 0 on the row's first finite tile (m = -inf)
                 part = ssum[a] * alpha
                 for b in range(RN):
                     p = math.exp(s[a, b] - mx)
@@ -172,6 +178,7 @@ def _attention_kernel(dtype: np.dtype, e: int):
                 ssum[a] = part
                 for c in range(EB):
                     acc[a, c] *= alpha
+            # [/core]
             # 3. Õ += P V_J, VK keys at a time
             for v0 in range(0, BN, VK):
                 if v0 > 0:
@@ -208,8 +215,9 @@ def _attention_kernel(dtype: np.dtype, e: int):
                 for c in range(EB):
                     if txi + TX * c < e:
                         out[q_head + U(i) * uE + tx + U(c * TX)] = acc[a, c] * inv
-                if txi == 0:
-                    lse[U(cuda.blockIdx.y) * U(lq) + U(i)] = m[a] + math.log(total)
+                if txi == 0:  # m = ±inf (no finite max): ℓ = 0 or nan, lse = m as ref's
+                    lse[U(cuda.blockIdx.y) * U(lq) + U(i)] = (
+                        m[a] + math.log(total) if m[a] - m[a] == zero else m[a])
 
     return kernel, BM, NT
 
@@ -224,3 +232,215 @@ def _fwd_cuda(q, k, v, causal, scale):
     flat = (x.view(-1) for x in (q, k, v, out, lse))
     launch(kernel, grid, threads, *flat, lq, k.shape[1], dtype.type(scale), causal)
     return out, lse
+
+
+# =============================================================================================
+# CUDA backward (numba.cuda): FlashAttention-2's backward (Dao 2023, algorithm 2) in two
+# kernels, so that every output has one writer and no atomics are needed:
+#   - ``dkv``: a block per (key tile J of B keys, head r) keeps K_J, V_J in shared memory and
+#     walks the query tiles I that see J: it stages scale·Q_I, dO_I, lse_I, D_I, forms the
+#     B x B tiles P = e^(S - lse) and dS = P ∘ (dP - D) (S = scale·Q_I K_Jᵀ, dP = dO_I V_Jᵀ) in
+#     shared memory, and each thread adds its entries of dV_J += Pᵀ dO_I, dK_J += dSᵀ Q_I;
+#   - ``dq``: a block per (query tile I, head r) keeps scale·Q_I, dO_I in shared memory, walks
+#     the key tiles J that I sees, forms dS the same way and adds dQ_I += dS K_J (times scale);
+#   - first, ``dsum``: a block per (query tile I, head r) forms D_i = Σ_j P_ij dP_ij - dlse_i
+#     from the same P and dP (the same device function), not FlashAttention-2's dO_i·o_i:
+#     kernels/attention/cpu.py says why (a one-hot row's dS must cancel to 0, as ref's).
+# S and dS are recomputed by both (seven B·B·e products per tile pair instead of five): the
+# price of having no atomics. Thread t owns the entries t + NT·u of the B x B tile (consecutive
+# threads, consecutive keys: K and V rows are padded to an odd stride, so no bank conflicts) and
+# of its block's (B, e) accumulator (consecutive head dims). Simple, not register-tiled like the
+# forward: correct, tiled, not yet timed on a GPU.
+# =============================================================================================
+
+SIMULATOR_BWD_TILE = (4, 16)  # (B, threads): tiny tiles so that tiny tests cross every edge
+
+
+def _bwd_tile(itemsize: int, e: int) -> tuple[int, int, int]:
+    """(B, threads, odd row stride) of the backward kernels: the largest B <= 64 whose shared
+    tiles (4 of (B, e) + 2 of (B, B) + a row) fit SHARED_BYTES."""
+    es = e if e % 2 else e + 1
+    if cuda_simulated():
+        B, NT = SIMULATOR_BWD_TILE
+        return B, NT, es
+    B = 64
+    while B > 1 and (4 * B * es + 2 * B * (B + 1) + B) * itemsize > SHARED_BYTES:
+        B //= 2
+    if (4 * B * es + 2 * B * (B + 1) + B) * itemsize > SHARED_BYTES:
+        raise ValueError(f"the CUDA attention backward needs a head dim e <= "
+                         f"{SHARED_BYTES // (4 * itemsize) - 6}, got e={e}")
+    return B, min(256, max(32, B * B)), es
+
+
+@functools.cache
+def _attention_bwd_kernels(dtype: np.dtype, e: int):
+    """Compile-once (per dtype and head dim) backward kernels; returns (dsum, dkv, dq, B,
+    threads)."""
+    B, NT, ES = _bwd_tile(dtype.itemsize, e)
+    QO, DOO, KO, VO = 0, B * ES, 2 * B * ES, 3 * B * ES  # shared: (B, ES) tiles
+    PO = 4 * B * ES  # P (B, B + 1)
+    SO = PO + B * (B + 1)  # dS (B, B + 1)
+    LO = SO + B * (B + 1)  # lse (B,)
+    SMEM = LO + B
+    NE = -(-B * B // NT)  # tile entries per thread
+    NA = -(-B * e // NT)  # accumulator entries per thread
+    NR = -(-B // NT)  # per-row values per thread
+    zero, one, inf = dtype.type(0), dtype.type(1), dtype.type(np.inf)
+
+    @cuda.jit(device=True)
+    def stage_rows(sm, off, x, r, i0, n, scale_by):
+        """sm[off + ii·ES + c] = scale_by · x[r, i0 + ii, c] (0 past n rows)."""
+        tid = cuda.threadIdx.x
+        for u in range(NA):
+            idx = tid + NT * u
+            if idx < B * e:
+                ii, c = idx // e, idx % e
+                i = i0 + ii
+                sm[off + ii * ES + c] = x[r, i, c] * scale_by if i < n else zero
+
+    @cuda.jit(device=True)
+    def scores(sm, D, r, i0, j0, lq, lk, causal, mode):
+        """B x B tiles of queries i0.., keys j0.. in shared: mode 0, P ∘ dP (at SO); 1, P (at
+        PO) and dS (at SO); 2, dS."""
+        tid = cuda.threadIdx.x
+        offset = lk - lq
+        for u in range(NE):
+            idx = tid + NT * u
+            if idx < B * B:
+                ii, jj = idx // B, idx % B
+                i, j = i0 + ii, j0 + jj
+                p = zero
+                ds = zero
+                if i < lq and j < lk and not (causal and j > i + offset):
+                    s = zero
+                    dp = zero
+                    for c in range(e):
+                        s += sm[QO + ii * ES + c] * sm[KO + jj * ES + c]
+                        dp += sm[DOO + ii * ES + c] * sm[VO + jj * ES + c]
+                    p = math.exp(s - sm[LO + ii])
+                    ds = p * dp if mode == 0 else p * (dp - D[r, i])
+                if mode == 1:
+                    sm[PO + ii * (B + 1) + jj] = p
+                sm[SO + ii * (B + 1) + jj] = ds
+
+    @cuda.jit(device=True)
+    def stage_query_side(sm, q, do, lse, r, i0, lq, scale):
+        stage_rows(sm, QO, q, r, i0, lq, scale)
+        stage_rows(sm, DOO, do, r, i0, lq, one)
+        for u in range(NR):
+            ii = cuda.threadIdx.x + NT * u
+            if ii < B:
+                i = i0 + ii
+                sm[LO + ii] = lse[r, i] if i < lq else inf
+
+    @cuda.jit
+    def dkv(q, do, lse, D, k, v, dk, dv, lq, lk, scale, causal):
+        # q, do: (r, lq, e); lse, D: (r, lq); k, v, dk, dv: (r, lk, e). Block (key tile, head)
+        sm = cuda.shared.array(SMEM, dtype)
+        acc_k = cuda.local.array(NA, dtype)
+        acc_v = cuda.local.array(NA, dtype)
+        r, j0, tid = cuda.blockIdx.y, cuda.blockIdx.x * B, cuda.threadIdx.x
+        stage_rows(sm, KO, k, r, j0, lk, one)
+        stage_rows(sm, VO, v, r, j0, lk, one)
+        for u in range(NA):
+            acc_k[u] = zero
+            acc_v[u] = zero
+        i_first = (max(0, j0 - (lk - lq)) // B) * B if causal else 0  # queries that see J
+        for i0 in range(i_first, lq, B):
+            cuda.syncthreads()  # the previous query tile is read
+            stage_query_side(sm, q, do, lse, r, i0, lq, scale)
+            cuda.syncthreads()
+            scores(sm, D, r, i0, j0, lq, lk, causal, 1)
+            cuda.syncthreads()
+            for u in range(NA):  # dV_J += Pᵀ dO_I, dK_J += dSᵀ (scale·Q_I)
+                idx = tid + NT * u
+                if idx < B * e:
+                    jj, c = idx // e, idx % e
+                    av = acc_v[u]
+                    ak = acc_k[u]
+                    for ii in range(B):
+                        av += sm[PO + ii * (B + 1) + jj] * sm[DOO + ii * ES + c]
+                        ak += sm[SO + ii * (B + 1) + jj] * sm[QO + ii * ES + c]
+                    acc_v[u] = av
+                    acc_k[u] = ak
+        for u in range(NA):
+            idx = tid + NT * u
+            if idx < B * e:
+                jj, c = idx // e, idx % e
+                if j0 + jj < lk:
+                    dk[r, j0 + jj, c] = acc_k[u]
+                    dv[r, j0 + jj, c] = acc_v[u]
+
+    @cuda.jit
+    def dq(q, do, lse, D, k, v, dq_out, lq, lk, scale, causal):
+        # as dkv, dq_out: (r, lq, e). Block (query tile, head)
+        sm = cuda.shared.array(SMEM, dtype)
+        acc = cuda.local.array(NA, dtype)
+        r, i0, tid = cuda.blockIdx.y, cuda.blockIdx.x * B, cuda.threadIdx.x
+        stage_query_side(sm, q, do, lse, r, i0, lq, scale)
+        for u in range(NA):
+            acc[u] = zero
+        j_end = min(lk, min(i0 + B, lq) + lk - lq) if causal else lk  # keys the last row sees
+        for j0 in range(0, j_end, B):
+            cuda.syncthreads()  # the previous key tile is read
+            stage_rows(sm, KO, k, r, j0, lk, one)
+            stage_rows(sm, VO, v, r, j0, lk, one)
+            cuda.syncthreads()
+            scores(sm, D, r, i0, j0, lq, lk, causal, 2)
+            cuda.syncthreads()
+            for u in range(NA):  # dQ_I += dS K_J
+                idx = tid + NT * u
+                if idx < B * e:
+                    ii, c = idx // e, idx % e
+                    a = acc[u]
+                    for jj in range(B):
+                        a += sm[SO + ii * (B + 1) + jj] * sm[KO + jj * ES + c]
+                    acc[u] = a
+        for u in range(NA):
+            idx = tid + NT * u
+            if idx < B * e:
+                ii, c = idx // e, idx % e
+                if i0 + ii < lq:
+                    dq_out[r, i0 + ii, c] = acc[u] * scale
+
+    @cuda.jit
+    def dsum(q, do, lse, dlse, k, v, D, lq, lk, scale, causal):
+        # as dq; dlse, D: (r, lq). Block (query tile, head); thread ii < B sums row ii
+        sm = cuda.shared.array(SMEM, dtype)
+        r, i0, tid = cuda.blockIdx.y, cuda.blockIdx.x * B, cuda.threadIdx.x
+        stage_query_side(sm, q, do, lse, r, i0, lq, scale)
+        acc = zero
+        j_end = min(lk, min(i0 + B, lq) + lk - lq) if causal else lk
+        for j0 in range(0, j_end, B):
+            cuda.syncthreads()
+            stage_rows(sm, KO, k, r, j0, lk, one)
+            stage_rows(sm, VO, v, r, j0, lk, one)
+            cuda.syncthreads()
+            scores(sm, D, r, i0, j0, lq, lk, causal, 0)
+            cuda.syncthreads()
+            if tid < B:
+                for jj in range(B):
+                    acc += sm[SO + tid * (B + 1) + jj]
+        if tid < B and i0 + tid < lq:
+            D[r, i0 + tid] = acc - dlse[r, i0 + tid]
+
+    return dsum, dkv, dq, B, NT
+
+
+def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale):
+    """As ``cpu._bwd_cpu``: q, out, g_out (r, lq, e); k, v (r, lk, e); lse, g_lse (r, lq);
+    contiguous, lq >= 1 -> dq (r, lq, e), dk, dv (r, lk, e)."""
+    rows, lq, e = q.shape
+    lk = k.shape[1]
+    dtype = numpy_dtype(q.dtype)
+    dsum, dkv, dq_kernel, B, threads = _attention_bwd_kernels(dtype, e)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    D = torch.empty_like(lse)  # (r, lq): Σ_j P_ij dP_ij - dlse_i
+    s = dtype.type(scale)
+    launch(dsum, ((lq + B - 1) // B, rows), threads, q, g_out, lse, g_lse, k, v, D, lq, lk, s,
+           causal)
+    launch(dkv, ((lk + B - 1) // B, rows), threads, q, g_out, lse, D, k, v, dk, dv, lq, lk, s,
+           causal)
+    launch(dq_kernel, ((lq + B - 1) // B, rows), threads, q, g_out, lse, D, k, v, dq, lq, lk, s,
+           causal)
+    return dq, dk, dv

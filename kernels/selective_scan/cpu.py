@@ -40,6 +40,7 @@ def _selective_scan_loop(u, delta, A, Bt, B2, Ct, C2, D, z, bias, var_B, var_C, 
         bi, di = r // d, r % d
         a = A[di]  # (n,)
         x = np.zeros_like(a)  # (n,) the state, in cache
+        # [core] selective_scan_cpu
         for t in range(l):
             dt = delta[bi, di, t] + bias[di]
             if softplus and dt <= SOFTPLUS_THRESHOLD:
@@ -65,6 +66,7 @@ def _selective_scan_loop(u, delta, A, Bt, B2, Ct, C2, D, z, bias, var_B, var_C, 
                 zt = z[bi, di, t]
                 y *= zt / (1.0 + math.exp(-zt))
             out[bi, di, t] = y
+            # [/core]
         for k in range(n):
             last[bi, di, k] = x[k]
 

@@ -178,6 +178,7 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
             for m in range(STATES):
                 k = lane + m * LANES
                 if k < n:
+                    # [core] selective_scan_cuda
                     Ak, xk = A[U(dc), U(k)], x[m]
                     Bk = zero if var_B else B[U(dc), U(k), 0]
                     Ck = zero if var_C or first_pass else C[U(dc), U(k), 0]
@@ -197,6 +198,7 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
                                 else:
                                     sP[U(g), U(j0 + j), U(lane)] += p
                     x[m] = xk
+                    # [/core]
                 elif m == 0 and not first_pass:
                     for j in range(TILE):
                         sP[U(g), U(j), U(lane)] = zero

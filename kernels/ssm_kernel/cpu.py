@@ -123,6 +123,7 @@ def _s4d_kernel_loop(A, C, dt, K):
             xr[k], xi[k], wr[k], wi[k] = _zoh_weight(
                 np.float64(A[c, k, 0]), np.float64(A[c, k, 1]), np.float64(C[c, k, 0]),
                 np.float64(C[c, k, 1]), np.float64(dt[c]))
+            # [core] s4d_table
             e = math.exp(xr[k])
             zr, zi = e * math.cos(xi[k]), e * math.sin(xi[k])
             pr, pi = 1.0, 0.0
@@ -131,6 +132,8 @@ def _s4d_kernel_loop(A, C, dt, K):
                 Ti[k, j] = pi
                 pr, pi = pr * zr - pi * zi, pr * zi + pi * zr
             Zr[k], Zi[k] = pr, pi  # z^R
+            # [/core]
+        # [core] s4d_blocks
         row = K[c]
         row[:] = 0
         for b in range(0, (L + R - 1) // R):
@@ -147,6 +150,7 @@ def _s4d_kernel_loop(A, C, dt, K):
                 pr, pi = ar[k], ai[k]
                 for j in range(m):  # Re((pr + i·pi)(Tr + i·Ti)); vectorised over j
                     row[l0 + j] += pr * Tr[k, j] - pi * Ti[k, j]
+        # [/core]
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})

@@ -99,6 +99,7 @@ def _s4d_cuda_kernel(dtype: np.dtype):
                 s_ar[k] = xr
                 s_ai[k] = xi
             cuda.syncthreads()
+            # [core] s4d_cuda
             for k in range(m):
                 e = math.exp(s_ar[k] * lf)  # the exact anchor w·z^first
                 cr, ci = e * math.cos(s_ai[k] * lf), e * math.sin(s_ai[k] * lf)
@@ -108,6 +109,7 @@ def _s4d_cuda_kernel(dtype: np.dtype):
                 for j in range(ITEMS):  # z^{l + THREADS} = z^l · z^THREADS
                     acc[j] += pr
                     pr, pi = pr * zr - pi * zi, pr * zi + pi * zr
+            # [/core]
             cuda.syncthreads()  # all have read the tile before the next one is staged
         for j in range(ITEMS):
             l = first + j * THREADS

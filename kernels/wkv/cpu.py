@@ -43,6 +43,10 @@ VEC = 16  # CPU: blocks of channels start on a multiple of this (one AVX-512 vec
 # It carries dc = ∂a/∂w - m ∂b/∂w about the state's mean m = a/b instead, whose update only
 # multiplies small differences (v - m): ∂a/∂w - y ∂b/∂w = dc - (y - m) ∂b/∂w, y - m = e2 (v - m)
 # / den. In float32 that was 2.8e-8 from the float64 truth where ref's autograd is 3.6e-8.
+# Infinite k as the definition takes it (ref, cuda): k_t = -inf is a token of weight e^-inf = 0
+# (exp_neg gives exactly 0; at an empty past y_t = 0/0 = nan); k_t = +inf makes the e^0 weight
+# e^(inf - inf) = nan, written ``one + (d - d)`` (d = -inf), so y and the state become nan from
+# that step on. No check of k at the entry: isfinite(k).all() took ~4x this forward's time.
 # =============================================================================================
 
 
@@ -53,6 +57,7 @@ def _wkv_loop(w, u, k, v, state, y, cb, consts):
     one = consts[1]
     batch, l, c = k.shape
     blocks = (c + cb - 1) // cb
+    # [core] blocked time loop
     for task in prange(batch * blocks):
         bi, c0 = task // blocks, (task % blocks) * cb
         c1 = min(c0 + cb, c)
@@ -66,17 +71,18 @@ def _wkv_loop(w, u, k, v, state, y, cb, consts):
                 a, b, p = sa[j], sb[j], sp[j]
                 kt, vt = kt_[j], vt_[j]
                 d = p - (ub[j] + kt)  # q = max(p, u + k_t): the larger one gets e^0 = 1
-                e = exp_neg(-abs(d))
+                e = exp_neg(-abs(d))  # 0 at d = +inf (k_t = -inf: no weight)
                 e1 = one if d > 0 else e
-                e2 = e if d > 0 else one
+                e2 = e if d > 0 else one + (d - d)  # d = -inf (k_t = +inf): e^(inf - inf) = nan
                 yt_[j] = (e1 * a + e2 * vt) / (e1 * b + e2)
                 d = p - wb[j] - kt  # p' = max(p - w, k_t)
                 e = exp_neg(-abs(d))
                 e1 = one if d > 0 else e
-                e2 = e if d > 0 else one
+                e2 = e if d > 0 else one + (d - d)  # as ref's: a, b become nan at k_t = +inf
                 sa[j] = e1 * a + e2 * vt
                 sb[j] = e1 * b + e2
                 sp[j] = max(p - wb[j], kt)
+    # [/core]
         state[bi, 0, c0:c1] = sa
         state[bi, 1, c0:c1] = sb
         state[bi, 2, c0:c1] = sp
@@ -115,7 +121,7 @@ def _wkv_bwd_loop(w, u, k, v, state, gy, gw, gu, gk, gv, cb, consts):
                 d = p - (ub[j] + kt)  # q = max(p, u + k_t)
                 e = exp_neg(-abs(d))
                 e1 = one if d > 0 else e
-                e2 = e if d > 0 else one
+                e2 = e if d > 0 else one + (d - d)  # nan at k_t = +inf, as the forward
                 den = e1 * b + e2
                 r = one / den
                 yt = (e1 * a + e2 * vt) * r
@@ -126,7 +132,7 @@ def _wkv_bwd_loop(w, u, k, v, state, gy, gw, gu, gk, gv, cb, consts):
                 d = p - wb[j] - kt  # p' = max(p - w, k_t)
                 e = exp_neg(-abs(d))
                 f1 = one if d > 0 else e
-                f2 = e if d > 0 else one
+                f2 = e if d > 0 else one + (d - d)
                 bn = f1 * b + f2  # ≥ 1: one of f1, f2 is 1, and b ≥ 1 after any token
                 rb = one / bn
                 dm = f2 * (m - vt) * rb  # m - m'

@@ -50,6 +50,7 @@ def _wkv_kernels(dtype: np.dtype):
         vv = cuda.local.array(ITEMS, dtype)
         nk = cuda.local.array(ITEMS, dtype)  # the next chunk's, in flight
         nv = cuda.local.array(ITEMS, dtype)
+        # [core] one thread per channel
         batch, l, c = k.shape
         idx = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
         if idx >= batch * c:
@@ -75,6 +76,7 @@ def _wkv_kernels(dtype: np.dtype):
                     e1, e2 = math.exp(p - wj - pn), math.exp(kt - pn)
                     a, b, p = e1 * a + e2 * vt, e1 * b + e2, pn
         state[n, 0, j], state[n, 1, j], state[n, 2, j] = a, b, p
+        # [/core]
 
     @cuda.jit
     def bwd(w, u, k, v, state, gy, gw, gu, gk, gv):

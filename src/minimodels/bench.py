@@ -41,12 +41,33 @@ from minimodels.backend import cuda_available, cuda_simulated
 from minimodels.kernels.fastexp import exp_neg
 
 __all__ = ["Row", "convert", "copy_bandwidth", "exp_neg_rate", "exp_rate", "format_table",
-           "gpu_time", "machine", "measure", "real_gpu", "sweep", "tensor_device", "timeit"]
+           "gpu_time", "interleaved", "machine", "measure", "real_gpu", "sweep", "tensor_device",
+           "timeit"]
 
 
 def _sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 1,
+                device="cpu") -> dict[str, list[float]]:
+    """{name: [seconds of one call, per round]}: each round calls every ``fns[name]()`` once, in
+    turn, after ``warmup`` calls each, synchronising a CUDA device around every call. On a shared
+    machine a slow spell then hits every implementation alike; take the median of each list."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def timeit(

@@ -419,5 +419,6 @@ def core(obj, name: str, *, max_lines: int = CORE_MAX_LINES):
     except ValueError:  # an installed wheel: no repository around it
         shown = path.name
     text = textwrap.dedent("\n".join(body))
-    return Markdown(f"```python\n{text}\n```\n\n<small>`{shown}`, lines {start + 2}–{end}: the "
-                    f"core of the kernel; [the whole file](../{shown}).</small>")
+    # no line numbers: an edit elsewhere in the file must not change what the chapter shows
+    return Markdown(f"```python\n{text}\n```\n\n<small>`{shown}`, core '{name}': the idea of "
+                    f"the kernel; [the whole file](../{shown}).</small>")

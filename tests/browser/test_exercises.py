@@ -111,6 +111,13 @@ ATTEMPTS = {
         "    return a1 * a2, a1 * b2 + b1\n",
         r"right map first|first left, then right",
     ),
+    "06_monarch_mixer.ipynb": Attempt(
+        "6.2",
+        # the transposed (inverse) permutation
+        "def monarch_perm(r, l):\n"
+        "    return torch.arange(r * l).reshape(l, r).T.reshape(-1)\n",
+        r"inverse|transposed",
+    ),
 }
 
 NOTEBOOKS = sorted(p.name for p in EXERCISES_DIR.glob("*.ipynb"))

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
-from minimodels.bench import format_table, machine, measure, tensor_device, timeit
+from minimodels.backend import cuda_simulated
+from minimodels.bench import (
+    Row,
+    format_table,
+    interleaved,
+    machine,
+    measure,
+    tensor_device,
+    timeit,
+)
 from minimodels.kernels import attention as A
 
-__all__ = ["GPU_SHAPE", "matmul_rate", "run"]
+__all__ = ["FWD_BWD_SHAPE", "GPU_SHAPE", "fwd_bwd_rows", "matmul_rate", "run"]
 
 GPU_SHAPE = (1, 16, 16384, 128)  # --device cuda default (b, h, l, e)
+FWD_BWD_SHAPE = (1, 8, 2048, 64)  # CPU forward + backward default (issue #15's target size)
+ROUNDS = 5  # forward + backward: rounds of interleaved calls, the median of each kept
 
 
 def matmul_rate(device="cpu", dtype=torch.float32, n: int = 2048) -> float:
@@ -20,9 +33,11 @@ def matmul_rate(device="cpu", dtype=torch.float32, n: int = 2048) -> float:
 
 def run(shape=None, device="cpu", dtype=None) -> str:
     """CPU: kernel vs SDPA vs ref at ``attention.example_inputs``' (1, 8, 4096, 64), causal and
-    not. CUDA: kernel vs SDPA float32 and bf16 at (1, 16, 16384, 128), causal and not, each row
-    also in TFLOP/s. The floor is 4·b·h·lq·lk·e FLOPs (halved when causal) over the measured
-    matmul rate of the same device and dtype."""
+    not; then forward + backward (``fwd_bwd_rows``) at (1, 8, 2048, 64). CUDA: kernel vs SDPA
+    float32 and bf16 at (1, 16, 16384, 128), causal and not, each row also in TFLOP/s; then
+    forward + backward, kernel vs SDPA. The floor is 4·b·h·lq·lk·e FLOPs (halved when causal)
+    over the measured matmul rate of the same device and dtype, 3.5 times that for forward +
+    backward (the backward's five products to the forward's two)."""
     F = torch.nn.functional
     if shape is None and device == "cuda":
         shape = GPU_SHAPE
@@ -59,4 +74,72 @@ def run(shape=None, device="cpu", dtype=None) -> str:
                 row.note = f"{row.note}; {rate_note}" if row.note else rate_note
         out += ["", f"causal={causal}: FLOP floor {floor * 1e3:.3g} ms; ratios are against SDPA",
                 "", format_table(rows, reference="SDPA", floor_seconds=floor)]
+    bwd_shape = FWD_BWD_SHAPE if shape is None and device == "cpu" else shape
+    bwd_ex = A.example_inputs(bwd_shape, device=dev, **({"dtype": dtype} if dtype else {}))
+    out.append("")
+    out.append(fwd_bwd_rows(bwd_ex, device, rate))
     return "\n".join(out)
+
+
+def _with_threads(n: int, fn):
+    def call():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(before)
+    return call
+
+
+def fwd_bwd_rows(ex, device: str, rate: float) -> str:
+    """Forward + backward (the gradients of q, k, v for a fixed cotangent of out), causal and
+    not: SDPA (on the CPU at its best torch thread count, 1 or 2), the minimodels kernel
+    (FlashAttention-2's backward) and, on the CPU, the reference (materialised scores).
+    Interleaved rounds; each row's median, its spread (min-max) in the note."""
+    F = torch.nn.functional
+    q, k, v = ex.args[:3]
+    (b, h, lq, e), lk = q.shape, k.shape[2]
+    kernel = "cpu" if device == "cpu" else "cuda"
+    g = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(1)).to(
+        q.device)  # (b, h, lq, e)
+    simulated = device == "cuda" and cuda_simulated()
+
+    def fwd_bwd(fn):
+        xs = [x.detach().requires_grad_() for x in (q, k, v)]
+        torch.autograd.grad(fn(*xs), xs, g)
+
+    lines = [f"forward + backward at {tuple(q.shape)}: interleaved, median of {ROUNDS} rounds"
+             + ("" if device != "cpu" else "; SDPA at its best torch thread count")]
+    for causal in (False, True):
+        sdpa = lambda *x, c=causal: F.scaled_dot_product_attention(*x, is_causal=c)
+        fns = {}
+        threads = (1, 2) if device == "cpu" else (torch.get_num_threads(),)
+        for n in threads:
+            fns[f"SDPA {n}"] = _with_threads(n, lambda f=sdpa: fwd_bwd(f))
+        fns["kernel"] = lambda c=causal: fwd_bwd(
+            lambda *x: A.attention(*x, causal=c, backend=kernel))
+        if device == "cpu":
+            fns["ref"] = lambda c=causal: fwd_bwd(
+                lambda *x: A.attention(*x, causal=c, backend="ref"))
+        times = interleaved(fns, device=tensor_device(device), rounds=1 if simulated else ROUNDS)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        best = min(threads, key=lambda n: med[f"SDPA {n}"])
+
+        def spread(name, times=times):
+            return f"spread {min(times[name]) * 1e3:.3g}-{max(times[name]) * 1e3:.3g} ms"
+
+        rows = [Row("SDPA fwd+bwd", med[f"SDPA {best}"], (
+            f"{best} torch thread{'s' if best > 1 else ''}; " if device == "cpu" else "")
+            + spread(f"SDPA {best}"))]
+        rows.append(Row(f"minimodels {kernel} kernel fwd+bwd", med["kernel"],
+                        f"{med['kernel'] / rows[0].seconds:.2f}x SDPA's time; "
+                        + spread("kernel")))
+        if device == "cpu":
+            rows.append(Row("ref fwd+bwd (materialised scores)", med["ref"],
+                            f"{med['ref'] / rows[0].seconds:.2f}x SDPA's time; " + spread("ref")))
+        floor = 3.5 * 4 * b * h * lq * lk * e / (2 if causal else 1) / rate
+        lines += ["", f"causal={causal}, forward + backward: FLOP floor {floor * 1e3:.3g} ms; "
+                  "ratios are against SDPA", "",
+                  format_table(rows, reference="SDPA fwd+bwd", floor_seconds=floor)]
+    return "\n".join(lines)

@@ -24,12 +24,13 @@ import torch
 
 __all__ = [
     "Case", "CheckFailed", "Mistake", "Verdict", "check_function",
-    "linear_scan",  # 00
+    "linear_scan", "loglog_slope", "scan_rows",  # 00
     "grad_norms", "gru_cell", "lstm_cell",  # 01
     "causal_attention", "kv_step_mask", "merge_attention",  # 02
     "time_mix_step", "wkv_log_space", "wkv_weights",  # 03
     "bilinear_diagonal", "causal_fft_conv", "s4d_step", "zoh_diagonal",  # 04
     "combine", "mamba_step", "selective_scan_loop",  # 05
+    "block_diag_multiply", "monarch_dense", "monarch_perm",  # 06
 ]
 
 
@@ -163,7 +164,7 @@ def check_function(
 
 
 # Chapter checkers (imported last: they use the machinery above)
-from minimodels.check.ch00 import linear_scan  # noqa: E402
+from minimodels.check.ch00 import linear_scan, loglog_slope, scan_rows  # noqa: E402
 from minimodels.check.ch01 import grad_norms, gru_cell, lstm_cell  # noqa: E402
 from minimodels.check.ch02 import causal_attention, kv_step_mask, merge_attention  # noqa: E402
 from minimodels.check.ch03 import time_mix_step, wkv_log_space, wkv_weights  # noqa: E402
@@ -174,3 +175,4 @@ from minimodels.check.ch04 import (  # noqa: E402
     zoh_diagonal,
 )
 from minimodels.check.ch05 import combine, mamba_step, selective_scan_loop  # noqa: E402
+from minimodels.check.ch06 import block_diag_multiply, monarch_dense, monarch_perm  # noqa: E402

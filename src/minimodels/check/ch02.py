@@ -22,9 +22,25 @@ def _same(got, want) -> bool:
 
 
 def _check(exercise: str, fn: Callable, cases: Sequence[Case], reference: Callable,
-           mistakes: Sequence[Mistake], strict: bool | None) -> Verdict:
+           mistakes: Sequence[Mistake], strict: bool | None,
+           structure: Callable | None = None, raw: Callable | None = None) -> Verdict:
     """``check_function``, but a known mistake is named even when it produces NaN or inf
-    (``check_function`` reports those as NaN before it looks for a matching mistake)."""
+    (``check_function`` reports those as NaN before it looks for a matching mistake). The
+    structure of what the learner's function returns (``raw``, else ``fn``) is checked first
+    (``structure(got, case) -> problem or None``), so a tuple where a tensor is expected, or an
+    integer mask, is named and never unpacked and misreported."""
+    name = getattr(fn, "__name__", "your function")
+    if structure is not None and cases:
+        case = cases[0]
+        try:
+            got = (raw or fn)(*_clone(case.args))
+        except Exception:  # check_function reports it (not implemented, raised X)
+            got = None
+        else:
+            problem = structure(got, case)
+            if problem is not None:
+                return _report(Verdict(False, f"Exercise {exercise} ({name}): {problem}"),
+                               strict)
     for case in cases:
         try:
             got = fn(*_clone(case.args))
@@ -32,13 +48,23 @@ def _check(exercise: str, fn: Callable, cases: Sequence[Case], reference: Callab
             break
         if _same(got, reference(*_clone(case.args))):
             continue
-        for mistake in mistakes:
-            if _same(got, mistake.wrong(*_clone(case.args))):
-                name = getattr(fn, "__name__", "your function")
-                return _report(Verdict(False, f"Exercise {exercise} ({name}): wrong values on "
-                                       f"{case.label}. Hint: {mistake.hint}"), strict)
+        matches = [m for m in mistakes if _same(got, m.wrong(*_clone(case.args)))]
+        # two mistakes can agree on one case (an inverted mask and a wrong offset at lq = 1):
+        # prefer the one that matches the learner's function on every case
+        everywhere = [m for m in matches if _matches_everywhere(fn, m, cases)]
+        if matches:
+            hint = (everywhere or matches)[0].hint
+            return _report(Verdict(False, f"Exercise {exercise} ({name}): wrong values on "
+                                   f"{case.label}. Hint: {hint}"), strict)
         break
     return check_function(exercise, fn, cases, reference, mistakes, strict=strict)
+
+
+def _matches_everywhere(fn: Callable, mistake: Mistake, cases: Sequence[Case]) -> bool:
+    try:
+        return all(_same(fn(*_clone(c.args)), mistake.wrong(*_clone(c.args))) for c in cases)
+    except Exception:
+        return False
 
 
 def _randn(g, *shape, std=1.0, dtype=torch.float64):
@@ -91,6 +117,10 @@ def _attention_mistakes() -> list[Mistake]:
     def no_mask(q, k, v):
         return attention_ref(q, k, v)
 
+    def fill_visible(q, k, v):  # masked_fill(keep, -inf): hides what should be shown
+        l = q.shape[-2]
+        return masked(q, k, v, ~torch.ones(l, l, dtype=torch.bool).tril())
+
     def no_scale(q, k, v):
         return attention_ref(q, k, v, causal=True, scale=1.0)
 
@@ -109,6 +139,9 @@ def _attention_mistakes() -> list[Mistake]:
                 one_ahead),
         Mistake("your mask keeps j >= i (the future): keep the lower triangle j <= i.", upper),
         Mistake("no causal mask: every query sees every key.", no_mask),
+        Mistake("your mask hides what it should show: masked_fill(mask, -inf) fills where the "
+                "mask is True, so pass the positions to HIDE (~keep, j > i), not the visible "
+                "ones.", fill_visible),
         Mistake("the scores are not scaled: multiply q kᵀ by 1/sqrt(e), e the head size.",
                 no_scale),
         Mistake("scale by 1/sqrt(e) with e = q.shape[-1] (the head size), not the length.",
@@ -118,11 +151,19 @@ def _attention_mistakes() -> list[Mistake]:
     ]
 
 
+def _one_tensor(got, case) -> str | None:
+    if isinstance(got, (tuple, list)):
+        return (f"returned a {type(got).__name__} of {len(got)} on {case.label}: return one "
+                "tensor, out (b, h, l, e), not a tuple (no lse, no weights).")
+    return None
+
+
 def causal_attention(fn: Callable, *, strict: bool | None = None) -> Verdict:
     """Exercise 2.1: ``fn(q, k, v) -> out``: softmax(q kᵀ / sqrt(e) + causal mask) v.
 
     q, k, v: (b, h, l, e) -> out: (b, h, l, e); query i sees keys j <= i."""
-    return _check("2.1", fn, _attention_cases(), _causal, _attention_mistakes(), strict)
+    return _check("2.1", fn, _attention_cases(), _causal, _attention_mistakes(), strict,
+                  _one_tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +248,29 @@ def _merge_mistakes() -> list[Mistake]:
     ]
 
 
+def _pair_structure(result, case) -> str | None:
+    if isinstance(result, torch.Tensor):
+        return (f"returned one tensor on {case.label}: return a tuple (out, lse), the merged "
+                "output (b, h, l, e) and its log-sum-exp (b, h, l).")
+    if not (isinstance(result, tuple) and len(result) == 2
+            and all(isinstance(x, torch.Tensor) for x in result)):
+        what = (f"a {type(result).__name__} of {len(result)}"
+                if isinstance(result, (tuple, list)) else type(result).__name__)
+        return f"returned {what} on {case.label}: return a tuple (out, lse) of two tensors."
+    out, lse = result
+    if out.dim() + 1 == lse.dim() and lse.shape[:-1] == out.shape:
+        return f"returned (lse, out) on {case.label}: return them in the order (out, lse)."
+    if lse.shape != out.shape[:-1]:
+        return (f"lse must have shape (b, h, l) = {tuple(out.shape[:-1])} on {case.label}, got "
+                f"{tuple(lse.shape)}.")
+    return None
+
+
 def merge_attention(fn: Callable, *, strict: bool | None = None) -> Verdict:
     """Exercise 2.2: ``fn(out1, lse1, out2, lse2) -> (out, lse)``: attention over the union of
     two disjoint key sets from the results over each. out_i: (b, h, l, e); lse_i: (b, h, l)."""
     return _check("2.2", _joined(fn), _merge_cases(), _joined(merge_attention_ref),
-                  _merge_mistakes(), strict)
+                  _merge_mistakes(), strict, _pair_structure, raw=fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +296,17 @@ def _mask_mistakes() -> list[Mistake]:
     def offset_wrong_way(lq, lk):  # j <= i + (lq - lk)
         return torch.ones(lq, lk, dtype=torch.bool).tril(lq - lk)
 
+    def inverted(lq, lk):  # True = hidden
+        return ~causal_mask(lq, lk)
+
+    def inverted_top_left(lq, lk):
+        return ~torch.ones(lq, lk, dtype=torch.bool).tril()
+
     return [
+        Mistake("your mask hides what it should show: True must mean 'query i may see key j' "
+                "(j <= i + lk - lq); yours is True where the key is hidden.", inverted),
+        Mistake("your mask hides what it should show (True must mean visible), and it is "
+                "top-left aligned: query i sits at position i + (lk - lq).", inverted_top_left),
         Mistake("this is the top-left mask j <= i: with a KV cache the queries are the LAST lq "
                 "positions, so query i sits at position i + (lk - lq).", top_left),
         Mistake("the offset goes the other way: query i sits at position i + (lk - lq).",
@@ -250,4 +319,15 @@ def _mask_mistakes() -> list[Mistake]:
 def kv_step_mask(fn: Callable, *, strict: bool | None = None) -> Verdict:
     """Exercise 2.3: ``fn(lq, lk) -> mask``: (lq, lk) bool, True where query i (the last lq of
     lk positions) may see key j."""
-    return _check("2.3", fn, _mask_cases(), causal_mask, _mask_mistakes(), strict)
+    return _check("2.3", fn, _mask_cases(), causal_mask, _mask_mistakes(), strict,
+                  _bool_mask)
+
+
+def _bool_mask(got, case) -> str | None:
+    if isinstance(got, (tuple, list)):
+        return f"returned a {type(got).__name__} on {case.label}: return one (lq, lk) tensor."
+    if isinstance(got, torch.Tensor) and got.dtype != torch.bool:
+        return (f"returned a {str(got.dtype)[6:]} tensor on {case.label}: return a boolean "
+                "mask (dtype torch.bool, True where query i may see key j), e.g. from a "
+                "comparison such as j <= i + (lk - lq), not ones/zeros.")
+    return None

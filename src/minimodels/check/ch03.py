@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from minimodels.check import Case, Mistake, Verdict, check_function
+from minimodels.check import Case, Mistake, Verdict, _report, check_function
 from minimodels.kernels.wkv import wkv_ref
 
 __all__ = ["time_mix_step", "wkv_log_space", "wkv_weights"]
@@ -100,6 +100,40 @@ def wkv_log_space(fn: Callable, *, strict: bool | None = None) -> Verdict:
 # =============================================================================================
 
 
+def _step_structure(step: Callable, case: Case) -> str | None:
+    """What is wrong with the structure of ``step``'s return on the first two steps of
+    ``case``, or None (also None when it raises: ``check_function`` reports that). Checked
+    before anything is unpacked: ``y, state = tensor`` would split the batch and misreport."""
+    tm, x = case.args
+    state = None
+    for t in range(min(2, x.shape[1])):
+        try:
+            result = step(tm, x[:, t].clone(), state)
+        except Exception:
+            return None
+        if isinstance(result, torch.Tensor):
+            return (f"returned one tensor of shape {tuple(result.shape)} at step {t} on "
+                    f"{case.label}: return a tuple (y_t, state), the output (b, d) and the new "
+                    "state your next call receives.")
+        if not (isinstance(result, tuple) and len(result) == 2):
+            what = (f"a {type(result).__name__} of {len(result)}"
+                    if isinstance(result, (tuple, list)) else type(result).__name__)
+            return (f"returned {what} at step {t} on {case.label}: return a tuple "
+                    "(y_t, state) of two items.")
+        y, state = result
+        if not isinstance(y, torch.Tensor):
+            return (f"the first item returned at step {t} on {case.label} is a "
+                    f"{type(y).__name__}: return (y_t, state) with y_t the output tensor (b, d)"
+                    " first.")
+        if y.shape != x[:, t].shape:
+            return (f"y_t has shape {tuple(y.shape)} at step {t} on {case.label}, expected "
+                    f"{tuple(x[:, t].shape)} (b, d): one token in, one token out.")
+        if state is None:
+            return (f"the state returned at step {t} on {case.label} is None: return what the "
+                    "next step needs (x_t for the token shift, and a, b, p).")
+    return None
+
+
 def _run_steps(step: Callable) -> Callable:
     def run(tm, x):
         state, ys = None, []
@@ -165,7 +199,12 @@ def time_mix_step(fn: Callable, *, strict: bool | None = None) -> Verdict:
     ``RWKVTimeMix`` ``tm``. x_t: (b, d); state: None at t = 0, else what your last call
     returned. The checker runs it over a sequence and compares with ``tm(x)``."""
     with torch.no_grad():
-        return check_function("3.2", _run_steps(fn), _time_mix_cases(),
+        cases = _time_mix_cases()
+        problem = _step_structure(fn, cases[1])
+        if problem is not None:
+            name = getattr(fn, "__name__", "your step")
+            return _report(Verdict(False, f"Exercise 3.2 ({name}): {problem}"), strict)
+        return check_function("3.2", _run_steps(fn), cases,
                               lambda tm, x: tm(x), _time_mix_mistakes(), strict=strict,
                               atol=1e-4, rtol=1e-4)
 

@@ -2,8 +2,11 @@
 system, the causal FFT convolution, and the S4D recurrent step.
 
 They recognise the typical wrong answers: forward Euler (or Mamba's B̄ = Δ·B) where ZOH was
-asked, exp(A)·Δ in place of exp(Δ·A), a circular convolution (no zero padding), and in the
-recurrent step a missing factor 2, a missing D or an output read from the old state."""
+asked, exp(A)·Δ in place of exp(Δ·A), a missing 1/A, swapped bilinear fractions, a circular
+convolution (no zero padding), the wrong half kept, a correlation, and in the recurrent step a
+missing factor 2, a missing D, an output read from the old state or a complex output (no
+`.real`). The structure of a result (a tuple of two tensors) is checked before it is unpacked,
+and each element of a pair is reported by its name (Ad, Bd; y, x_new)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,16 @@ from collections.abc import Callable
 
 import torch
 
-from minimodels.check import Case, Mistake, Verdict, check_function
+from minimodels.check import (
+    Case,
+    Mistake,
+    Verdict,
+    _clone,
+    _close,
+    _diagnose,
+    _report,
+    check_function,
+)
 
 __all__ = ["bilinear_diagonal", "causal_fft_conv", "s4d_step", "zoh_diagonal"]
 
@@ -23,25 +35,61 @@ __all__ = ["bilinear_diagonal", "causal_fft_conv", "s4d_step", "zoh_diagonal"]
 # ---------------------------------------------------------------------------------------------
 
 
-def _pair(fn: Callable) -> Callable:
-    """Call fn -> (Ad, Bd) and stack the pair into one (2, n) tensor so it can be compared:
-    in messages, index (0, k) is Ad[k] and (1, k) is Bd[k]. Complex pairs become (2, n, 2)
-    (real, imaginary), so that both parts are compared."""
+def _structure(got, names: tuple[str, str], label: str) -> str | None:
+    """None when ``got`` is a pair of tensors, else what is wrong with its structure: checked
+    before anything is unpacked, so a stacked tensor is never misread as a pair."""
+    pair = f"a tuple ({names[0]}, {names[1]})"
+    if isinstance(got, torch.Tensor):
+        return (f"returned one tensor of shape {tuple(got.shape)} on {label}: return {pair} of "
+                "two tensors, not one stacked tensor")
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        size = f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""
+        return f"returned {type(got).__name__}{size} on {label}: return {pair}"
+    for name, t in zip(names, got, strict=True):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__} on {label}: return {pair} of tensors"
+    return None
 
-    @functools.wraps(fn)
-    def stacked(*args):
-        out = fn(*args)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2
-                and all(isinstance(t, torch.Tensor) for t in out)):
-            raise TypeError(f"return the pair (Ad, Bd) of tensors, got {type(out).__name__}")
-        Ad, Bd = out
-        if Ad.shape != Bd.shape or Ad.dtype != Bd.dtype:
-            raise TypeError(f"Ad and Bd should both be like A: got Ad {tuple(Ad.shape)} "
-                            f"{str(Ad.dtype)[6:]}, Bd {tuple(Bd.shape)} {str(Bd.dtype)[6:]}")
-        pair = torch.stack([Ad, Bd])  # (2, n)
-        return torch.view_as_real(pair) if pair.is_complex() else pair  # (2, n[, 2])
 
-    return stacked
+def _check_pair(exercise: str, fn: Callable, cases, reference: Callable, mistakes,
+                names: tuple[str, str], *, strict: bool | None, atol: float = 1e-5,
+                rtol: float = 1e-5) -> Verdict:
+    """Like ``check_function`` for a function returning a pair: its structure first, then each
+    element by its own name (a message says "Bd: wrong values ... index (3,)", never an index
+    into a stacked tensor), and a mistake's hint when the whole pair matches that mistake."""
+    prefix = f"Exercise {exercise} ({getattr(fn, '__name__', 'your function')}):"
+
+    def verdict(passed: bool, message: str) -> Verdict:
+        return _report(Verdict(passed, f"{prefix} {message}"), strict)
+
+    for case in cases:
+        want = reference(*_clone(case.args))
+        try:
+            got = fn(*_clone(case.args))
+        except NotImplementedError:
+            return verdict(False, "not implemented yet: replace the `raise NotImplementedError` "
+                           "with your code.")
+        except Exception as err:  # the learner's bug: report it, do not hide it
+            return verdict(False, f"raised {type(err).__name__} on {case.label}: {err}")
+        problem = _structure(got, names, case.label)
+        if problem is not None:
+            return verdict(False, problem)
+        for name, g, w in zip(names, got, want, strict=True):
+            if g.is_complex() and not w.is_complex():
+                return verdict(False, f"{name} is complex on {case.label}, but A and B are real "
+                               f"there: {name} must be real too (do not build a complex tensor "
+                               "for a real system; the exponential of a real number is real)")
+            problem = _diagnose(g, w, case, case.args, (), atol, rtol)
+            if problem is not None:
+                message = f"{name}: {problem}"
+                for mistake in mistakes:
+                    wrong = mistake.wrong(*_clone(case.args))
+                    if all(isinstance(x, torch.Tensor) and _close(x, y, atol, rtol)
+                           for x, y in zip(got, wrong, strict=True)):
+                        message += f". Hint: {mistake.hint}"
+                        break
+                return verdict(False, message)
+    return verdict(True, f"passed {len(cases)} checks.")
 
 
 def _zoh(A, B, dt):
@@ -86,20 +134,18 @@ def zoh_diagonal(fn: Callable, *, strict: bool | None = None) -> Verdict:
     Bd = (exp(Δ·A) − 1)/A · B."""
     mistakes = [
         Mistake("this is forward Euler (Ad = 1 + Δ·A, Bd = Δ·B): ZOH takes the exact "
-                "exponential.", _pair(_euler)),
+                "exponential.", _euler),
         Mistake("Ad is right but Bd = Δ·B is Euler's (and Mamba's) rule, not ZOH's: "
-                "Bd = (exp(Δ·A) − 1)/A · B.", _pair(lambda A, B, dt: (torch.exp(dt * A),
-                                                                     dt * B))),
+                "Bd = (exp(Δ·A) − 1)/A · B.", lambda A, B, dt: (torch.exp(dt * A), dt * B)),
         Mistake("you computed exp(A)·Δ: the exponent is the product Δ·A, exp(Δ·A).",
-                _pair(_exp_of_A_times_dt)),
+                _exp_of_A_times_dt),
         Mistake("Bd is missing the division by A.",
-                _pair(lambda A, B, dt: (torch.exp(dt * A), torch.expm1(dt * A) * B))),
+                lambda A, B, dt: (torch.exp(dt * A), torch.expm1(dt * A) * B)),
         Mistake("Bd divides by Δ·A instead of A (that is the zoh factor without its Δ).",
-                _pair(lambda A, B, dt: (torch.exp(dt * A), torch.expm1(dt * A) / (dt * A) * B))),
-        Mistake("this is the bilinear rule, not ZOH.", _pair(_bilinear)),
+                lambda A, B, dt: (torch.exp(dt * A), torch.expm1(dt * A) / (dt * A) * B)),
+        Mistake("this is the bilinear rule, not ZOH.", _bilinear),
     ]
-    return check_function("4.1", _pair(fn), _diag_cases(), _pair(_zoh), mistakes,
-                          strict=strict)
+    return _check_pair("4.1", fn, _diag_cases(), _zoh, mistakes, ("Ad", "Bd"), strict=strict)
 
 
 def bilinear_diagonal(fn: Callable, *, strict: bool | None = None) -> Verdict:
@@ -107,19 +153,19 @@ def bilinear_diagonal(fn: Callable, *, strict: bool | None = None) -> Verdict:
 
     Ad = (1 + Δ/2·A)/(1 − Δ/2·A), Bd = Δ·B/(1 − Δ/2·A)."""
     mistakes = [
-        Mistake("this is forward Euler (Ad = 1 + Δ·A, Bd = Δ·B).", _pair(_euler)),
-        Mistake("this is ZOH: the bilinear rule uses no exponential.", _pair(_zoh)),
+        Mistake("this is forward Euler (Ad = 1 + Δ·A, Bd = Δ·B).", _euler),
+        Mistake("this is ZOH: the bilinear rule uses no exponential.", _zoh),
         Mistake("numerator and denominator of Ad are swapped: Ad = (1 + Δ/2·A)/(1 − Δ/2·A), "
                 "which is stable for Re A < 0.",
-                _pair(lambda A, B, dt: ((1 - dt * A / 2) / (1 + dt * A / 2),
-                                        dt / (1 + dt * A / 2) * B))),
+                lambda A, B, dt: ((1 - dt * A / 2) / (1 + dt * A / 2),
+                                  dt / (1 + dt * A / 2) * B)),
         Mistake("Bd is missing its factor Δ: Bd = Δ·B/(1 − Δ/2·A).",
-                _pair(lambda A, B, dt: (_bilinear(A, B, dt)[0], B / (1 - dt * A / 2)))),
+                lambda A, B, dt: (_bilinear(A, B, dt)[0], B / (1 - dt * A / 2))),
         Mistake("Bd = Δ·B is missing the division by (1 − Δ/2·A).",
-                _pair(lambda A, B, dt: (_bilinear(A, B, dt)[0], dt * B))),
+                lambda A, B, dt: (_bilinear(A, B, dt)[0], dt * B)),
     ]
-    return check_function("4.1", _pair(fn), _diag_cases(), _pair(_bilinear), mistakes,
-                          strict=strict)
+    return _check_pair("4.1", fn, _diag_cases(), _bilinear, mistakes, ("Ad", "Bd"),
+                       strict=strict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,14 +241,37 @@ def _rollout(step: Callable) -> Callable:
         x = torch.zeros(u.shape[:2] + A.shape[1:], dtype=A.dtype)  # (b, h, n)
         ys = []
         for t in range(u.shape[-1]):
-            out = step(x, u[..., t], A, C, D, dt)
-            if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise TypeError(f"return the pair (y_t, x), got {type(out).__name__}")
-            y, x = out
+            y, x = step(x, u[..., t], A, C, D, dt)
             ys.append(y)
         return torch.stack(ys, -1)  # (b, h, L)
 
     return run
+
+
+def _step_structure(fn: Callable, case: Case) -> str | None:
+    """What is wrong with the structure of one step's result, checked before any unpacking:
+    a tuple (y, x_new), y real (b, h), x_new complex like x. None when it looks right (or
+    when the step raises: check_function then reports the error)."""
+    u, A, C, D, dt = _clone(case.args)
+    x = torch.zeros(u.shape[:2] + A.shape[1:], dtype=A.dtype)  # (b, h, n)
+    try:
+        out = fn(x, u[..., 0], A, C, D, dt)
+    except Exception:
+        return None
+    problem = _structure(out, ("y", "x_new"), case.label)
+    if problem is not None:
+        return problem
+    y, x_new = out
+    if y.is_complex():
+        return (f"y is complex on {case.label}: the output is real, y = 2·Re Σ_n C·x_new + D·u. "
+                "Take `.real` of the sum over the modes")
+    if x_new.shape != x.shape:
+        return (f"x_new has shape {tuple(x_new.shape)} on {case.label}, expected "
+                f"{tuple(x.shape)}: the new state is shaped like the state x (b, h, n)")
+    if not x_new.is_complex():
+        return (f"x_new is real on {case.label}: the state is complex (A is complex); do not "
+                "take `.real` of the state, only of the output y")
+    return None
 
 
 def _step_cases() -> list[Case]:
@@ -259,5 +328,10 @@ def s4d_step(fn: Callable, *, strict: bool | None = None) -> Verdict:
         Mistake("y is read from the old state: update x first, then y = 2·Re Σ C·x_new + D·u.",
                 _step_with(zoh_A, zoh_B, old_state=True)),
     ]
-    return check_function("4.3", _rollout(fn), _step_cases(), _rollout(_step_ref), mistakes,
+    cases = _step_cases()
+    problem = _step_structure(fn, cases[1])
+    if problem is not None:
+        name = getattr(fn, "__name__", "your function")
+        return _report(Verdict(False, f"Exercise 4.3 ({name}): {problem}"), strict)
+    return check_function("4.3", _rollout(fn), cases, _rollout(_step_ref), mistakes,
                           atol=1e-4, rtol=1e-4, strict=strict)

@@ -9,7 +9,12 @@ the position-wise layer after a mixer, and ``FAMILY_MLP`` says which MLP a famil
     rwkv       RWKV-4 time-mix, the WKV kernel (ch. 03)           (its init depends on the layer)
     s4d        S4's block: S4D, GELU, a gated output (ch. 04)     d_state, dt_min, dt_max
     mamba      the Mamba block, the selective scan (ch. 05)       d_state, d_conv, expand
+    m2         Monarch Mixer's gated long convolution, FFTs as     max_len, fft, nblocks
+               Monarch products (ch. 06); its state is the input history
     lstm, gru  the gated RNNs (ch. 01), state width d_model       forget_bias (lstm)
+
+MLPS: "mlp" (two dense matrices), "rwkv" (RWKV's channel-mix), "monarch" (M2's MLP: both
+matrices Monarch, ``nblocks`` blocks).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 from minimodels.models.attention import MultiHeadAttention
 from minimodels.models.base import LM, Residual, state_numel
 from minimodels.models.mamba import MambaBlock
+from minimodels.models.monarch import M2Mixer, MonarchMLP
 from minimodels.models.rnn import GRU, LSTM
 from minimodels.models.rwkv import RWKVChannelMix, RWKVTimeMix
 from minimodels.models.ssm import S4DBlock
@@ -40,6 +46,7 @@ MIXERS = {
     "rwkv": RWKVTimeMix,
     "s4d": S4DBlock,
     "mamba": MambaBlock,
+    "m2": M2Mixer,
     "lstm": lstm_mixer,
     "gru": gru_mixer,
 }
@@ -47,6 +54,7 @@ MIXERS = {
 MLPS = {
     "mlp": MLP,
     "rwkv": RWKVChannelMix,
+    "monarch": MonarchMLP,
 }
 
-FAMILY_MLP = {"attention": "mlp", "rwkv": "rwkv"}
+FAMILY_MLP = {"attention": "mlp", "rwkv": "rwkv", "m2": "monarch"}

@@ -1,0 +1,77 @@
+"""Benchmark of ``monarch_multiply``: ``python -m minimodels.bench monarch [--device cuda]``.
+
+At the canonical size (4096 tokens, n = 4096, 64 blocks of 64 x 64, float32) against the
+peers a user would write: the reference (einsum), the torch.bmm formulation (two batched
+matrix products with the permutations as copies in between), and the dense F.linear of the
+same size (n² weights). The floor: the bytes (read x, write y) over the measured copy
+bandwidth; the FLOPs (2·n·√n multiply-adds per token) are printed beside it. Implementations
+are timed interleaved, round after round, and the median of the rounds is kept (the machine is
+shared).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from minimodels.bench import (
+    Row,
+    copy_bandwidth,
+    format_table,
+    interleaved,
+    machine,
+    tensor_device,
+)
+from minimodels.kernels import monarch as M
+
+__all__ = ["bmm_monarch", "run"]
+
+
+def bmm_monarch(x, w1, w2):
+    """The Monarch product as two ``torch.bmm`` calls and three copies: x (b, n) -> y (b, l·s)."""
+    b = x.shape[0]
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    xb = x.reshape(b, k, p).transpose(0, 1)  # (k, b, p)
+    z = torch.bmm(xb, w1.transpose(1, 2))  # (k, b, q)
+    z = z.transpose(0, 1).reshape(b, r, l).permute(2, 0, 1)  # P1: (l, b, r)
+    y = torch.bmm(z, w2.transpose(1, 2))  # (l, b, s)
+    return y.permute(1, 2, 0).reshape(b, s * l)  # P2: (b, l·s)
+
+
+def run(shape=None, device="cpu", dtype=None) -> str:
+    """Markdown table: ref, torch.bmm, the kernel (cpu, or cuda on a GPU), dense F.linear."""
+    dev = tensor_device(device)
+    ex = M.example_inputs(shape, device=dev, **({"dtype": dtype} if dtype else {}))
+    x, w1, w2 = ex.args
+    b, n = x.shape
+    l, s, _ = w2.shape
+    kernel = "cpu" if device == "cpu" else "cuda"
+    dense = M.monarch_matrix(w1, w2)  # (l·s, n): the same map as a dense weight
+    with torch.no_grad():
+        truth = M.monarch_multiply(x.double(), w1.double(), w2.double(), backend="ref")
+        fns = {"ref (einsum)": lambda: M.monarch_multiply(x, w1, w2, backend="ref"),
+               "torch.bmm formulation": lambda: bmm_monarch(x, w1, w2),
+               f"minimodels {kernel} kernel (fused)":
+                   lambda: M.monarch_multiply(x, w1, w2, backend=kernel),
+               "dense F.linear (n² weights)": lambda: F.linear(x, dense)}
+        secs = {name: statistics.median(t)
+                for name, t in interleaved(fns, rounds=7, device=dev).items()}
+        errs = {name: (fn().double() - truth).abs().max().item() for name, fn in fns.items()}
+    flops = 2 * b * (w1.numel() + w2.numel())
+    nbytes = (x.numel() + b * l * s) * x.element_size()
+    bw = copy_bandwidth(dev)
+    floor = nbytes / bw
+    rows = [Row(name, t, f"max err {errs[name]:.1e}") for name, t in secs.items()]
+    ours = secs[f"minimodels {kernel} kernel (fused)"]
+    lines = [f"monarch_multiply at x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 "
+             f"{tuple(w2.shape)}, {str(x.dtype)[6:]} on {device}: {machine(device)}",
+             f"{flops / 1e9:.2f} GFLOP; memory floor = {nbytes / 1e6:.0f} MB / {bw / 1e9:.0f} "
+             f"GB/s = {floor * 1e3:.3g} ms; timed interleaved, median of 7 rounds", "",
+             format_table(rows, reference="ref (einsum)", floor_seconds=floor), "",
+             f"kernel / torch.bmm: {ours / secs['torch.bmm formulation']:.2f} (target <= 1.5); "
+             f"dense F.linear / kernel: {secs['dense F.linear (n² weights)'] / ours:.1f}x "
+             f"(target >= 3); kernel {flops / ours / 1e9:.1f} GFLOP/s"]
+    return "\n".join(lines)

@@ -1,0 +1,268 @@
+"""monarch_multiply: every backend against the materialised dense matrix (built from the blocks
+and the permutations by explicit index loops, outside the kernels' reshapes), the DFT against
+torch.fft, gradients against autograd of the reference (gradcheck in float64), float32 against
+a float64 truth, leading axes and strides, bad input; the models: MonarchLinear against
+F.linear of its dense matrix, the Monarch-FFT causal convolution against direct convolution,
+M2Mixer's step against its forward, causality, and LM(mixer="m2", mlp="monarch")."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ALL, KERNELS, device_for, run_steps
+
+import minimodels.kernels.monarch as M
+from minimodels.kernels._common import Example
+from minimodels.kernels.monarch import example_inputs, monarch_dft, monarch_multiply
+from minimodels.models import LM, MIXERS, MLPS, state_numel
+from minimodels.models.monarch import (
+    M2Mixer,
+    MonarchLinear,
+    MonarchMLP,
+    default_blocks,
+    monarch_causal_conv,
+)
+
+pytestmark = pytest.mark.ch06
+
+# (b, k, q, p, l, s): square, rectangular blocks, l != k, one block, one token, tails of TILE
+SHAPES = [(1, 1, 1, 1, 1, 1), (5, 4, 4, 4, 4, 4), (3, 4, 3, 5, 6, 7), (33, 2, 6, 3, 4, 5),
+          (2, 1, 8, 3, 2, 3), (0, 3, 2, 2, 2, 2)]
+
+
+def dense_by_loops(w1, w2):
+    """M = P2 · BD(w2) · P1 · BD(w1) from its definition: BD(w) placed block by block, P1 and
+    P2 as permutation matrices written entry by entry (float64)."""
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    bd1 = torch.zeros(k * q, k * p, dtype=torch.float64)
+    for kk in range(k):
+        bd1[kk * q:(kk + 1) * q, kk * p:(kk + 1) * p] = w1[kk].double()
+    bd2 = torch.zeros(l * s, l * r, dtype=torch.float64)
+    for j in range(l):
+        bd2[j * s:(j + 1) * s, j * r:(j + 1) * r] = w2[j].double()
+    P1 = torch.zeros(l * r, k * q, dtype=torch.float64)
+    for i in range(r):
+        for j in range(l):
+            P1[j * r + i, i * l + j] = 1  # index i·l + j goes to j·r + i
+    P2 = torch.zeros(l * s, l * s, dtype=torch.float64)
+    for j in range(l):
+        for t in range(s):
+            P2[t * l + j, j * s + t] = 1  # index j·s + t goes to t·l + j
+    return P2 @ bd2 @ P1 @ bd1
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_against_the_dense_matrix(backend, shape, dtype):
+    ex = example_inputs(shape, dtype=dtype, device=device_for(backend), seed=1)
+    x, w1, w2 = ex.args
+    want = x.double().cpu() @ dense_by_loops(w1.cpu(), w2.cpu()).T
+    got = monarch_multiply(x, w1, w2, backend=backend)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.double().cpu(), want, rtol=ex.rtol, atol=ex.atol)
+
+
+def test_monarch_matrix_is_the_dense_matrix():
+    x, w1, w2 = example_inputs((4, 3, 4, 5, 2, 3), dtype=torch.float64).args
+    torch.testing.assert_close(M.monarch_matrix(w1, w2), dense_by_loops(w1, w2))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_leading_axes_and_strides(backend):
+    dev = device_for(backend)
+    x, w1, w2 = example_inputs((24, 4, 4, 4, 4, 4), dtype=torch.float64, device=dev).args
+    x3 = x.reshape(2, 3, 4, 16).transpose(0, 1)  # non-contiguous, leading axes (3, 2, 4)
+    w1t = w1.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    got = monarch_multiply(x3, w1t, w2, backend=backend)
+    torch.testing.assert_close(got, monarch_multiply(x3, w1, w2, backend="ref"))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16])
+def test_dft_is_a_monarch_product(m):
+    w1, w2, perm = monarch_dft(m)
+    assert w1.dtype == w2.dtype == torch.complex128 and perm.dtype == torch.int64
+    assert sorted(perm.tolist()) == list(range(m * m))  # a permutation
+    x = torch.randn(3, 2, m * m, dtype=torch.complex128, generator=torch.Generator().manual_seed(m))
+    got = monarch_multiply(x[..., perm], w1, w2, backend="ref")
+    torch.testing.assert_close(got, torch.fft.fft(x), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("shape", [(3, 2, 3, 2, 3, 2), (9, 3, 2, 4, 2, 5)])
+def test_gradcheck(backend, shape):
+    args = [t.clone().requires_grad_() for t in
+            example_inputs(shape, dtype=torch.float64, device=device_for(backend)).args]
+    assert torch.autograd.gradcheck(lambda *a: monarch_multiply(*a, backend=backend), args)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_float32_gradients_against_float64_autograd(backend):
+    dev = device_for(backend)
+    ex = example_inputs((40, 4, 4, 4, 4, 4), dtype=torch.float64, device=dev, seed=3)
+    g = torch.randn(40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    leaves64 = [t.clone().requires_grad_() for t in ex.args]
+    want = torch.autograd.grad(monarch_multiply(*leaves64, backend="ref"), leaves64, g.to(dev))
+    leaves32 = [t.float().requires_grad_() for t in ex.args]
+    got = torch.autograd.grad(monarch_multiply(*leaves32, backend=backend), leaves32,
+                              g.float().to(dev))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_example_inputs():
+    ex = example_inputs((3, 4, 2, 5, 8, 3), dtype=torch.float64, seed=2)
+    assert isinstance(ex, Example)
+    x, w1, w2 = ex.args
+    assert x.shape == (3, 20) and w1.shape == (4, 2, 5) and w2.shape == (8, 3, 1)
+    assert ex.sizes == {"batch": 3, "n": 20, "nblocks": 4, "d_out": 24}
+    same = example_inputs((3, 4, 2, 5, 8, 3), dtype=torch.float32, seed=2).args[0]
+    torch.testing.assert_close(same.double(), x, rtol=1e-7, atol=1e-7)  # one seed, one draw
+    with pytest.raises(ValueError, match="l must divide k·q"):
+        example_inputs((1, 2, 3, 1, 4, 1))
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((torch.ones(2, 12), torch.ones(4, 2, 4), torch.ones(2, 4, 4)), ValueError,
+         r"k·p = n: 4·4 = 16 != n = 12"),
+        ((torch.ones(2, 16), torch.ones(4, 2, 4), torch.ones(3, 4, 4)), ValueError,
+         r"l·r = k·q .*3·4 = 12 != 4·2 = 8"),
+        ((torch.ones(2, 16), torch.ones(4, 4), torch.ones(2, 4, 4)), ValueError,
+         r"w1 must have 3 dimensions \(k, q, p\)"),
+        ((torch.ones(2, 16), torch.ones(4, 2, 4), torch.ones(8, 4)), ValueError,
+         r"w2 must have 3 dimensions \(l, s, r\)"),
+        ((torch.ones(2, 16), torch.ones(4, 2, 4).double(), torch.ones(2, 4, 4)), TypeError,
+         "w1 must have x's dtype float32"),
+        ((torch.ones(2, 16, dtype=torch.int64), torch.ones(4, 2, 4), torch.ones(2, 4, 4)),
+         TypeError, "x must be float32 or float64"),
+        (([1.0] * 16, torch.ones(4, 2, 4), torch.ones(2, 4, 4)), TypeError,
+         "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        monarch_multiply(*args)
+
+
+def test_complex_runs_on_ref_only():
+    w1, w2, perm = monarch_dft(3)
+    x = torch.randn(2, 9, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="complex inputs run on backend='ref' only"):
+        monarch_multiply(x, w1, w2, backend="cpu")
+
+
+# =============================================================================================
+# Models
+# =============================================================================================
+
+
+def test_default_blocks():
+    assert [default_blocks(d) for d in (1, 16, 64, 256, 48, 4096)] == [1, 4, 8, 16, 8, 64]
+
+
+@pytest.mark.parametrize("d_in, d_out, nblocks", [(16, 16, 4), (16, 64, 4), (48, 12, 3)])
+def test_monarch_linear_is_a_linear_layer(d_in, d_out, nblocks):
+    torch.manual_seed(0)
+    layer = MonarchLinear(d_in, d_out, nblocks).double()
+    x = torch.randn(2, 5, d_in, dtype=torch.float64)
+    want = F.linear(x, layer.dense(), layer.bias)
+    torch.testing.assert_close(layer(x), want)
+    q = max(d_in, d_out) // nblocks
+    assert layer.n_params == nblocks * q * (d_in // nblocks + d_out // nblocks) + d_out
+    assert layer.flops(10) == 2 * 10 * (layer.n_params - d_out)
+    assert layer.dense().shape == (d_out, d_in)
+    with pytest.raises(ValueError, match="nblocks must divide"):
+        MonarchLinear(16, 12, 5)
+
+
+def test_square_monarch_linear_counts_n_to_the_1_5():
+    layer = MonarchLinear(4096, 4096, 64, bias=False)
+    assert layer.n_params == 2 * 4096 * 64  # 2·n·√n, vs n² = 16.8 M dense
+
+
+def test_monarch_mlp_shape_and_grad():
+    torch.manual_seed(0)
+    mlp = MonarchMLP(16)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y = mlp(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
+
+
+def direct_causal_conv(u, K):
+    """y[..., t] = Σ_{s<=t} K[..., t-s] u[..., s] by explicit loops (float64)."""
+    l = u.shape[-1]
+    y = torch.zeros_like(u)
+    for t in range(l):
+        for s in range(t + 1):
+            y[..., t] += K[..., t - s] * u[..., s]
+    return y
+
+
+@pytest.mark.parametrize("l", [1, 2, 7, 18, 33])
+def test_monarch_causal_conv_is_direct_convolution(l):
+    g = torch.Generator().manual_seed(l)
+    u = torch.randn(2, 3, l, dtype=torch.float64, generator=g)
+    K = torch.randn(3, l, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(monarch_causal_conv(u, K), direct_causal_conv(u, K))
+    with pytest.raises(ValueError, match="wrap around"):
+        monarch_causal_conv(u, K, m=1) if l > 1 else monarch_causal_conv(u, K, m=0)
+
+
+@pytest.mark.parametrize("fft", ["monarch", "torch"])
+def test_m2_mixer_step_equals_forward(fft):
+    torch.manual_seed(0)
+    mixer = M2Mixer(8, max_len=32, fft=fft).double()
+    x = torch.randn(2, 13, 8, dtype=torch.float64)
+    y_steps, state = run_steps(mixer, x)
+    torch.testing.assert_close(y_steps, mixer(x))
+    assert state.shape == (2, 8, 13)  # the input history, like a KV cache
+
+
+def test_m2_mixer_matches_an_independent_reference():
+    torch.manual_seed(1)
+    mixer = M2Mixer(4, max_len=16).double()
+    x = torch.randn(1, 9, 4, dtype=torch.float64)
+    a, b, v = mixer.in_proj(x).chunk(3, -1)
+    u = (a * v).transpose(1, 2)  # (b, d, l)
+    y = direct_causal_conv(u, mixer.kernel(9)).transpose(1, 2)
+    torch.testing.assert_close(mixer(x), mixer.out_proj(b * y))
+    torch.testing.assert_close(mixer(x), M2Mixer.forward(_with_torch_fft(mixer), x))
+
+
+def _with_torch_fft(mixer):
+    mixer.fft = "torch"
+    return mixer
+
+
+def test_m2_mixer_is_causal():
+    torch.manual_seed(2)
+    mixer = M2Mixer(6, max_len=40).double()
+    x = torch.randn(1, 20, 6, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 12:] += torch.randn(1, 8, 6, dtype=torch.float64)  # change the future only
+    torch.testing.assert_close(mixer(x)[:, :12], mixer(x2)[:, :12])
+    assert (mixer(x)[:, 12:] - mixer(x2)[:, 12:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="max_len"):
+        mixer(torch.randn(1, 41, 6, dtype=torch.float64))
+
+
+def test_lm_with_m2_and_monarch_mlp():
+    assert MIXERS["m2"] is M2Mixer and MLPS["monarch"] is MonarchMLP
+    torch.manual_seed(3)
+    lm = LM(11, 16, 2, mixer="m2", mlp="monarch", max_len=24, nblocks=4).double()
+    assert isinstance(lm.blocks[0].mlp, MonarchMLP) and lm.blocks[0].mlp.W1.nblocks == 4
+    tokens = torch.randint(0, 11, (2, 10))
+    logits = lm(tokens)
+    state, steps = None, []
+    for t in range(10):
+        out, state = lm.step(tokens[:, t], state)
+        steps.append(out)
+    torch.testing.assert_close(torch.stack(steps, 1), logits)
+    assert state_numel(state) == 2 * 2 * 16 * 10  # per layer the (b, d, t) history
+    auto = LM(11, 16, 1, mixer="m2", max_len=8)  # mlp="auto": M2's family MLP is Monarch
+    assert isinstance(auto.blocks[0].mlp, MonarchMLP)
