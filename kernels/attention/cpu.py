@@ -43,39 +43,12 @@ BLOCK_K = 64
 def _block_product(Out, M, X, rows, inner, accumulate):
     """Out[r, :] (+)= Σ_{s < inner} M[r, s] X[s, :] for r < rows, 4 rows x 4 inner steps a pass
     over the queries (16 scalars of M, 4 rows of X in, 4 rows of Out updated). Sᵀ = K Qᵀ is
-    (St, K, Qt); Õᵀ += Vᵀ Pᵀ is (At, Vᵀ, Pt), accumulating."""
-    r4, s4 = rows - rows % 4, inner - inner % 4
+    (St, K, Qt); Õᵀ += Vᵀ Pᵀ is (At, Vᵀ, Pt), accumulating. The loop is ``_block_product_w``'s
+    (the backward's), at the forward's tile width BLOCK_Q."""
     if not accumulate:
         for r in range(rows):
             Out[r, :BLOCK_Q] = 0
-    for r in range(0, r4, 4):
-        O0, O1, O2, O3 = Out[r], Out[r + 1], Out[r + 2], Out[r + 3]
-        for s in range(0, s4, 4):
-            a0, a1, a2, a3 = M[r, s], M[r, s + 1], M[r, s + 2], M[r, s + 3]
-            b0, b1, b2, b3 = M[r + 1, s], M[r + 1, s + 1], M[r + 1, s + 2], M[r + 1, s + 3]
-            c0, c1, c2, c3 = M[r + 2, s], M[r + 2, s + 1], M[r + 2, s + 2], M[r + 2, s + 3]
-            d0, d1, d2, d3 = M[r + 3, s], M[r + 3, s + 1], M[r + 3, s + 2], M[r + 3, s + 3]
-            X0, X1, X2, X3 = X[s], X[s + 1], X[s + 2], X[s + 3]
-            for ii in range(BLOCK_Q):
-                x0, x1, x2, x3 = X0[ii], X1[ii], X2[ii], X3[ii]
-                O0[ii] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
-                O1[ii] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
-                O2[ii] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
-                O3[ii] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
-        for s in range(s4, inner):  # inner steps past the last multiple of 4
-            a0, b0, c0, d0 = M[r, s], M[r + 1, s], M[r + 2, s], M[r + 3, s]
-            X0 = X[s]
-            for ii in range(BLOCK_Q):
-                O0[ii] += a0 * X0[ii]
-                O1[ii] += b0 * X0[ii]
-                O2[ii] += c0 * X0[ii]
-                O3[ii] += d0 * X0[ii]
-    for r in range(r4, rows):  # rows past the last multiple of 4
-        O0 = Out[r]
-        for s in range(inner):
-            a0, X0 = M[r, s], X[s]
-            for ii in range(BLOCK_Q):
-                O0[ii] += a0 * X0[ii]
+    _block_product_w(Out, M, X, rows, inner, BLOCK_Q)
 
 
 def _attention_loop(q, k, v, out, lse, scale, causal):
@@ -187,8 +160,9 @@ def _fwd_cpu(q, k, v, causal, scale):
 
 @njit(cache=True, fastmath={"contract"})
 def _block_product_w(Out, M, X, rows, inner, width):
-    """Out[r, :width] += Σ_{s < inner} M[r, s] X[s, :width] for r < rows: ``_block_product``
-    with a width given at run time (the head dim e), accumulating. dV_J += Pᵀ dO_I is
+    """Out[r, :width] += Σ_{s < inner} M[r, s] X[s, :width] for r < rows, 4 rows x 4 inner
+    steps a pass (the forward's ``_block_product`` calls it at width BLOCK_Q; the backward at the
+    head dim e), accumulating. dV_J += Pᵀ dO_I is
     (dVJ, Pt, dO tile), dK_J += dSᵀ Q_I is (dKJ, dSt, Q tile)."""
     r4, s4 = rows - rows % 4, inner - inner % 4
     for r in range(0, r4, 4):

@@ -163,6 +163,23 @@ def check_function(
     return _report(Verdict(True, f"{prefix} passed {len(cases)} checks."), strict)
 
 
+def pair_problem(got, names: tuple[str, str], where: str, tensors: int = 2) -> str | None:
+    """None when ``got`` is a tuple or list of two items whose first ``tensors`` are tensors,
+    else what is wrong with its structure. Checkers call it before unpacking anything, so a
+    stacked tensor (or a lone one) is named as such, never split along its first axis."""
+    pair = f"a tuple ({names[0]}, {names[1]})"
+    if isinstance(got, torch.Tensor):
+        return (f"returned one tensor of shape {tuple(got.shape)} {where}: return {pair}, not "
+                "one stacked tensor")
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        size = f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""
+        return f"returned {type(got).__name__}{size} {where}: return {pair}"
+    for name, t in list(zip(names, got, strict=True))[:tensors]:
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__} {where}: return {pair} of tensors"
+    return None
+
+
 # Chapter checkers (imported last: they use the machinery above)
 from minimodels.check.ch00 import linear_scan, loglog_slope, scan_rows  # noqa: E402
 from minimodels.check.ch01 import grad_norms, gru_cell, lstm_cell  # noqa: E402

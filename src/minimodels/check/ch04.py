@@ -25,6 +25,7 @@ from minimodels.check import (
     _diagnose,
     _report,
     check_function,
+    pair_problem,
 )
 
 __all__ = ["bilinear_diagonal", "causal_fft_conv", "s4d_step", "zoh_diagonal"]
@@ -33,22 +34,6 @@ __all__ = ["bilinear_diagonal", "causal_fft_conv", "s4d_step", "zoh_diagonal"]
 # ---------------------------------------------------------------------------------------------
 # Exercise 4.1: ZOH and bilinear for a diagonal A
 # ---------------------------------------------------------------------------------------------
-
-
-def _structure(got, names: tuple[str, str], label: str) -> str | None:
-    """None when ``got`` is a pair of tensors, else what is wrong with its structure: checked
-    before anything is unpacked, so a stacked tensor is never misread as a pair."""
-    pair = f"a tuple ({names[0]}, {names[1]})"
-    if isinstance(got, torch.Tensor):
-        return (f"returned one tensor of shape {tuple(got.shape)} on {label}: return {pair} of "
-                "two tensors, not one stacked tensor")
-    if not isinstance(got, (tuple, list)) or len(got) != 2:
-        size = f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""
-        return f"returned {type(got).__name__}{size} on {label}: return {pair}"
-    for name, t in zip(names, got, strict=True):
-        if not isinstance(t, torch.Tensor):
-            return f"{name} is a {type(t).__name__} on {label}: return {pair} of tensors"
-    return None
 
 
 def _check_pair(exercise: str, fn: Callable, cases, reference: Callable, mistakes,
@@ -71,7 +56,7 @@ def _check_pair(exercise: str, fn: Callable, cases, reference: Callable, mistake
                            "with your code.")
         except Exception as err:  # the learner's bug: report it, do not hide it
             return verdict(False, f"raised {type(err).__name__} on {case.label}: {err}")
-        problem = _structure(got, names, case.label)
+        problem = pair_problem(got, names, f"on {case.label}")
         if problem is not None:
             return verdict(False, problem)
         for name, g, w in zip(names, got, want, strict=True):
@@ -258,7 +243,7 @@ def _step_structure(fn: Callable, case: Case) -> str | None:
         out = fn(x, u[..., 0], A, C, D, dt)
     except Exception:
         return None
-    problem = _structure(out, ("y", "x_new"), case.label)
+    problem = pair_problem(out, ("y", "x_new"), f"on {case.label}")
     if problem is not None:
         return problem
     y, x_new = out

@@ -12,26 +12,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from minimodels.check import Case, Mistake, Verdict, _report, check_function
+from minimodels.check import Case, Mistake, Verdict, _report, check_function, pair_problem
 from minimodels.kernels.selective_scan import parallel_scan, selective_scan_ref
 
 __all__ = ["combine", "mamba_step", "selective_scan_loop"]
-
-
-def _pair_problem(got, names: tuple[str, str], where: str, tensors: int = 2) -> str | None:
-    """None when ``got`` is a tuple/list of two items whose first ``tensors`` are tensors, else
-    what is wrong with it."""
-    pair = f"a tuple ({names[0]}, {names[1]})"
-    if isinstance(got, torch.Tensor):
-        return (f"returned one tensor of shape {tuple(got.shape)} {where}: return {pair}, not "
-                "one stacked tensor")
-    if not isinstance(got, (tuple, list)) or len(got) != 2:
-        size = f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""
-        return f"returned {type(got).__name__}{size} {where}: return {pair}"
-    for name, t in list(zip(names, got, strict=True))[:tensors]:
-        if not isinstance(t, torch.Tensor):
-            return f"{name} is a {type(t).__name__} {where}: return {pair} of tensors"
-    return None
 
 
 def _structure_verdict(exercise: str, fn: Callable, problem: str | None,
@@ -190,7 +174,7 @@ def _combine_structure(fn: Callable) -> str | None:
     except Exception:
         return None
     where = "for left = (a1, b1), right = (a2, b2) of shape (2, 3)"
-    problem = _pair_problem(got, ("a", "b"), where)
+    problem = pair_problem(got, ("a", "b"), where)
     if problem is None and any(t.shape != (2, 3) for t in got):
         shapes = ", ".join(str(tuple(t.shape)) for t in got)
         problem = (f"returned tensors of shapes {shapes} {where}: a and b keep the shape of "
@@ -300,14 +284,14 @@ def _step_structure(fn: Callable, block, xs) -> str | None:
                 got = fn(block, xs[:, t].clone(), state)
         except Exception:
             return None
-        problem = _pair_problem(got, ("y_t", "state"), where, tensors=1)
+        problem = pair_problem(got, ("y_t", "state"), where, tensors=1)
         if problem is None and not isinstance(got[1], (tuple, list)):
             problem = (f"the state is a {type(got[1]).__name__} {where}: return (y_t, (window, "
                        "x)), the state as a tuple")
         if problem is not None:
             return problem
         y, state = got
-        problem = _pair_problem(state, ("window", "x"), "as the state " + where)
+        problem = pair_problem(state, ("window", "x"), "as the state " + where)
         if problem is not None:
             return problem
         if y.shape != xs[:, t].shape:
