@@ -45,14 +45,13 @@ class MonarchLinear(nn.Module):
     d_out/nblocks, q) with q = max(d_in, d_out)/nblocks. (..., d_in) -> (..., d_out).
     ``n_params`` and ``flops(tokens)`` count it; ``dense()`` is its matrix (d_out, d_in)."""
 
-    def __init__(self, d_in: int, d_out: int, nblocks: int | None = None, bias: bool = True,
-                 *, backend=None):
+    def __init__(self, d_in: int, d_out: int, nblocks: int | None = None, bias: bool = True):
         super().__init__()
         nblocks = default_blocks(math.gcd(d_in, d_out)) if nblocks is None else nblocks
         if nblocks < 1 or d_in % nblocks or d_out % nblocks:
             raise ValueError(f"nblocks must divide d_in = {d_in} and d_out = {d_out}, got "
                              f"{nblocks}")
-        self.d_in, self.d_out, self.nblocks, self.backend = d_in, d_out, nblocks, backend
+        self.d_in, self.d_out, self.nblocks = d_in, d_out, nblocks
         p, s = d_in // nblocks, d_out // nblocks
         q = max(p, s)
         # uniform(±1/√fan_in) like nn.Linear, per factor: the product keeps the input's scale
@@ -74,7 +73,7 @@ class MonarchLinear(nn.Module):
         return monarch_matrix(self.w1, self.w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = monarch_multiply(x, self.w1, self.w2, backend=self.backend)  # (..., d_out)
+        y = monarch_multiply(x, self.w1, self.w2)  # (..., d_out); backend: use_backend
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

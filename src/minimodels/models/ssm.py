@@ -254,18 +254,18 @@ class S4D(nn.Module):
 
     A = −exp(log_A_real) + i·A_imag (S4D-Lin init), Δ = exp(log_dt) with log Δ uniform in
     [log dt_min, log dt_max]. forward: x (b, l, d) -> (b, l, d) by FFT convolution with the
-    kernel ``s4d_kernel`` (its backend: ``backend=`` here, else ``minimodels.use_backend`` /
-    the tensors' device; every backend has a backward kernel, so this is what trains);
+    kernel ``s4d_kernel`` (its backend: ``minimodels.use_backend``, else the tensors' device;
+    every backend has a backward kernel, so this is what trains);
     step: x_t (b, d), state (b, d, n) complex -> (y_t (b, d), state)."""
 
     def __init__(self, d_model: int, d_state: int = 64, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, *, seed: int | None = None, backend=None):
+                 dt_max: float = 1e-1, *, seed: int | None = None):
         super().__init__()
         if d_state < 2 or d_state % 2:
             raise ValueError(f"d_state must be an even int >= 2, got {d_state!r}")
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         d, n = d_model, d_state // 2
-        self.d_model, self.d_state, self.backend = d_model, d_state, backend
+        self.d_model, self.d_state = d_model, d_state
         A = s4d_lin(n)
         self.log_A_real = nn.Parameter(torch.log(-A.real).repeat(d, 1).float())  # (d, n)
         self.A_imag = nn.Parameter(A.imag.repeat(d, 1).float())  # (d, n)
@@ -280,9 +280,9 @@ class S4D(nn.Module):
         A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
         return A, torch.view_as_complex(self.C), torch.exp(self.log_dt)
 
-    def kernel(self, L: int, *, backend=None) -> torch.Tensor:
-        """K: (d, L), differentiable: ``s4d_kernel`` on ``backend`` (default: the layer's)."""
-        return s4d_kernel(*self.ssm(), L, backend=backend or self.backend)
+    def kernel(self, L: int) -> torch.Tensor:
+        """K: (d, L), differentiable: ``s4d_kernel`` (its backend: ``use_backend``)."""
+        return s4d_kernel(*self.ssm(), L)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = x.transpose(1, 2)  # (b, d, l)
