@@ -17,7 +17,7 @@ export NUMBA_CACHE_DIR := $(CURDIR)/.numba_cache/$(KERNEL_HASH)
 PYTEST  := OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
 NBVAL   := $(PYTEST) -n auto --dist loadfile --nbval-current-env
 
-.PHONY: install lab test unit notebooks exercises bench lint clean
+.PHONY: install lab test unit notebooks exercises bench book lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ test: $(STAMP)
 
 exercises: $(STAMP)
 	$(PY) -m minimodels.course exercises
+
+# the course as a static website, from the committed notebooks (nbconvert): open build/book/index.html
+book: $(STAMP)
+	$(PY) -m minimodels.course book --out build/book
 
 # every kernel's benchmark; tables and a plot saved under kernels/results/cpu/ (commit them)
 bench: $(STAMP)

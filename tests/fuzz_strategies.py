@@ -23,7 +23,10 @@ from hypothesis import strategies as st
 
 import minimodels.kernels.attention.cpu as attention_cpu
 import minimodels.kernels.attention.cuda as attention_cuda
+import minimodels.kernels.long_conv as long_conv
+import minimodels.kernels.long_conv.cuda as long_conv_cuda
 import minimodels.kernels.monarch.cpu as monarch_cpu
+import minimodels.kernels.natten.cuda as natten_cuda
 import minimodels.kernels.selective_scan.cuda as selective_scan_cuda
 import minimodels.kernels.ssm_kernel as ssm_kernel
 import minimodels.kernels.wkv.cpu as wkv_cpu
@@ -242,6 +245,18 @@ def _cuda_attention_tiles():
     return [ty * rm for ty, _, rm, _ in tiles], [tx * rn for _, tx, _, rn in tiles]
 
 
+def _scores_and_values(draw) -> tuple[list, list]:
+    """An attention op's ``scale`` keyword (sometimes), q and k scaled together to a drawn
+    magnitude (the scores' range), and v rescaled now and then: (kwargs, edits)."""
+    kwargs = []
+    scale = draw(st.sampled_from([None, None, 0.0, -1.0, 0.3, 10.0]))
+    if scale is not None:
+        kwargs.append(("scale", scale))
+    qk = draw(st.sampled_from(EXPONENTS))
+    edits = [f"q, k = q * {qk!r}, k * {qk!r}"] if qk != 1.0 else []
+    return kwargs, edits + _scaled(draw, ["v"])
+
+
 @st.composite
 def attention_cases(draw, backend):
     case = _base(draw, backend)
@@ -263,13 +278,11 @@ def attention_cases(draw, backend):
     if causal:
         lk = max(lk, lq)  # the mask is bottom-right aligned: lq <= lk
     kwargs = [("causal", causal), ("return_lse", draw(st.booleans()))]
-    scale = draw(st.sampled_from([None, None, 0.0, -1.0, 0.3, 10.0]))
-    if scale is not None:
-        kwargs.append(("scale", scale))
-    qk = draw(st.sampled_from(EXPONENTS))
-    edits = [f"q, k = q * {qk!r}, k * {qk!r}"] if qk != 1.0 else []
-    edits += _scaled(draw, ["v"])
-    edits += _inject(draw, ["q", "k", "v"], e > 0)
+    scale_kwargs, edits = _scores_and_values(draw)
+    kwargs += scale_kwargs
+    # non-finite v only without the causal mask: a value hidden from a query is unspecified
+    # for it (kernels/attention/__init__.py: ref's 0·inf gives nan, skipped tiles are not read)
+    edits += _inject(draw, ["q", "k"] if causal else ["q", "k", "v"], e > 0)
     names = ["q", "k", "v"]
     return Case(op="attention", shape=(*heads, lq, lk, e), edits=tuple(edits),
                 layout=tuple(_layout(draw, names, broadcast=names)), kwargs=tuple(kwargs),
@@ -433,6 +446,62 @@ def monarch_cases(draw, backend):
                 layout=tuple(_layout(draw, names, broadcast=["x"])), **case)
 
 
+# ---------------------------------------------------------------------------------------------
+# neighborhood_attention_2d(q, k, v, kernel_size, scale): (b, h, H, W, e), K odd <= H, W
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def natten_cases(draw, backend):
+    case = _base(draw, backend)
+    if backend == "cuda" and SIMULATED:  # blocks of TILE x TILE queries: a few blocks
+        heads = draw(st.sampled_from([(1, 1), (1, 2), (2, 1)]))
+        H, W = (draw(lengths(2 * natten_cuda.TILE + 1, [natten_cuda.TILE])) for _ in range(2))
+        e = draw(st.sampled_from([0, 1, 3, natten_cuda.E_CHUNK, natten_cuda.E_CHUNK + 1]))
+    else:
+        heads = draw(st.tuples(st.integers(1, 2), st.integers(1, 3)))
+        H, W = (draw(lengths(17, [])) for _ in range(2))
+        e = draw(st.one_of(st.sampled_from([0, 1, 2, 3, 8, 16]), st.integers(0, 33)))
+    top = min(H, W, natten_cuda.MAX_KERNEL if backend == "cuda" else 99)
+    K = draw(st.sampled_from([x for x in range(1, top + 1, 2)]))
+    kwargs, edits = _scores_and_values(draw)
+    # not into v: the reference (masked full attention) multiplies a masked-out inf value by
+    # its weight 0 and gets nan where the windowed kernels, correctly, never read it
+    edits += _inject(draw, ["q", "k"], e > 0)
+    names = ["q", "k", "v"]
+    return Case(op="natten", shape=(*heads, H, W, e, K), edits=tuple(edits),
+                layout=tuple(_layout(draw, names, broadcast=names)), kwargs=tuple(kwargs),
+                **case)
+
+
+# ---------------------------------------------------------------------------------------------
+# causal_conv(u, k, D=, method=): u (b, h, l), k (h, lk) with 1 <= lk <= l, D (h,) or none
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def long_conv_cases(draw, backend):
+    case = _base(draw, backend)
+    if backend == "cuda" and SIMULATED:  # one thread per output: a few blocks
+        b, h = draw(st.integers(0, 2)), draw(st.integers(1, 3))
+        l = draw(lengths(2 * long_conv_cuda.THREADS + 1, [long_conv_cuda.THREADS]))
+    else:
+        b, h = draw(st.integers(0, 3)), draw(st.integers(1, 6))
+        l = draw(lengths(2 * long_conv.DIRECT_MAX_TAPS + 3, [long_conv.DIRECT_MAX_TAPS]))
+    lk = draw(st.integers(1, l))
+    skip = draw(st.booleans())
+    # no inf/nan injected: the Toeplitz reference multiplies the zeros above the diagonal by
+    # every input (0·inf = nan), and an FFT spreads one inf over every output; neither is the
+    # direct sum's answer. Magnitudes up to 1e3, so that no finite product overflows.
+    edits = _scaled(draw, ["u", "k"], p_edit=0.25, magnitudes=EXPONENTS)
+    layout = _layout(draw, ["u", "k"], broadcast=["u"])
+    if skip:  # D comes in kwargs: rounded to the case's precision, held in dtype like the args
+        layout.append(f'ex.kwargs["D"] = ex.kwargs["D"].to(torch.{case["dtype"]}).to(dtype)')
+    method = draw(st.sampled_from(["direct", "fft", "auto"]))
+    return Case(op="long_conv", shape=(b, h, l, lk), example=(("skip", skip),),
+                edits=tuple(edits), layout=tuple(layout), kwargs=(("method", method),), **case)
+
+
 OPS = {
     "linear_scan": Spec("minimodels.kernels.scan", "linear_scan", ("a", "b", "h0"), scan_cases,
                         lambda r, kw: {"h": r}, scan_resume),
@@ -448,4 +517,8 @@ OPS = {
                        example_dtype="torch.complex128"),
     "monarch": Spec("minimodels.kernels.monarch", "monarch_multiply", ("x", "w1", "w2"),
                     monarch_cases, lambda r, kw: {"y": r}),
+    "natten": Spec("minimodels.kernels.natten", "neighborhood_attention_2d", ("q", "k", "v"),
+                   natten_cases, lambda r, kw: {"out": r}),
+    "long_conv": Spec("minimodels.kernels.long_conv", "causal_conv", ("u", "k"),
+                      long_conv_cases, lambda r, kw: {"y": r}),
 }

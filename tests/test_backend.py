@@ -196,29 +196,31 @@ def test_launcher_is_kept_only_when_its_packing_equals_numbas():
         assert _Launcher.checked(_FakeOverload(argtypes, changed), args, args, 0) is None
 
 
-def test_size_one_axes_do_not_switch_the_fast_path_off():
-    """Numba packs the strides of size-1 axes by its own rule (a (1, 1, 2) float32 view is both
-    C- and F-contiguous and gets F strides (4, 4, 4); C order gives (8, 8, 4)). A kernel only
-    indexes such an axis at 0, so the first-call comparison ignores those strides: a launcher is
-    kept for a shape class whose first call had size-1 axes; a stride that differs on an axis
-    that is used still rejects it."""
+def test_unused_strides_do_not_switch_the_fast_path_off():
+    """Numba packs strides the kernel never reads by its own rule: a C-layout array is addressed
+    from its shape alone (seen on the H200: a (1, 5, 1) float64 C array packed with 40 bytes for
+    axis 1, where C order gives 8), and an 'A'-layout array is indexed at 0 along a size-1 axis.
+    The first-call comparison ignores those strides, so a launcher is kept for such a shape
+    class; a stride that differs on an axis an 'A' array really uses still rejects it."""
     from numba import types
 
     from minimodels.backend import _Launcher
 
-    t = torch.zeros(1, 1, 2)
-    argtypes = (types.Array(types.float32, 3, "C"),)
+    t = torch.zeros(1, 5, 2)
 
     def numba_rules(strides):
         def prepare(ty, value, stream, retr, params):
             params += [0, 0, value.numel(), 4, value.data_ptr(), *value.shape, *strides]
         return prepare
 
-    kept = _Launcher.checked(_FakeOverload(argtypes, numba_rules((4, 4, 4))), (t,), (t,), 0)
-    assert isinstance(kept, _Launcher)
+    def checked(layout, strides):
+        argtypes = (types.Array(types.float32, 3, layout),)
+        return _Launcher.checked(_FakeOverload(argtypes, numba_rules(strides)), (t,), (t,), 0)
+
+    assert isinstance(checked("C", (4, 40, 4)), _Launcher)  # C: strides never read
+    assert isinstance(checked("A", (999, 8, 4)), _Launcher)  # A: size-1 axis never read
     with pytest.warns(RuntimeWarning, match=r"argument 0 .*ours .*Numba's"):
-        assert _Launcher.checked(_FakeOverload(argtypes, numba_rules((8, 8, 8))),
-                                 (t,), (t,), 0) is None
+        assert checked("A", (40, 4, 4)) is None  # A: a used axis differs
 
 
 def test_scalar_packing_equals_numbas_prepare_args():

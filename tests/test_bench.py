@@ -204,3 +204,38 @@ def test_mambapy_peer_computes_the_selective_scan():
     ex = ss.example_inputs((2, 3, 13, 4), dtype=torch.float64, seed=3)
     torch.testing.assert_close(ex.call(selective_scan_mambapy),
                                ex.call(ss.selective_scan, backend="ref"))
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "kernels" / "results" / "cuda"
+GPU_TABLES = {"linear_scan": "scan", "attention": "attention", "wkv": "wkv", "s4d_kernel": "s4d",
+              "selective_scan": "selective_scan", "monarch_multiply": "monarch"}
+
+
+def _table_numbers(text: str) -> set[float]:
+    """Every number in a cell of the Markdown tables of a saved results file."""
+    cells = (c.strip() for line in text.splitlines() if line.startswith("|")
+             for c in line.split("|"))
+    return {float(c) for c in cells if re.fullmatch(r"-?\d+(\.\d+)?(e[+-]\d+)?", c)}
+
+
+def test_readme_gpu_table_quotes_the_saved_results():
+    """The README's GPU table is checked against ``kernels/results/cuda/`` (written by
+    ``python -m minimodels.bench all --device cuda --save``): every time it gives as "N ms GPU"
+    is a cell of that kernel's saved table, to the digits the README shows. A re-run that
+    changes a table without the README (or the reverse) fails here."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### GPU", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert rows, "no GPU table in the README"
+    checked = 0
+    for row in rows:
+        op = re.match(r"\| `(\w+)`", row).group(1)
+        assert op in GPU_TABLES, f"README GPU row for {op}: no results table known"
+        saved = _table_numbers((RESULTS / f"{GPU_TABLES[op]}.md").read_text())
+        for quoted in re.findall(r"(\d+(?:\.\d+)?) ms GPU", row):
+            digits = len(quoted.split(".")[1]) if "." in quoted else 0
+            assert any(round(x, digits) == float(quoted) for x in saved), (
+                f"README: {op} {quoted} ms GPU is not in kernels/results/cuda/"
+                f"{GPU_TABLES[op]}.md")
+            checked += 1
+    assert checked >= 8

@@ -56,6 +56,12 @@ KNOWN_ISSUES = [
      "ref's own error: exp of a difference of two large float32 numbers)",
      lambda case, a, kw: case.op == "wkv" and case.dtype == "float32"
      and max(_largest(a["k"]), _largest(a["u"])) > 20),
+    ("#13 follow-up, s4d_kernel cuda float32 gradients of a growing kernel (Re(Δ·A) > 0, from "
+     "Δ < 0 or Re A > 0): up to ~10x the float32 ref's own error (6e-5 vs 6e-6 relative at "
+     "|Δ·A| ~ 30, L = 31; the CPU kernel's float64 setup gives 3e-8)",
+     lambda case, a, kw: case.op == "s4d_kernel" and case.backend == "cuda"
+     and case.dtype == "float32" and bool((a["dt"].detach().double()[:, None]
+                                           * a["A"].detach().real.double() > 0).any())),
 ]
 
 

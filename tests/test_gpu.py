@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.cuda,
 
 DEV = "cuda"
 OPS = {"scan": "linear_scan", "attention": "attention", "wkv": "wkv",
-       "ssm_kernel": "s4d_kernel", "selective_scan": "selective_scan"}
+       "ssm_kernel": "s4d_kernel", "selective_scan": "selective_scan",
+       "monarch": "monarch_multiply", "long_conv": "causal_conv",
+       "natten": "neighborhood_attention_2d"}
 
 
 def to64(t: torch.Tensor) -> torch.Tensor:
@@ -46,9 +48,13 @@ def test_canonical_size_matches_float64_reference(module_name):
 
 
 SIZE_ONE_SHAPES = {"scan": (1, 1, 5), "attention": (1, 1, 3, 8), "wkv": (1, 3, 1),
-                   "ssm_kernel": (1, 1, 7), "selective_scan": (1, 1, 6, 1)}
+                   "ssm_kernel": (1, 1, 7), "selective_scan": (1, 1, 6, 1),
+                   "monarch": (1, 1, 1, 3, 1, 2), "long_conv": (1, 1, 5, 2),
+                   "natten": (1, 1, 3, 3, 1, 3)}
 NORMAL_SHAPES = {"scan": (2, 3, 70), "attention": (2, 2, 70, 16), "wkv": (2, 70, 3),
-                 "ssm_kernel": (3, 4, 70), "selective_scan": (2, 3, 70, 4)}
+                 "ssm_kernel": (3, 4, 70), "selective_scan": (2, 3, 70, 4),
+                 "monarch": (70, 4, 3, 5, 6, 7), "long_conv": (2, 3, 70, 9),
+                 "natten": (2, 3, 11, 13, 16, 5)}
 
 
 @pytest.mark.parametrize("module_name", sorted(OPS))

@@ -124,13 +124,15 @@ def test_bad_input_names_the_argument():
     u, K = rand((2, 8)), rand((2, 8))
     with pytest.raises(TypeError, match="u must be a torch.Tensor"):
         causal_fft_conv(u.numpy(), K)
-    with pytest.raises(TypeError, match="K must be a float or complex"):
+    with pytest.raises(TypeError, match="k must be a float or complex"):
         causal_fft_conv(u, K.long())
+    with pytest.raises(ValueError, match="k must have 1 <= lk <= L = 5"):
+        causal_fft_conv(u[..., :5], K)
     with pytest.raises(ValueError, match="K must have length L = 8"):
-        causal_fft_conv(u, K[..., :5])
+        long_conv(u, K[..., :5])
     with pytest.raises(ValueError, match="broadcastable"):
         causal_fft_conv(rand((3, 8)), K)
     with pytest.raises(ValueError, match="u must have at least 1 dimension"):
         long_conv(torch.tensor(1.0), K)
-    with pytest.raises(ValueError, match="K must have length"):
-        causal_conv_ref(u, K[..., :5])
+    with pytest.raises(ValueError, match="k must have 1 <= lk"):
+        causal_conv_ref(u[..., :5], K)

@@ -142,12 +142,12 @@ def test_recurrent_equals_convolutional(L):
 
 
 def test_causal_fft_conv_is_reexported_from_the_kernel_module():
-    """Chapters import it from models.ssm; it lives in kernels/long_conv.py (tested there)."""
+    """Chapters import it from models.ssm; it lives in kernels/long_conv/ (tested there)."""
     from minimodels.kernels import long_conv
 
     assert causal_fft_conv is long_conv.causal_fft_conv
-    with pytest.raises(ValueError, match="K must have length"):
-        causal_fft_conv(torch.zeros(2, 8), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="k must have 1 <= lk <= L = 5"):
+        causal_fft_conv(torch.zeros(2, 5), torch.zeros(2, 8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -181,7 +181,7 @@ def old_s4d_forward(layer, x):
     A, C, dt = layer.ssm()
     dtA = dt[:, None] * A  # (d, n)
     w = 2 * C * torch.expm1(dtA) / A  # (d, n): 2·C·B̄
-    l = torch.arange(x.shape[1], dtype=dt.dtype)
+    l = torch.arange(x.shape[1], dtype=dt.dtype, device=dt.device)
     mag = torch.exp(dtA.real[..., None] * l)  # (d, n, l)
     phase = dtA.imag[..., None] * l  # (d, n, l)
     K = (mag * (w.real[..., None] * torch.cos(phase) - w.imag[..., None] * torch.sin(phase))

@@ -22,7 +22,10 @@ The online softmax: after a tile of keys J with scores s_J, a row's state (m, â„
 
 Non-finite scores give what the definition gives (``attention_ref``) on every backend: a row
 whose visible scores are all -inf has out = nan and lse = -inf, a +inf score gives out = nan
-and lse = +inf (nan on the kernels if the row also has a nan score), a nan score nan.
+and lse = +inf (nan on the kernels if the row also has a nan score), a nan score nan. A
+non-finite value v_j at a key hidden from query i (causal) is unspecified for row i: ref and the
+kernels' diagonal tile multiply it by the weight 0 (0Â·inf = nan), while key tiles a query tile
+never sees are not read at all (its output keeps the value without v_j, as causality requires).
 
 Backward (Dao, "FlashAttention-2" (2023), algorithm 2; Dao et al. (2022), algorithm 4):
 ``attention`` with the ``cpu``/``cuda`` backend is a ``torch.autograd.Function`` that keeps q,

@@ -35,11 +35,11 @@ from minimodels.backend import dispatch, expect_tensor
 from minimodels.kernels._common import Example, randn
 from minimodels.kernels.scan import combine, parallel_scan
 from minimodels.kernels.selective_scan.cpu import _bwd_cpu, _fwd_cpu
-from minimodels.kernels.selective_scan.cuda import CHUNK, N_MAX, THREADS, _bwd_cuda, _fwd_cuda
+from minimodels.kernels.selective_scan.cuda import CHUNK, N_MAX, _bwd_cuda, _fwd_cuda
 from minimodels.kernels.selective_scan.ref import selective_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "selective_scan_cuda",
-           "parallel_scan", "combine", "IMPLS", "example_inputs", "CHUNK", "N_MAX", "THREADS"]
+           "parallel_scan", "combine", "IMPLS", "example_inputs", "CHUNK", "N_MAX"]
 
 # =============================================================================================
 # Constants

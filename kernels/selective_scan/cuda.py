@@ -11,25 +11,17 @@ import torch
 from numba import cuda
 
 from minimodels.backend import cuda_simulated, launch
-from minimodels.kernels._common import SCAN_ITEMS as ITEMS
-from minimodels.kernels._common import SCAN_THREADS as THREADS
-from minimodels.kernels._common import numpy_dtype, scan_maps
+from minimodels.kernels._common import numpy_dtype
 from minimodels.kernels.selective_scan.ref import SOFTPLUS_THRESHOLD
 
 # =============================================================================================
 # Constants
 # =============================================================================================
 
-# CUDA: one block per (b, d) row, THREADS threads, ITEMS steps each: chunks of CHUNK steps,
-# the same layout as kernels/scan.py, whose block scan of affine maps (``scan_maps``, shared in
-# kernels/_common.py with THREADS = SCAN_THREADS, ITEMS = SCAN_ITEMS) we reuse.
-# For each chunk the block loops over the n state channels: n scans of CHUNK steps.
-CHUNK = THREADS * ITEMS
-CHUNK1 = CHUNK + 1  # x_{t0-1}, x_{t0}, ..., x_{t0+CHUNK-1}: the states a chunk's backward reads
-N_MAX = 64  # the CUDA kernels keep n per-channel carries in shared memory: n <= N_MAX
+N_MAX = 64  # the CUDA kernels keep a lane's states in registers: n <= N_MAX
 # CUDA forward: a block of CHANNELS * LANES threads; lane j of a channel owns its states
 # k = j, j + LANES, ... (⌈n / LANES⌉ states per lane). The block walks
-# the sequence in tiles of TILE steps (CHUNK is a whole number of tiles). The simulator uses
+# the sequence in tiles of TILE steps. The simulator uses
 # tiny blocks and tiles so its tests cross every boundary and run several states per lane.
 LANES = 4 if cuda_simulated() else 16
 CHANNELS = 2 if cuda_simulated() else 8
@@ -43,6 +35,7 @@ ROW_LOADS = CHANNELS * TILE // BLOCK  # staging loads per thread of a (channels,
 # blocks: at (1, 1536, 4096, 16) on the H200, 1 / 2 / 4 / 8 segments took 0.30 / 0.26 / 0.23 /
 # 0.21 ms of GPU time. The simulator splits small tests.
 TARGET_BLOCKS = 8 if cuda_simulated() else 1536
+CHUNK = (2 if cuda_simulated() else 16) * TILE  # segments are whole numbers of CHUNK steps
 
 
 # =============================================================================================
@@ -55,7 +48,7 @@ TARGET_BLOCKS = 8 if cuda_simulated() else 1536
 # behind the exps. Per step a thread runs x_k <- exp(Δ_t A_k) x_k + Δ_t u_t B_t[k], a chain of
 # one multiply-add: the exps of a tile do not depend on x, so they are all in flight at once.
 # The partial sums C_t[k] x_k go to shared memory and the block adds them over the lanes.
-# The forward also stores x at every CHUNK boundary: the backward's checkpoints.
+# The forward also stores x entering every tile of the backward: its checkpoints.
 # b·d·n threads are too few to fill a GPU at batch 1 (24576 at (1, 1536, ·, 16): 6 warps per
 # H200 SM), so the sequence is cut into segments of whole chunks, each its own block: pass 1
 # runs every segment but the last from x = 0 and keeps its end state x_r and ΣΔ_r; pass 2 starts
@@ -73,6 +66,7 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
     ``first_pass``: the segments' pass 1 (only x from zero and ΣΔ; no outputs)."""
     zero, one = dtype.type(0), dtype.type(1)
     STATES = -(-n // LANES)  # states per lane
+    CKPT = _bwd_tile(dtype, n)  # the backward's tile: x_{t-1} is saved at each of its starts
     BC_LOADS = -(-n * TILE // BLOCK)  # staging loads per thread of an (n, TILE) tile
     BC_TILE = (n, TILE1)  # B, C tiles; rows padded against bank conflicts
 
@@ -86,7 +80,7 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
     @cuda.jit(**options)
     def fwd(u, delta, A, B, C, D, z, bias, out, last, ckpt, seg_x, seg_dsum, seg_len):
         # u, delta, z, out: (b, d, l); B, C: (b, n, l) if input-dependent, else (d, n, 1);
-        # grid (⌈d / CHANNELS⌉, b, segments); ckpt: (b, d, ⌈l / CHUNK⌉, n); block (·, ·, s)
+        # grid (⌈d / CHANNELS⌉, b, segments); ckpt: (b, d, ⌈l / CKPT⌉, n); block (·, ·, s)
         # walks steps [s · seg_len, (s + 1) · seg_len); seg_x: (b, d, segments, n) and
         # seg_dsum: (b, d, segments), each segment's x from zero and ΣΔ (pass 1's output)
         sdt = cuda.shared.array((CHANNELS, TILE), dtype)  # Δ_t
@@ -170,12 +164,7 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
                             rC[q] = C[U(bi), U(e // TILE), U(t)]
             if t0 < t_start:
                 continue
-            if not first_pass and mine and t0 % CHUNK == 0:  # 3. checkpoint, then the steps
-                for m in range(STATES):
-                    k = lane + m * LANES
-                    if k < n:
-                        ckpt[U(bi), U(di), U(t0 // CHUNK), U(k)] = x[m]
-            for m in range(STATES):
+            for m in range(STATES):  # 3. the steps (and a checkpoint every CKPT steps)
                 k = lane + m * LANES
                 if k < n:
                     # [core] selective_scan_cuda
@@ -183,6 +172,8 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
                     Bk = zero if var_B else B[U(dc), U(k), 0]
                     Ck = zero if var_C or first_pass else C[U(dc), U(k), 0]
                     for j0 in range(0, TILE, UNROLL):
+                        if not first_pass and mine and j0 % CKPT == 0 and t0 + j0 < t_end:
+                            ckpt[U(bi), U(di), U((t0 + j0) // CKPT), U(k)] = xk
                         for j in range(UNROLL):  # independent of x: all in flight at once
                             va[j] = math.exp(sdt[U(g), U(j0 + j)] * Ak)
                             vb[j] = sdu[U(g), U(j0 + j)] * (sB[U(k), U(j0 + j)] if var_B else Bk)
@@ -235,32 +226,30 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
 
 
 # =============================================================================================
-# CUDA backward (numba.cuda). One block per row (b, d); thread i owns ITEMS consecutive steps of
-# each chunk of CHUNK steps. For each state channel k the block runs kernels/scan.py's chunked
-# scan (kernels/_common.py's scan_maps) of affine maps x -> Ā x + B̄u (Ā and B̄u are made on the
-# fly, in registers, from Δ, A, B, u: the expanded (l, n) tensors never touch global memory).
-# The backward walks the chunks from the end, starting each from the forward's checkpoint: for
-# each k it first recomputes the chunk's x from its checkpoint into shared memory, then runs the
-# reversed scan dx_t = C_t dy_t + Ā_{t+1} dx_{t+1} with thread 0 owning the chunk's last steps.
-# ∂B, ∂C (input-dependent) are summed over d with atomics; ∂A, ∂D, ∂bias and fixed ∂B, ∂C are
-# summed over the block in shared memory, then over the batch with one atomic per block.
+# CUDA backward (numba.cuda), laid out like the forward: a block of CHANNELS channels × LANES
+# lanes, thread (channel, lane) owns the states k = lane, lane + LANES, ..., and the block walks
+# the sequence from the end in tiles of BT steps (the forward saved x entering each tile, so no
+# (b, d, l, n) tensor is ever stored). Per tile:
+#   1. stage Δ_t, u_t, dy_t = g_t · silu(z_t) and z_t of its channels, and B_t, C_t, in shared
+#      memory (coalesced);
+#   2. recompute the tile's states from its checkpoint, x_t = Ā_t x_{t-1} + Δ_t B_t u_t, keeping
+#      x_t and Ā_t in registers (with the gate: y_t = Σ_k C_t x_t summed over the lanes);
+#   3. the reversed recurrence, one multiply-add per step: dx_t = C_t dy_t + ρ_t,
+#      ρ_{t-1} = Ā_t dx_t (ρ enters the sequence's end as ∂L/∂x_L), and per step the lane's
+#      shares of S1_t = Σ_k dx_t B_t and S2_t = Σ_k dx_t x_{t-1} Ā_t A (shared memory);
+#   4. per (channel, step), the lanes' shares summed: ∂u_t = Δ_t S1_t + D dy_t,
+#      ∂Δ_t = S2_t + u_t S1_t (times softplus'), ∂z_t;
+#   5. input-dependent ∂B_t = Σ_d dx_t Δ_t u_t and ∂C_t = Σ_d dy_t x_t summed over the block's
+#      channels in shared memory, one partial per block (summed over blocks by the host: no
+#      atomics on addresses that all d channels share). ∂A, ∂D, ∂bias, fixed ∂B, ∂C stay in
+#      registers and go out as one partial per block at the end. No atomics anywhere: the
+#      gradients are deterministic.
+# Segments as in the forward, mirrored: pass 1 runs every segment but the first from ρ = 0 at its
+# end and keeps ρ at its start, h_r, and ΣΔ_r; pass 2 enters segment s with
+# ρ <- exp(A ΣΔ_r) ρ + h_r composed over the later segments r, starting from ∂L/∂x_L.
 # =============================================================================================
 
-
-@cuda.jit(device=True)
-def _block_sum(sR, v, i):
-    """Sum of v over the block's THREADS threads (tree in shared memory sR: (THREADS,))."""
-    sR[i] = v
-    cuda.syncthreads()
-    s = THREADS // 2
-    while s > 0:
-        if i < s:
-            sR[i] += sR[i + s]
-        cuda.syncthreads()
-        s //= 2
-    total = sR[0]
-    cuda.syncthreads()
-    return total
+SMEM_BYTES = 48 * 1024  # static shared memory of a block
 
 
 @cuda.jit(device=True)
@@ -272,144 +261,294 @@ def _delta(delta, bias, bi, di, t, softplus):
 
 
 @functools.cache
-def _backward_kernel(dtype: np.dtype):
-    """Compile-once (per dtype) backward kernel."""
-    zero, one = dtype.type(0), dtype.type(1)
+def _bwd_tile(dtype: np.dtype, n: int) -> int:
+    """The backward's tile BT (steps): the largest of 32, 16, 8 (at most the forward's TILE,
+    which it divides) whose shared arrays fit in a block's static shared memory."""
+    for bt in (32, 16, 8):
+        words = (5 * CHANNELS * bt  # Δ, u, dy, z, y of the tile
+                 + 2 * n * (bt + 1)  # B, C
+                 + 2 * CHANNELS * bt * SP_COLS)  # the lanes' shares of S1, S2 (or ∂B, ∂C)
+        if bt <= TILE and words * dtype.itemsize <= SMEM_BYTES:
+            return bt
+    raise ValueError(f"selective_scan cuda: no backward tile fits n = {n} in {dtype}")
 
-    @cuda.jit
-    def bwd(u, delta, A, B3, B2, C3, C2, D, z, bias, var_B, var_C, has_z, softplus, ckpt, g,
-            dlast, du, ddelta, dz, dA, dB3, dB2, dC3, dC2, dD, dbias):
-        sA = cuda.shared.array((2, THREADS), dtype)
-        sB = cuda.shared.array((2, THREADS), dtype)
-        sX = cuda.shared.array(CHUNK1, dtype)  # sX[s + 1] = x at step t0 + s of this chunk
-        sc = cuda.shared.array(N_MAX, dtype)  # Ā_{t+1} dx_{t+1} entering the chunk from its end
-        sR = cuda.shared.array(THREADS, dtype)
-        fdt = cuda.local.array(ITEMS, dtype)  # forward layout: steps t0 + i·ITEMS + j
-        fu = cuda.local.array(ITEMS, dtype)
-        fa = cuda.local.array(ITEMS, dtype)
-        fb = cuda.local.array(ITEMS, dtype)
-        bdt = cuda.local.array(ITEMS, dtype)  # backward layout: steps t0 + CHUNK-1 - i·ITEMS - j
-        bu = cuda.local.array(ITEMS, dtype)
-        bdy = cuda.local.array(ITEMS, dtype)
-        ba = cuda.local.array(ITEMS, dtype)
-        bg = cuda.local.array(ITEMS, dtype)
-        bddt = cuda.local.array(ITEMS, dtype)
-        bdu = cuda.local.array(ITEMS, dtype)
-        by = cuda.local.array(ITEMS, dtype)
-        lA = cuda.local.array(N_MAX, dtype)  # my partial sums of ∂A[d], fixed ∂B[d], ∂C[d]
-        lB = cuda.local.array(N_MAX, dtype)
-        lC = cuda.local.array(N_MAX, dtype)
+
+def _segments(l: int, rows: int) -> tuple[int, int]:
+    """(seg_len, segments): cut l into segments of whole CHUNKs until rows · segments blocks
+    reach TARGET_BLOCKS (the forward and the backward use the same cut)."""
+    chunks = -(-l // CHUNK)
+    seg_len = CHUNK * -(-chunks // min(chunks, max(1, TARGET_BLOCKS // rows)))
+    return seg_len, -(-l // seg_len)
+
+
+@functools.cache
+def _backward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bool,
+                     softplus: bool, first_pass: bool = False):
+    """The backward kernel (see the section comment), compiled once per dtype, n, layout and
+    options. ``first_pass``: the segments' pass 1 (only ρ from zero and ΣΔ; no gradients)."""
+    zero, one = dtype.type(0), dtype.type(1)
+    STATES = -(-n // LANES)  # states per lane
+    BT = _bwd_tile(dtype, n)
+    BT1 = BT + 1  # padded rows of the B and C tiles
+    ROWS = -(-CHANNELS * BT // BLOCK)  # (channel, step) pairs per thread
+    COLS = -(-LANES * BT // BLOCK)  # (lane, step) pairs per thread, in step 5
+    BC_LOADS = -(-n * BT // BLOCK)
+    options = {} if cuda_simulated() else {"fastmath": dtype == np.float32}
+    U = np.uint64  # unsigned indices: no negative-index wraparound tests (see the forward)
+
+    @cuda.jit(**options)
+    def bwd(u, delta, A, B, C, D, z, bias, g, dlast, ckpt, seg_h, seg_dsum, seg_len,
+            du, ddelta, dz, dA, dBf, dCf, dBp, dCp, dD, dbias):
+        # u, delta, z, g, du, ddelta, dz: (b, d, l); B, C: (b, n, l) or (d, n, 1); dlast: (b, d,
+        # n); ckpt: (b, d, ⌈l / BT⌉, n), x entering each tile; seg_h: (b, d, segments, n) and
+        # seg_dsum: (b, d, segments): pass 1's ρ at each segment's start and its ΣΔ; per-block
+        # partials: dA, dBf, dCf (b, segments, d, n) (fixed B, C); dD, dbias (b, segments, d);
+        # dBp, dCp: (b, ⌈d / CHANNELS⌉, n, l) (input-dependent B, C);
+        # grid (⌈d / CHANNELS⌉, b, segments [- 1 in pass 1])
+        sdt = cuda.shared.array((CHANNELS, BT), dtype)  # Δ_t
+        su = cuda.shared.array((CHANNELS, BT), dtype)  # u_t
+        sdy = cuda.shared.array((CHANNELS, BT), dtype)  # dy_t
+        sz = cuda.shared.array((CHANNELS, BT), dtype)  # z_t
+        sy = cuda.shared.array((CHANNELS, BT), dtype)  # Σ_k C_t x_t (for ∂z)
+        sB = cuda.shared.array((n, BT1), dtype)
+        sC = cuda.shared.array((n, BT1), dtype)
+        sP = cuda.shared.array((2, CHANNELS, BT, SP_COLS), dtype)  # the lanes' shares
+        X = cuda.local.array((STATES, BT), dtype)  # x_t of the tile
+        Ab = cuda.local.array((STATES, BT), dtype)  # Ā_t of the tile
+        dX = cuda.local.array((STATES, BT), dtype)  # dx_t of the tile
+        x_in = cuda.local.array(STATES, dtype)  # x entering the tile
+        rho = cuda.local.array(STATES, dtype)  # ρ entering the tile from its end
+        lA = cuda.local.array(STATES, dtype)  # my sums of ∂A, fixed ∂B, ∂C
+        lB = cuda.local.array(STATES, dtype)
+        lC = cuda.local.array(STATES, dtype)
+        lD = cuda.local.array(ROWS, dtype)  # my sums of ∂D, ∂bias
+        lbias = cuda.local.array(ROWS, dtype)
         batch, d, l = u.shape
-        n = A.shape[1]
-        r, i = cuda.blockIdx.x, cuda.threadIdx.x
-        bi, di = r // d, r % d
-        for k in range(n):
-            lA[k], lB[k], lC[k] = zero, zero, zero
-        lD, lbias = zero, zero
-        for k in range(i, n, THREADS):
-            sc[k] = dlast[bi, di, k]
-        cuda.syncthreads()
-        for c in range((l + CHUNK - 1) // CHUNK - 1, -1, -1):
-            t0 = c * CHUNK
-            for j in range(ITEMS):
-                t = t0 + i * ITEMS + j
-                fdt[j] = _delta(delta, bias, bi, di, t, softplus) if t < l else zero
-                fu[j] = u[bi, di, t] if t < l else zero
-                t = t0 + CHUNK - 1 - i * ITEMS - j
-                bdt[j] = _delta(delta, bias, bi, di, t, softplus) if t < l else zero
-                bu[j] = u[bi, di, t] if t < l else zero
-                dy = g[bi, di, t] if t < l else zero
-                if has_z and t < l:
-                    zt = z[bi, di, t]
-                    dy *= zt / (one + math.exp(-zt))
-                bdy[j], bddt[j], bdu[j], by[j] = dy, zero, zero, zero
-            for k in range(n):
-                Ak = A[di, k]
-                # 1. recompute x over the chunk from its checkpoint, into sX
-                x0 = ckpt[bi, di, c, k]
-                MA, MB = one, zero
-                for j in range(ITEMS):
-                    t = min(t0 + i * ITEMS + j, l - 1)
-                    # Ā_0 multiplies x_{-1} = 0: take it as 1 (e^{Δ A} may be inf; inf · 0 = NaN)
-                    fa[j] = math.exp(fdt[j] * Ak) if t0 + i * ITEMS + j > 0 else one
-                    fb[j] = fdt[j] * (B3[bi, k, t] if var_B else B2[di, k]) * fu[j]
-                    MA, MB = fa[j] * MA, fa[j] * MB + fb[j]
-                p = scan_maps(sA, sB, MA, MB, i)
-                x = x0 if i == 0 else sA[p, i - 1] * x0 + sB[p, i - 1]
-                for j in range(ITEMS):
-                    x = fa[j] * x + fb[j]
-                    sX[1 + i * ITEMS + j] = x
-                if i == 0:
-                    sX[0] = x0
-                carry = sc[k]
-                cuda.syncthreads()
-                # 2. the reversed scan: c -> Ā_t (c + C_t dy_t), from the chunk's end
-                MA, MB = one, zero
-                for j in range(ITEMS):
-                    t = min(t0 + CHUNK - 1 - i * ITEMS - j, l - 1)
-                    ba[j] = math.exp(bdt[j] * Ak) if t0 + CHUNK - 1 - i * ITEMS - j > 0 else one
-                    bg[j] = (C3[bi, k, t] if var_C else C2[di, k]) * bdy[j]
-                    MA, MB = ba[j] * MA, ba[j] * (MB + bg[j])
-                p = scan_maps(sA, sB, MA, MB, i)
-                cin = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
-                for j in range(ITEMS):
-                    s = CHUNK - 1 - i * ITEMS - j
-                    t = t0 + s
-                    dx = bg[j] + cin  # ∂L/∂x_t
+        tid = cuda.threadIdx.x
+        lane, gi = tid % LANES, tid // LANES  # my lane, my channel in the block
+        blk, bi = cuda.blockIdx.x, cuda.blockIdx.y
+        seg = cuda.blockIdx.z + 1 if first_pass else cuda.blockIdx.z
+        segments = seg_dsum.shape[2]
+        c0 = blk * CHANNELS
+        di = c0 + gi
+        mine = di < d  # spare channels of the last block compute copies of channel d - 1
+        dc = min(di, d - 1)
+        t_start = seg * seg_len
+        t_end = min(l, t_start + seg_len)
+        for m in range(STATES):  # ρ entering the segment from its end (pass 2)
+            k = lane + m * LANES
+            r0 = zero
+            if not first_pass and k < n:
+                r0 = dlast[U(bi), U(dc), U(k)]
+                for r in range(segments - 1, seg, -1):  # ρ <- exp(A ΣΔ_r) ρ + h_r
+                    r0 = (math.exp(A[U(dc), U(k)] * seg_dsum[U(bi), U(dc), U(r)]) * r0
+                          + seg_h[U(bi), U(dc), U(r), U(k)])
+            rho[m], lA[m], lB[m], lC[m] = r0, zero, zero, zero
+        for q in range(ROWS):
+            lD[q], lbias[q] = zero, zero
+        dsum = zero
+        t_last = t_start + ((t_end - 1 - t_start) // BT) * BT
+        for t0 in range(t_last, t_start - 1, -BT):
+            # 1. stage the tile
+            for q in range(ROWS):
+                e = tid + q * BLOCK
+                if e < CHANNELS * BT:
+                    gq, j = e // BT, e % BT
+                    cq, t = min(c0 + gq, d - 1), t0 + e % BT
+                    dt, uu, dy, zt = zero, zero, zero, zero
                     if t < l:
-                        Bk = B3[bi, k, t] if var_B else B2[di, k]
-                        dAbar = dx * sX[s] * ba[j]
-                        bddt[j] += dAbar * Ak + dx * Bk * bu[j]
-                        bdu[j] += dx * bdt[j] * Bk
-                        lA[k] += dAbar * bdt[j]
-                        if var_B:
-                            cuda.atomic.add(dB3, (bi, k, t), dx * bdt[j] * bu[j])
-                        else:
-                            lB[k] += dx * bdt[j] * bu[j]
-                        Ck = C3[bi, k, t] if var_C else C2[di, k]
-                        by[j] += Ck * sX[s + 1]
-                        if var_C:
-                            cuda.atomic.add(dC3, (bi, k, t), bdy[j] * sX[s + 1])
-                        else:
-                            lC[k] += bdy[j] * sX[s + 1]
-                    cin = ba[j] * dx
-                if i == 0:
-                    sc[k] = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
+                        dt = delta[U(bi), U(cq), U(t)] + bias[U(cq)]
+                        if softplus and dt <= SOFTPLUS_THRESHOLD:
+                            dt = math.log1p(math.exp(dt))
+                        uu = u[U(bi), U(cq), U(t)]
+                        dy = g[U(bi), U(cq), U(t)]
+                        if has_z:
+                            zt = z[U(bi), U(cq), U(t)]
+                            dy *= zt / (one + math.exp(-zt))
+                    sdt[U(gq), U(j)], su[U(gq), U(j)], sdy[U(gq), U(j)] = dt, uu, dy
+                    sz[U(gq), U(j)] = zt
+            for q in range(BC_LOADS):
+                e = tid + q * BLOCK
+                if e < n * BT:
+                    t = min(t0 + e % BT, l - 1)
+                    if var_B and not first_pass:
+                        sB[U(e // BT), U(e % BT)] = B[U(bi), U(e // BT), U(t)]
+                    if var_C:
+                        sC[U(e // BT), U(e % BT)] = C[U(bi), U(e // BT), U(t)]
+            cuda.syncthreads()
+            if first_pass:  # ρ only, and ΣΔ
+                for m in range(STATES):
+                    k = lane + m * LANES
+                    if k < n:
+                        Ak, r0 = A[U(dc), U(k)], rho[m]
+                        Ck = zero if var_C else C[U(dc), U(k), 0]
+                        for jj in range(BT):
+                            j = BT - 1 - jj
+                            dx = (sC[U(k), U(j)] if var_C else Ck) * sdy[U(gi), U(j)] + r0
+                            r0 = math.exp(sdt[U(gi), U(j)] * Ak) * dx
+                        rho[m] = r0
+                if lane == 0:
+                    for j in range(BT):
+                        dsum += sdt[U(gi), U(j)]
                 cuda.syncthreads()
-            for j in range(ITEMS):
-                t = t0 + CHUNK - 1 - i * ITEMS - j
-                if t < l:
-                    du[bi, di, t] = bdu[j] + D[di] * bdy[j]
-                    lD += bdy[j] * bu[j]
-                    if has_z:
-                        zt = z[bi, di, t]
-                        s = one / (one + math.exp(-zt))
-                        dz[bi, di, t] = g[bi, di, t] * (by[j] + D[di] * bu[j]) * s * (
-                            one + zt * (one - s))
-                    raw = delta[bi, di, t] + bias[di]
-                    ddt = bddt[j]
-                    if softplus and raw <= SOFTPLUS_THRESHOLD:
-                        ddt *= one / (one + math.exp(-raw))
-                    ddelta[bi, di, t] = ddt
-                    lbias += ddt
-        for k in range(n):
-            total = _block_sum(sR, lA[k], i)
-            if i == 0:
-                cuda.atomic.add(dA, (di, k), total)
-            if not var_B:
-                total = _block_sum(sR, lB[k], i)
-                if i == 0:
-                    cuda.atomic.add(dB2, (di, k), total)
-            if not var_C:
-                total = _block_sum(sR, lC[k], i)
-                if i == 0:
-                    cuda.atomic.add(dC2, (di, k), total)
-        total = _block_sum(sR, lD, i)
-        if i == 0:
-            cuda.atomic.add(dD, di, total)
-        total = _block_sum(sR, lbias, i)
-        if i == 0:
-            cuda.atomic.add(dbias, di, total)
+                continue
+            # 2. recompute the tile's states from its checkpoint
+            for m in range(STATES):
+                k = lane + m * LANES
+                if k < n:
+                    Ak = A[U(dc), U(k)]
+                    Bk = zero if var_B else B[U(dc), U(k), 0]
+                    Ck = zero if var_C else C[U(dc), U(k), 0]
+                    xk = ckpt[U(bi), U(dc), U(t0 // BT), U(k)]
+                    x_in[m] = xk
+                    for j in range(BT):
+                        a = one  # Ā_0 multiplies x_{-1} = 0 (and e^{Δ_0 A} may be inf)
+                        if t0 + j > 0:
+                            a = math.exp(sdt[U(gi), U(j)] * Ak)
+                        xk = a * xk + sdt[U(gi), U(j)] * su[U(gi), U(j)] * (
+                            sB[U(k), U(j)] if var_B else Bk)
+                        X[m, j], Ab[m, j] = xk, a
+                        if has_z:
+                            p = (sC[U(k), U(j)] if var_C else Ck) * xk
+                            if m == 0:
+                                sP[0, U(gi), U(j), U(lane)] = p
+                            else:
+                                sP[0, U(gi), U(j), U(lane)] += p
+                elif m == 0 and has_z:
+                    for j in range(BT):
+                        sP[0, U(gi), U(j), U(lane)] = zero
+            if has_z:
+                cuda.syncthreads()
+                for q in range(ROWS):
+                    e = tid + q * BLOCK
+                    if e < CHANNELS * BT:
+                        gq, j = e // BT, e % BT
+                        y = zero
+                        for r in range(LANES):
+                            y += sP[0, U(gq), U(j), U(r)]
+                        sy[U(gq), U(j)] = y
+                cuda.syncthreads()
+            # 3. the reversed recurrence
+            for m in range(STATES):
+                k = lane + m * LANES
+                if k < n:
+                    # [core] selective_scan_cuda_backward
+                    Ak, r0 = A[U(dc), U(k)], rho[m]
+                    Bk = zero if var_B else B[U(dc), U(k), 0]
+                    Ck = zero if var_C else C[U(dc), U(k), 0]
+                    for jj in range(BT):  # from the tile's end: dx_t = C_t dy_t + ρ_t
+                        j = BT - 1 - jj
+                        dt, dy = sdt[U(gi), U(j)], sdy[U(gi), U(j)]
+                        dx = (sC[U(k), U(j)] if var_C else Ck) * dy + r0
+                        x_prev = X[m, j - 1] if j > 0 else x_in[m]
+                        dAbar = dx * x_prev * Ab[m, j]  # ∂L/∂Ā_t · Ā_t
+                        lA[m] += dAbar * dt
+                        Bt = sB[U(k), U(j)] if var_B else Bk
+                        s1, s2 = dx * Bt, dAbar * Ak  # shares of S1_t, S2_t
+                        if m == 0:
+                            sP[0, U(gi), U(j), U(lane)] = s1
+                            sP[1, U(gi), U(j), U(lane)] = s2
+                        else:
+                            sP[0, U(gi), U(j), U(lane)] += s1
+                            sP[1, U(gi), U(j), U(lane)] += s2
+                        if not var_B:
+                            lB[m] += dx * dt * su[U(gi), U(j)]
+                        if not var_C:
+                            lC[m] += dy * X[m, j]
+                        dX[m, j] = dx
+                        r0 = Ab[m, j] * dx  # ρ_{t-1} = Ā_t dx_t
+                    rho[m] = r0
+                    # [/core]
+                elif m == 0:
+                    for j in range(BT):
+                        sP[0, U(gi), U(j), U(lane)] = zero
+                        sP[1, U(gi), U(j), U(lane)] = zero
+            cuda.syncthreads()
+            # 4. per (channel, step): the lanes' shares summed
+            for q in range(ROWS):
+                e = tid + q * BLOCK
+                if e < CHANNELS * BT:
+                    gq, j = e // BT, e % BT
+                    cq, t = c0 + gq, t0 + e % BT
+                    if cq < d and t < l:
+                        S1, S2 = zero, zero
+                        for r in range(LANES):
+                            S1 += sP[0, U(gq), U(j), U(r)]
+                            S2 += sP[1, U(gq), U(j), U(r)]
+                        dt, uu, dy = sdt[U(gq), U(j)], su[U(gq), U(j)], sdy[U(gq), U(j)]
+                        Dc = D[U(cq)]
+                        du[U(bi), U(cq), U(t)] = dt * S1 + Dc * dy
+                        ddt = S2 + uu * S1
+                        raw = delta[U(bi), U(cq), U(t)] + bias[U(cq)]
+                        if softplus and raw <= SOFTPLUS_THRESHOLD:
+                            ddt *= one / (one + math.exp(-raw))
+                        ddelta[U(bi), U(cq), U(t)] = ddt
+                        lD[q] += dy * uu
+                        lbias[q] += ddt
+                        if has_z:
+                            zt = sz[U(gq), U(j)]
+                            sg = one / (one + math.exp(-zt))
+                            dz[U(bi), U(cq), U(t)] = g[U(bi), U(cq), U(t)] * (
+                                sy[U(gq), U(j)] + Dc * uu) * sg * (one + zt * (one - sg))
+            cuda.syncthreads()
+            # 5. input-dependent ∂B_t, ∂C_t: summed over the block's channels
+            if var_B or var_C:
+                for m in range(STATES):
+                    k = lane + m * LANES
+                    for j in range(BT):
+                        vb, vc = zero, zero
+                        if mine and k < n:
+                            vb = dX[m, j] * sdt[U(gi), U(j)] * su[U(gi), U(j)]
+                            vc = sdy[U(gi), U(j)] * X[m, j]
+                        sP[0, U(gi), U(j), U(lane)] = vb
+                        sP[1, U(gi), U(j), U(lane)] = vc
+                    cuda.syncthreads()
+                    for q in range(COLS):
+                        e = tid + q * BLOCK
+                        lq, j = e // BT, e % BT
+                        kq, t = lq + m * LANES, t0 + e % BT
+                        if e < LANES * BT and kq < n and t < l:
+                            vb, vc = zero, zero
+                            for r in range(CHANNELS):
+                                vb += sP[0, U(r), U(j), U(lq)]
+                                vc += sP[1, U(r), U(j), U(lq)]
+                            if var_B:
+                                dBp[U(bi), U(blk), U(kq), U(t)] = vb
+                            if var_C:
+                                dCp[U(bi), U(blk), U(kq), U(t)] = vc
+                    cuda.syncthreads()
+        if first_pass:
+            if mine:
+                for m in range(STATES):
+                    k = lane + m * LANES
+                    if k < n:
+                        seg_h[U(bi), U(di), U(seg), U(k)] = rho[m]
+                if lane == 0:
+                    seg_dsum[U(bi), U(di), U(seg)] = dsum
+            return
+        # per-block partials (summed by the host in a fixed order: deterministic gradients)
+        if mine:
+            for m in range(STATES):
+                k = lane + m * LANES
+                if k < n:
+                    dA[U(bi), U(seg), U(di), U(k)] = lA[m]
+                    if not var_B:
+                        dBf[U(bi), U(seg), U(di), U(k)] = lB[m]
+                    if not var_C:
+                        dCf[U(bi), U(seg), U(di), U(k)] = lC[m]
+        for q in range(ROWS):  # ∂D, ∂bias: the block's BT shares per channel, summed
+            e = tid + q * BLOCK
+            if e < CHANNELS * BT:
+                sP[0, U(e // BT), U(e % BT), 0] = lD[q]
+                sP[1, U(e // BT), U(e % BT), 0] = lbias[q]
+        cuda.syncthreads()
+        if tid < CHANNELS and c0 + tid < d:
+            sD, sbias = zero, zero
+            for j in range(BT):
+                sD += sP[0, U(tid), U(j), 0]
+                sbias += sP[1, U(tid), U(j), 0]
+            dD[U(bi), U(seg), U(c0 + tid)] = sD
+            dbias[U(bi), U(seg), U(c0 + tid)] = sbias
 
     return bwd
 
@@ -422,14 +561,11 @@ def _fwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
     dtype = numpy_dtype(u.dtype)
     out = torch.empty_like(u)
     last = u.new_empty(batch, d, A.shape[1])
-    ckpt = u.new_empty(batch, d, (l + CHUNK - 1) // CHUNK, A.shape[1])
+    ckpt = u.new_empty(batch, d, -(-l // _bwd_tile(dtype, A.shape[1])), A.shape[1])
     B = B3 if var_B else B2[:, :, None]  # (d, n, 1): one kernel signature for both layouts
     C = C3 if var_C else C2[:, :, None]
     blocks = -(-d // CHANNELS)
-    # sequence segments: enough blocks to fill the GPU, each a whole number of chunks
-    chunks = -(-l // CHUNK)
-    seg_len = CHUNK * -(-chunks // min(chunks, max(1, TARGET_BLOCKS // (blocks * batch))))
-    segments = -(-l // seg_len)
+    seg_len, segments = _segments(l, blocks * batch)
     seg_x = u.new_empty(batch, d, segments, A.shape[1])
     seg_dsum = u.new_empty(batch, d, segments)
     args = (u, delta, A, B, C, D, z if flags[2] else u, bias, out, last, ckpt, seg_x, seg_dsum,
@@ -443,10 +579,30 @@ def _fwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
 
 def _bwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags, ckpt, g, dlast):
     batch, d, l = u.shape
+    n = A.shape[1]
+    var_B, var_C = flags[:2]
+    dtype = numpy_dtype(u.dtype)
     du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
-    grads = [torch.zeros_like(t) for t in (A, B3, B2, C3, C2, D, bias)]
-    bwd = _backward_kernel(numpy_dtype(u.dtype))
-    launch(bwd, batch * d, THREADS, u, delta, A, B3, B2, C3, C2, D, z, bias, *flags, ckpt, g,
-            dlast, du, ddelta, dz, *grads)
-    dA, dB3, dB2, dC3, dC2, dD, dbias = grads
-    return du, ddelta, dA, dB3, dB2, dC3, dC2, dD, dz, dbias
+    blocks = -(-d // CHANNELS)
+    seg_len, segments = _segments(l, blocks * batch)
+    # per-block partials, summed below in a fixed order (no atomics: deterministic gradients)
+    dA, dB2, dC2 = (u.new_empty(batch, segments, d, n) for _ in range(3))
+    dD, dbias = u.new_empty(batch, segments, d), u.new_empty(batch, segments, d)
+    dummy = u.new_empty(1, 1, 1, 1)
+    dBp = u.new_empty(batch, blocks, n, l) if var_B else dummy  # ∂B_t per block of channels
+    dCp = u.new_empty(batch, blocks, n, l) if var_C else dummy
+    B = B3 if var_B else B2[:, :, None]  # (d, n, 1): one kernel signature for both layouts
+    C = C3 if var_C else C2[:, :, None]
+    seg_h = u.new_empty(batch, d, segments, n)
+    seg_dsum = u.new_empty(batch, d, segments)
+    args = (u, delta, A, B, C, D, z if flags[2] else u, bias, g, dlast, ckpt, seg_h, seg_dsum,
+            seg_len, du, ddelta, dz, dA, dB2, dC2, dBp, dCp, dD, dbias)
+    if segments > 1:  # pass 1: each segment but the first, from ρ = 0 at its end
+        first = _backward_kernel(dtype, n, False, var_C, flags[2], flags[3], True)
+        launch(first, (blocks, batch, segments - 1), BLOCK, *args)
+    launch(_backward_kernel(dtype, n, *flags), (blocks, batch, segments), BLOCK, *args)
+    dB3 = dBp.sum(1) if var_B else B3.new_zeros(B3.shape)
+    dC3 = dCp.sum(1) if var_C else C3.new_zeros(C3.shape)
+    dB2 = B2.new_zeros(B2.shape) if var_B else dB2.sum((0, 1))
+    dC2 = C2.new_zeros(C2.shape) if var_C else dC2.sum((0, 1))
+    return du, ddelta, dA.sum((0, 1)), dB3, dB2, dC3, dC2, dD.sum((0, 1)), dz, dbias.sum((0, 1))

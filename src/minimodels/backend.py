@@ -328,8 +328,8 @@ class _Launcher:
                 ours, theirs = [], []
                 launcher.packers[i](a, ours)
                 overload._prepare_args(ty, value, stream, [], theirs)
-                if isinstance(ty, types.Array):  # the stride of a size-1 axis is never used
-                    ours, theirs = (_strides_of_used_axes(p, a.shape) for p in (ours, theirs))
+                if isinstance(ty, types.Array):  # strides the kernel never reads may differ
+                    ours, theirs = (_addressed(p, ty, a.shape) for p in (ours, theirs))
                 if [_comparable(x) for x in ours] != [_comparable(x) for x in theirs]:
                     raise _Mismatch(f"argument {i} ({ty}): ours {ours}, Numba's {theirs}")
         except (AttributeError, TypeError, _Mismatch) as err:
@@ -361,14 +361,17 @@ class _Mismatch(Exception):
     """Our packing of a kernel argument differs from Numba's."""
 
 
-def _strides_of_used_axes(packed: list, shape) -> list:
+def _addressed(packed: list, ty, shape) -> list:
     """A packed array argument (meminfo, parent, size, itemsize, data, *shape, *strides) with the
-    strides of its size-1 axes blanked: a kernel only ever indexes such an axis at 0, and Numba
-    packs them by its own rule (a (1, 1, 2) view gets F-order strides (4, 4, 4) where C order
-    gives (8, 8, 4): both flags hold), so comparing them would reject a correct launcher."""
+    strides the kernel never reads blanked. Numba addresses a C- or F-contiguous array from its
+    shape alone (``cgutils.get_item_pointer2``), so its strides are unused; and an 'A'-layout
+    array is only ever indexed at 0 along a size-1 axis. Numba packs those unused strides by its
+    own rule (on the H200 a (1, 5, 1) C array came with 40 bytes for axis 1, where C order
+    gives 8), so comparing them would reject a correct launcher for a whole shape class."""
     n = len(shape)
     head, strides = packed[:len(packed) - n], packed[len(packed) - n:]
-    return head + [None if size == 1 else st for size, st in zip(shape, strides, strict=True)]
+    used = [ty.layout == "A" and size != 1 for size in shape]
+    return head + [st if u else None for u, st in zip(used, strides, strict=True)]
 
 
 def _comparable(x):

@@ -2,6 +2,10 @@
 
     python -m minimodels.course exercises          # write exercises/NN_topic.ipynb
     python -m minimodels.course exercises --check  # exit 1 if exercises/ is stale
+    python -m minimodels.course grade PATH...      # grade submitted exercise notebooks
+    python -m minimodels.course book               # the course as a static website
+
+Grading is ``minimodels.grade``, the website ``minimodels.book``.
 
 A solution region sits between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` (nbgrader's
 markers) in a code cell. It becomes, at the indentation of the BEGIN marker::
@@ -115,7 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("exercises", help="build exercises/ from solutions/")
     ex.add_argument("--check", action="store_true", help="fail if exercises/ is stale")
     ex.add_argument("--root", type=Path, default=ROOT, help="the course's root folder")
+    gr = sub.add_parser("grade", help="run submitted exercise notebooks and tabulate verdicts")
+    gr.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="notebooks or folders")
+    gr.add_argument("--csv", type=Path, metavar="FILE", help="also write file,exercise,verdict")
+    gr.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                    help="time limit of each notebook (default 120)")
+    gr.add_argument("--max-output", type=float, default=5.0, metavar="MB",
+                    help="stop a notebook whose outputs pass this size (default 5)")
+    gr.add_argument("--root", type=Path, default=None,
+                    help="the course folder whose solutions/ define the exercises")
+    bk = sub.add_parser("book", help="build the course as a static website (nbconvert)")
+    bk.add_argument("--out", type=Path, default=ROOT / "build" / "book", help="output folder")
+    bk.add_argument("--root", type=Path, default=ROOT, help="the course's root folder")
     args = parser.parse_args(argv)
+    if args.command == "grade":
+        return _grade(args)
+    if args.command == "book":
+        from minimodels.book import build_book
+
+        index = build_book(args.root, args.out)
+        print(f"wrote the course's website: {index} (open it in a browser)")
+        return 0
     stale = build_exercises(args.root, check=args.check)
     if args.check:
         if stale:
@@ -125,6 +149,23 @@ def main(argv: list[str] | None = None) -> int:
         print("exercises/ is in sync with solutions/")
     else:
         print("wrote:", *stale, sep="\n  ") if stale else print("exercises/ already up to date")
+    return 0
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from minimodels.grade import grade, table, write_csv
+
+    try:
+        rows = grade(args.paths, root=args.root, timeout=args.timeout,
+                     max_output_mb=args.max_output,
+                     progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except ValueError as err:
+        print(f"grade: {err}", file=sys.stderr)
+        return 2
+    print(table(rows))
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
     return 0
 
 

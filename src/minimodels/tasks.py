@@ -178,3 +178,47 @@ def associative_recall(
 
 
 __all__ += ["associative_recall"]
+
+
+def multi_query_recall(
+    batch: int,
+    n_pairs: int,
+    n_queries: int | None = None,
+    *,
+    n_keys: int = 16,
+    n_values: int = 16,
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """Multi-query associative recall (MQAR): key-value pairs, then several queried keys, each
+    answered with its value.
+
+    Reference: Arora et al., "Zoology: measuring and improving recall in efficient language
+    models" (2023) (MQAR: the gap between attention and gated convolutions such as Hyena grows
+    with the number of pairs to remember).
+
+    Token ids as ``associative_recall`` (keys 1..n_keys, values n_keys+1..n_keys+n_values,
+    vocabulary ``n_keys + n_values + 1``). A row of x (batch, 2·n_pairs + n_queries), int64:
+
+        k_1 v_1 … k_n v_n  q_1 … q_m          (distinct keys; each q_i is one of them)
+
+    y holds q_i's value at q_i's position, where mask is True (``n_queries`` scored positions
+    per row, default n_pairs). Chance accuracy is 1 / n_values."""
+    n_queries = n_pairs if n_queries is None else n_queries
+    _check_sizes(batch=batch, n_pairs=n_pairs, n_queries=n_queries, n_keys=n_keys,
+                 n_values=n_values)
+    if n_pairs > n_keys:
+        raise ValueError(f"n_pairs must be <= n_keys = {n_keys} (distinct keys), got {n_pairs}")
+    keys = torch.rand(batch, n_keys, generator=generator).argsort(dim=1)[:, :n_pairs] + 1
+    values = torch.randint(n_keys + 1, n_keys + n_values + 1, (batch, n_pairs),
+                           generator=generator)
+    pick = torch.randint(0, n_pairs, (batch, n_queries), generator=generator)  # (b, m)
+    queries = keys.gather(1, pick)  # (b, m)
+    x = torch.cat([torch.stack([keys, values], 2).view(batch, 2 * n_pairs), queries], 1)
+    y = torch.zeros_like(x)
+    y[:, 2 * n_pairs:] = values.gather(1, pick)
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[:, 2 * n_pairs:] = True
+    return Batch(x, y, mask)
+
+
+__all__ += ["multi_query_recall"]

@@ -118,6 +118,30 @@ ATTEMPTS = {
         "    return torch.arange(r * l).reshape(l, r).T.reshape(-1)\n",
         r"inverse|transposed",
     ),
+    "07_hyena.ipynb": Attempt(
+        "7.1",
+        # an FFT of length l: the circular convolution
+        "def causal_conv_fft(u, k, D):\n"
+        "    l = u.shape[-1]\n"
+        "    y = torch.fft.irfft(torch.fft.rfft(u, n=l) * torch.fft.rfft(k, n=l), n=l)\n"
+        "    return y + D[:, None] * u\n",
+        r"circular convolution",
+    ),
+    "08_hourglass_diffusion.ipynb": Attempt(
+        "8.2",
+        # the window centred on the query, never shifted inside the image
+        "def window_starts(n, kernel_size):\n"
+        "    return torch.arange(n) - kernel_size // 2\n",
+        r"without clamping|shifts it inside",
+    ),
+    "09_ring_attention.ipynb": Attempt(
+        "9.3",
+        # the second chunk not mirrored: rank r takes chunks r and W + r
+        "def zigzag_positions(seqlen, world_size):\n"
+        "    chunks = torch.arange(seqlen).reshape(2 * world_size, -1)\n"
+        "    return torch.cat([chunks[:world_size], chunks[world_size:]], 1)\n",
+        r"not mirrored",
+    ),
 }
 
 NOTEBOOKS = sorted(p.name for p in EXERCISES_DIR.glob("*.ipynb"))

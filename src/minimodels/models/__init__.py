@@ -11,6 +11,9 @@ the position-wise layer after a mixer, and ``FAMILY_MLP`` says which MLP a famil
     mamba      the Mamba block, the selective scan (ch. 05)       d_state, d_conv, expand
     m2         Monarch Mixer's gated long convolution, FFTs as     max_len, fft, nblocks
                Monarch products (ch. 06); its state is the input history
+    hyena      the Hyena operator: implicit long filters and      l_max, order, filter_order
+               gates (ch. 07); its state is the input history
+               (StripedHyena: a list mixing "hyena" and "attention" with rope, n_kv_heads)
     lstm, gru  the gated RNNs (ch. 01), state width d_model       forget_bias (lstm)
 
 MLPS: "mlp" (two dense matrices), "rwkv" (RWKV's channel-mix), "monarch" (M2's MLP: both
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from minimodels.models.attention import MultiHeadAttention
 from minimodels.models.base import LM, Residual, state_numel
+from minimodels.models.hyena import hyena_mixer
 from minimodels.models.mamba import MambaBlock
 from minimodels.models.monarch import M2Mixer, MonarchMLP
 from minimodels.models.rnn import GRU, LSTM
@@ -47,6 +51,7 @@ MIXERS = {
     "s4d": S4DBlock,
     "mamba": MambaBlock,
     "m2": M2Mixer,
+    "hyena": hyena_mixer,
     "lstm": lstm_mixer,
     "gru": gru_mixer,
 }
@@ -57,4 +62,4 @@ MLPS = {
     "monarch": MonarchMLP,
 }
 
-FAMILY_MLP = {"attention": "mlp", "rwkv": "rwkv", "m2": "monarch"}
+FAMILY_MLP = {"attention": "mlp", "rwkv": "rwkv", "m2": "monarch", "hyena": "mlp"}
