@@ -19,6 +19,7 @@ from minimodels.kernels._common import numpy_dtype
 
 TILE = 4 if cuda_simulated() else 8  # CUDA: a block owns TILE x TILE queries (one per thread)
 MAX_KERNEL = 13  # CUDA: the largest window side (the K² scores live in each thread's registers)
+MAX_WINDOW = MAX_KERNEL * MAX_KERNEL  # (a constant: numba.cuda sizes local arrays only by those)
 HALO = 8 + MAX_KERNEL - 1  # CUDA: the side of the key halo a tile's windows cover, at most
 E_CHUNK = 8  # CUDA: head dims of the halo held in shared memory at a time
 BWD_THREADS = 8 if cuda_simulated() else 128  # CUDA backward: queries per block
@@ -44,7 +45,7 @@ def _natten_kernels(dtype: np.dtype):
     @cuda.jit
     def fwd(q, k, v, out, lse, K, scale):
         halo = cuda.shared.array((HALO, HALO, E_CHUNK), dtype)
-        s = cuda.local.array(MAX_KERNEL * MAX_KERNEL, dtype)
+        s = cuda.local.array(MAX_WINDOW, dtype)
         R, H, W, e = q.shape
         tid = cuda.threadIdx.x
         n_i, n_j = (H + TILE - 1) // TILE, (W + TILE - 1) // TILE
@@ -111,8 +112,8 @@ def _natten_kernels(dtype: np.dtype):
         half = K // 2
         r0 = min(max(i - half, 0), H - K)
         c0 = min(max(j - half, 0), W - K)
-        p = cuda.local.array(MAX_KERNEL * MAX_KERNEL, dtype)
-        dp = cuda.local.array(MAX_KERNEL * MAX_KERNEL, dtype)
+        p = cuda.local.array(MAX_WINDOW, dtype)
+        dp = cuda.local.array(MAX_WINDOW, dtype)
         for a in range(K):
             for c in range(K):
                 sd = zero
