@@ -79,7 +79,9 @@ TOLERANCES = {torch.float32: (2e-6, 2e-6), torch.float64: (1e-12, 1e-12)}  # (rt
 
 
 class _Attention(torch.autograd.Function):
-    """Forward and backward by tiled kernels; autograd keeps q, k, v, out and lse (O(l·e))."""
+    """Forward and backward by tiled kernels; autograd keeps q, k, v, out and lse (O(l·e)), and
+    whatever else ``fwd`` returns after them (the CPU kernel: a byte per row, its one-hot flag),
+    which ``bwd`` gets after its other arguments."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, fwd, bwd):
@@ -90,17 +92,17 @@ class _Attention(torch.autograd.Function):
         k_r = k.contiguous().view(rows, lk, e)  # (r, lk, e)
         v_r = v.contiguous().view(rows, lk, e)
         if q.numel():
-            out, lse = fwd(q_r, k_r, v_r, causal, scale)
+            out, lse, *extra = fwd(q_r, k_r, v_r, causal, scale)
         else:
-            out, lse = torch.empty_like(q_r), q_r.new_empty(q_r.shape[:2])
+            out, lse, extra = torch.empty_like(q_r), q_r.new_empty(q_r.shape[:2]), []
         out, lse = out.view(b, h, lq, e), lse.view(b, h, lq)
-        ctx.save_for_backward(q_r, k_r, v_r, out, lse)
+        ctx.save_for_backward(q_r, k_r, v_r, out, lse, *extra)
         ctx.causal, ctx.scale, ctx.bwd = causal, scale, bwd
         return out, lse
 
     @staticmethod
     def backward(ctx, g_out, g_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *extra = ctx.saved_tensors
         rows, lq, e = q.shape
         b, h = out.shape[:2]
         if not q.numel():
@@ -109,7 +111,7 @@ class _Attention(torch.autograd.Function):
         g_out = g_out.contiguous().view(rows, lq, e)  # (r, lq, e)
         g_lse = g_lse.contiguous().view(rows, lq)  # (r, lq)
         dq, dk, dv = ctx.bwd(q, k, v, out.view(rows, lq, e), lse.view(rows, lq), g_out, g_lse,
-                             ctx.causal, ctx.scale)
+                             ctx.causal, ctx.scale, *extra)
         return (dq.view(b, h, lq, e), dk.view(b, h, *k.shape[1:]), dv.view(b, h, *v.shape[1:]),
                 None, None, None, None)
 

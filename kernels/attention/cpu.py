@@ -51,8 +51,11 @@ def _block_product(Out, M, X, rows, inner, accumulate):
     _block_product_w(Out, M, X, rows, inner, BLOCK_Q)
 
 
-def _attention_loop(q, k, v, out, lse, scale, causal):
-    """Forward loop. q, out: (r, lq, e); k, v: (r, lk, e); lse: (r, lq). Writes out, lse."""
+def _attention_loop(q, k, v, out, lse, lse_lo, onehot, scale, causal):
+    """Forward loop. q, out: (r, lq, e); k, v: (r, lk, e); lse, lse_lo, onehot: (r, lq). Writes
+    out, lse, lse_lo = (m + log ℓ) - lse, the rounding of lse (by TwoSum in float64; 0 where lse
+    is not finite), and onehot = 1 where ℓ = 1 exactly (the row's softmax is one-hot to working
+    precision: every weight but its largest's rounds away), else 0; the backward needs both."""
     rows, lq, e = q.shape
     lk = k.shape[1]
     offset = lk - lq  # causal: query i sees keys j <= i + offset
@@ -109,11 +112,19 @@ def _attention_loop(q, k, v, out, lse, scale, causal):
         # [/core]
         for ii in range(bq):  # out = Õ / ℓ, lse = m + log ℓ
             mi, li = m[ii], ssum[ii]
+            onehot[r, i0 + ii] = 0
+            lse_lo[r, i0 + ii] = zero
             if li > zero and mi - mi == zero:  # m finite, so ℓ >= 1 (its max's e^0) or nan
                 inv = one / li
                 for c in range(e):
                     out[r, i0 + ii, c] = At[c, ii] * inv
-                lse[r, i0 + ii] = mi + math.log(li)
+                m64, log_l = np.float64(mi), math.log(li)  # lse = m + log ℓ, and its
+                lse64 = m64 + log_l  # rounding by TwoSum (Knuth): exact in float64
+                b64 = lse64 - m64
+                lo64 = (m64 - (lse64 - b64)) + (log_l - b64)
+                lse[r, i0 + ii] = lse64
+                lse_lo[r, i0 + ii] = (lse64 - np.float64(lse[r, i0 + ii])) + lo64
+                onehot[r, i0 + ii] = li == one
             else:  # no finite max, or a nan score: out = nan as ref's e^(s - lse) gives it;
                 # lse = -inf (every visible score -inf: ℓ = 0), +inf (a +inf score), else nan
                 for c in range(e):
@@ -125,12 +136,16 @@ _attention_cpu_fwd = njit(parallel=True, cache=True, fastmath={"contract"})(_att
 
 
 def _fwd_cpu(q, k, v, causal, scale):
-    """q: (r, lq, e), k, v: (r, lk, e) contiguous -> out (r, lq, e), lse (r, lq)."""
+    """q: (r, lq, e), k, v: (r, lk, e) contiguous -> out (r, lq, e), lse (r, lq), and for the
+    backward (which takes them after its other arguments) lse_lo (r, lq) and onehot (r, lq)
+    uint8 (``_attention_loop``)."""
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:2], dtype=q.dtype)
+    lse, lse_lo = (torch.empty(q.shape[:2], dtype=q.dtype) for _ in range(2))
+    onehot = torch.empty(q.shape[:2], dtype=torch.uint8)
     dtype = numpy_dtype(q.dtype)
-    _attention_cpu_fwd(*map(to_numba, (q, k, v, out, lse)), dtype.type(scale), causal)
-    return out, lse
+    _attention_cpu_fwd(*map(to_numba, (q, k, v, out, lse, lse_lo, onehot)), dtype.type(scale),
+                       causal)
+    return out, lse, lse_lo, onehot
 
 
 # =============================================================================================
@@ -144,14 +159,25 @@ def _fwd_cpu(q, k, v, causal, scale):
 # to the task alone; dQ is summed over the task's key tiles into its group's partial dQ
 # (G, r, lq, e), the G partials added afterwards: no atomics, and the result does not depend on
 # the thread schedule. Five products of BLOCK_K x BLOCK_Q x e per tile pair, one exp per score.
-# D: FlashAttention-2 takes D_i = dO_i·o_i (minus dlse_i: the gradient reaching lse adds
-# P_ij·dlse_i to dS_ij). That equals Σ_j P_ij dP_ij, but not to the last bit: where a row's
-# softmax is one-hot (large logits, or one key), dP_ij - D_i should vanish and is left at
-# eps·|dO||v| instead, which the sums over queries carry into dK and dQ (the fuzzer found it,
-# in float32 and float64 alike: the reference is exactly 0 there). So a first pass, one task per
-# head and query tile, forms D_i = Σ_j P_ij dP_ij - dlse_i from the same P and dP (the same
-# calls, bit for bit) as the main pass, as the reference's autograd does: two more products and
-# one more exp per tile pair (seven products in all, and two exps).
+# D: FlashAttention-2's D_i = dO_i·o_i - dlse_i (the gradient reaching lse adds P_ij·dlse_i to
+# dS_ij), formed in ``_attention_bwd_prep`` from the saved output in O(l·e): no pass over the
+# keys. It equals Σ_j P_ij dP_ij, but not to the last bit, and two kinds of row need more:
+#   - one-hot rows (ℓ = 1 exactly in the forward: large logits, or one key): dP_ij - D_i should
+#     vanish at the key with P = 1 and would be left at eps·|dO||v|, which the sums over queries
+#     carry into dK and dQ, where the reference has exactly 0 (the fuzzer found it, in float32
+#     and float64). For the query tiles holding such a row (none at the benchmark's size), a
+#     first pass forms D_i = Σ_j P_ij dP_ij - dlse_i for those rows from the same P and dP (the
+#     same calls, bit for bit) as the main pass: two more products and one more exp per tile
+#     pair of those tiles only. (Before, that pass ran for every tile: ~20% of fwd + bwd.)
+#   - lse's rounding: lse = m + log ℓ is rounded to the dtype, so Σ_j e^(s_ij - lse_i) =
+#     e^(lse_lo) with lse_lo = (m + log ℓ) - lse (the forward keeps it, by TwoSum): at |lse| ~ 1e3
+#     in float32, ulp(lse)/2 = 6e-5 scales a whole row of P. float32 subtracts it (c = lse_lo:
+#     P = e^(s - lse - c), exact near the row's max, Σ_j P_ij = 1, consistent with D = dO·o);
+#     this took the fuzzer's worst large-logit case from 1.0x its tolerance to 0.24x. float64
+#     keeps P = e^(s - lse) as the reference computes it (its rounding, 1e-16·|lse|, is the
+#     definition's own: ref's autograd differentiates exp(s - lse) with lse rounded the same
+#     way) and D = e^(lse_lo)·dO·o = Σ_j P_ij dP_ij to match; otherwise near one-hot rows
+#     (a second weight ~1e-9) differ from ref by ~1e-9 of the scale, at the fuzzer's tolerance.
 # The query-side tiles arrive padded to whole tiles (queries past lq: zero q and dO, lse = +inf,
 # so P = 0 there) and transposed, made by ``_attention_bwd_prep``; the Sᵀ product is the
 # forward's own (the same P to the last bit).
@@ -163,7 +189,10 @@ def _block_product_w(Out, M, X, rows, inner, width):
     """Out[r, :width] += Σ_{s < inner} M[r, s] X[s, :width] for r < rows, 4 rows x 4 inner
     steps a pass (the forward's ``_block_product`` calls it at width BLOCK_Q; the backward at the
     head dim e), accumulating. dV_J += Pᵀ dO_I is
-    (dVJ, Pt, dO tile), dK_J += dSᵀ Q_I is (dKJ, dSt, Q tile)."""
+    (dVJ, Pt, dO tile), dK_J += dSᵀ Q_I is (dKJ, dSt, Q tile). Each row takes its 4 terms as a
+    chain O + a0·x0 + a1·x1 + ... (4 fused multiply-adds) rather than the pairwise tree
+    (a0·x0 + a1·x1) + (a2·x2 + a3·x3) (2 multiplies, 2 FMAs, 2 adds): 83-94 vs 72-82 GFLOP/s on
+    one core in a micro-benchmark, fwd + bwd ~18% faster."""
     r4, s4 = rows - rows % 4, inner - inner % 4
     for r in range(0, r4, 4):
         O0, O1, O2, O3 = Out[r], Out[r + 1], Out[r + 2], Out[r + 3]
@@ -173,12 +202,12 @@ def _block_product_w(Out, M, X, rows, inner, width):
             c0, c1, c2, c3 = M[r + 2, s], M[r + 2, s + 1], M[r + 2, s + 2], M[r + 2, s + 3]
             d0, d1, d2, d3 = M[r + 3, s], M[r + 3, s + 1], M[r + 3, s + 2], M[r + 3, s + 3]
             X0, X1, X2, X3 = X[s], X[s + 1], X[s + 2], X[s + 3]
-            for ii in range(width):
+            for ii in range(width):  # a chain of 4 multiply-adds per row (fused: 4 FMAs)
                 x0, x1, x2, x3 = X0[ii], X1[ii], X2[ii], X3[ii]
-                O0[ii] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
-                O1[ii] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
-                O2[ii] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
-                O3[ii] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
+                O0[ii] = O0[ii] + a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                O1[ii] = O1[ii] + b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+                O2[ii] = O2[ii] + c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
+                O3[ii] = O3[ii] + d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
         for s in range(s4, inner):
             a0, b0, c0, d0 = M[r, s], M[r + 1, s], M[r + 2, s], M[r + 3, s]
             X0 = X[s]
@@ -195,10 +224,15 @@ def _block_product_w(Out, M, X, rows, inner, width):
                 O0[ii] += a0 * X0[ii]
 
 
-def _attention_bwd_prep(q, do, lse, scale, qst, dot, lse_t):
-    """The backward's query-side tiles (one prange task per head and tile). q, do: (r, lq, e);
-    lse: (r, lq). Writes qst, dot (r, n_qt, e, BLOCK_Q) = (scale·q)ᵀ and dOᵀ, zeros given past
-    lq; lse_t (r, n_qt, BLOCK_Q) = lse, +inf past lq (P = 0 there)."""
+def _attention_bwd_prep(q, do, out, lse, lse_lo, dlse, onehot, scale, correct, qst, dot, lse_t,
+                        D_t, hot_t):
+    """The backward's query-side tiles (one prange task per head and tile). q, do, out:
+    (r, lq, e); lse, lse_lo, dlse, onehot: (r, lq). Writes qst, dot (r, n_qt, e, BLOCK_Q) =
+    (scale·q)ᵀ and dOᵀ, zeros given past lq; lse_t (r, n_qt, 2, BLOCK_Q) = lse and the
+    correction c = lse_lo if ``correct`` else 0 (+inf and 0 past lq: P = 0 there), so that
+    P = e^(s - lse - c) and Σ_j P_ij = e^(lse_lo - c); D_t (r, n_qt, BLOCK_Q) = e^(lse_lo - c)
+    dO_i·o_i - dlse_i = Σ_j P_ij dP_ij - dlse_i (FlashAttention-2's D, summed in float64; 0
+    past lq); hot_t (r, n_qt) = the number of one-hot rows in each tile."""
     rows, lq, e = q.shape
     n_qt = qst.shape[1]
     for task in prange(rows * n_qt):
@@ -206,33 +240,48 @@ def _attention_bwd_prep(q, do, lse, scale, qst, dot, lse_t):
         i0 = t * BLOCK_Q
         bq = min(BLOCK_Q, lq - i0)
         for ii in range(BLOCK_Q):
-            lse_t[r, t, ii] = np.inf
+            lse_t[r, t, 0, ii] = np.inf
+            lse_t[r, t, 1, ii] = 0
+            D_t[r, t, ii] = 0
+        hot = 0
         for ii in range(bq):
+            d = 0.0  # float64: the products of two float32s are exact in it
             for c in range(e):
                 qst[r, t, c, ii] = q[r, i0 + ii, c] * scale
-                dot[r, t, c, ii] = do[r, i0 + ii, c]
-            lse_t[r, t, ii] = lse[r, i0 + ii]
+                g = do[r, i0 + ii, c]
+                dot[r, t, c, ii] = g
+                d += np.float64(g) * np.float64(out[r, i0 + ii, c])
+            lo = lse_lo[r, i0 + ii]
+            lse_t[r, t, 0, ii] = lse[r, i0 + ii]
+            lse_t[r, t, 1, ii] = lo if correct else 0
+            D_t[r, t, ii] = (d if correct else math.exp(np.float64(lo)) * d) - dlse[r, i0 + ii]
+            hot += onehot[r, i0 + ii]
+        hot_t[r, t] = hot
 
 
 @njit(cache=True, fastmath={"contract"})
 def _p_dp(St, dPt, kJ, vJ, Qt, dOt, lse_i, bk, e):
     """Pᵀ = e^(K_J Qt - lse) into St and dPᵀ = V_J dOt into dPt (bk x BLOCK_Q; Qt = (scale·Q_I)ᵀ
-    and dOt = dO_Iᵀ are (e, BLOCK_Q)), for both passes: the same arithmetic, the same bits."""
+    and dOt = dO_Iᵀ are (e, BLOCK_Q)), for both passes: the same arithmetic, the same bits.
+    lse_i (2, BLOCK_Q): lse and the correction c of ``_attention_bwd_prep``."""
     _block_product(St, kJ, Qt, bk, e, False)  # Sᵀ = K_J (scale·Q_I)ᵀ
-    for jj in range(bk):  # Pᵀ = e^(Sᵀ - lse)
+    lse_hi, lse_c = lse_i[0], lse_i[1]
+    for jj in range(bk):  # Pᵀ = e^(Sᵀ - lse - c): s - lse is exact near the row's max
         for ii in range(BLOCK_Q):
-            St[jj, ii] = exp_neg(St[jj, ii] - lse_i[ii])
+            St[jj, ii] = exp_neg((St[jj, ii] - lse_hi[ii]) - lse_c[ii])
     _block_product(dPt, vJ, dOt, bk, e, False)  # dPᵀ = V_J dO_Iᵀ
 
 
-def _attention_bwd_d_loop(qst, dot, lse_t, dlse, k, v, D_t, causal, lq):
-    """First pass: D_t (r, n_qt, BLOCK_Q) = Σ_j P_ij dP_ij - dlse_i over the keys i sees (0
-    past lq). qst, dot, lse_t: ``_attention_bwd_prep``'s; dlse (r, lq); k, v (r, lk, e)."""
-    rows, n_qt, e, _ = qst.shape
+def _attention_bwd_d_loop(qst, dot, lse_t, dlse, onehot, k, v, tiles, D_t, causal, lq):
+    """Exact D for the one-hot rows: D_t[r, t, ii] = Σ_j P_ij dP_ij - dlse_i over the keys row
+    i = t·BLOCK_Q + ii sees, where onehot[r, i]; one prange task per query tile listed in
+    ``tiles`` (flat indices r·n_qt + t). qst, dot, lse_t, D_t: ``_attention_bwd_prep``'s; dlse,
+    onehot (r, lq); k, v (r, lk, e)."""
+    n_qt, e = qst.shape[1], qst.shape[2]
     lk = k.shape[1]
     offset = lk - lq
-    for task in prange(rows * n_qt):
-        r, t = task // n_qt, task % n_qt
+    for task in prange(len(tiles)):
+        r, t = tiles[task] // n_qt, tiles[task] % n_qt
         i0 = t * BLOCK_Q
         bq = min(BLOCK_Q, lq - i0)
         St = np.empty((BLOCK_K, BLOCK_Q), qst.dtype)
@@ -250,8 +299,9 @@ def _attention_bwd_d_loop(qst, dot, lse_t, dlse, k, v, D_t, causal, lq):
             for jj in range(bk):  # D += Σ_J P dP, down the columns
                 for ii in range(BLOCK_Q):
                     D[ii] += St[jj, ii] * dPt[jj, ii]
-        for ii in range(BLOCK_Q):
-            D_t[r, t, ii] = D[ii] - dlse[r, i0 + ii] if ii < bq else D[ii]
+        for ii in range(bq):
+            if onehot[r, i0 + ii]:
+                D_t[r, t, ii] = D[ii] - dlse[r, i0 + ii]
 
 
 def _attention_bwd_loop(q, qst, do, dot, lse_t, D_t, k, v, dqp, dk, dv, causal, scale):
@@ -312,20 +362,26 @@ def _groups(rows: int, lk: int) -> int:
     return max(1, min(n_kt, -(-2 * get_num_threads() // rows)))
 
 
-def _bwd_cpu(q, k, v, out, lse, g_out, g_lse, causal, scale):
-    """q, out, g_out: (r, lq, e); k, v: (r, lk, e); lse, g_lse: (r, lq); contiguous, lq >= 1
-    -> dq (r, lq, e), dk, dv (r, lk, e). (out is not needed: D comes from P and dP.)"""
+def _bwd_cpu(q, k, v, out, lse, g_out, g_lse, causal, scale, lse_lo, onehot):
+    """q, out, g_out: (r, lq, e); k, v: (r, lk, e); lse, g_lse, and lse_lo, onehot
+    (``_fwd_cpu``'s): (r, lq); contiguous, lq >= 1 -> dq (r, lq, e), dk, dv (r, lk, e)."""
     rows, lq, e = q.shape
     n_qt = (lq + BLOCK_Q - 1) // BLOCK_Q
     G = _groups(rows, k.shape[1])
     qst = q.new_zeros(rows, n_qt, e, BLOCK_Q)  # (r, n_qt, e, BQ)
     dot = q.new_zeros(rows, n_qt, e, BLOCK_Q)
-    lse_t = q.new_empty(rows, n_qt, BLOCK_Q)  # (r, n_qt, BQ)
+    lse_t = q.new_empty(rows, n_qt, 2, BLOCK_Q)  # (r, n_qt, 2, BQ): lse, c
     D_t = q.new_empty(rows, n_qt, BLOCK_Q)
+    hot_t = torch.empty(rows, n_qt, dtype=torch.int64)  # one-hot rows per tile
     dtype = numpy_dtype(q.dtype).type
-    _attention_cpu_bwd_prep(to_numba(q), to_numba(g_out), to_numba(lse), dtype(scale),
-                            *map(to_numba, (qst, dot, lse_t)))
-    _attention_cpu_bwd_d(*map(to_numba, (qst, dot, lse_t, g_lse, k, v, D_t)), causal, lq)
+    correct = q.dtype == torch.float32  # see "lse's rounding" above
+    _attention_cpu_bwd_prep(*map(to_numba, (q, g_out, out, lse, lse_lo, g_lse, onehot)),
+                            dtype(scale), correct,
+                            *map(to_numba, (qst, dot, lse_t, D_t, hot_t)))
+    tiles = hot_t.view(-1).nonzero().view(-1)  # tiles holding a one-hot row
+    if len(tiles):
+        _attention_cpu_bwd_d(*map(to_numba, (qst, dot, lse_t, g_lse, onehot, k, v, tiles, D_t)),
+                             causal, lq)
     dqp = q.new_zeros(G, rows, lq, e)  # (G, r, lq, e)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _attention_cpu_bwd(*map(to_numba, (q, qst, g_out, dot, lse_t, D_t, k, v, dqp, dk, dv)),
