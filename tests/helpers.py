@@ -31,3 +31,17 @@ def run_steps(layer, x):
         y, state = layer.step(x[:, t], state)
         ys.append(y)
     return torch.stack(ys, dim=1), state
+
+
+class ScaleMixer(torch.nn.Module):
+    """A stateless mixer with d parameters, y = w ⊙ x: keeps hand counts of parameters short."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x):
+        return self.w * x
+
+    def step(self, x_t, state=None):
+        return self.w * x_t, state

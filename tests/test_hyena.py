@@ -159,20 +159,3 @@ def test_lm_hyena_and_striped_hybrid():
     hyena_state = 2 * (2 * 2 * 16 * 10 + 2 * 3 * 16 * 2)
     assert state_numel(state) == hyena_state + 2 * 2 * 2 * 10 * 4
 
-
-def test_multi_query_recall():
-    from minimodels import tasks
-
-    b = tasks.multi_query_recall(5, 4, 6, n_keys=8, n_values=8,
-                                 generator=torch.Generator().manual_seed(0))
-    assert b.x.shape == b.y.shape == b.mask.shape == (5, 14) and b.classification
-    assert b.mask[:, 8:].all() and not b.mask[:, :8].any()
-    for row in range(5):
-        pairs = dict(zip(b.x[row, 0:8:2].tolist(), b.x[row, 1:8:2].tolist(), strict=True))
-        assert len(pairs) == 4 and all(1 <= k <= 8 for k in pairs)  # distinct keys
-        assert all(9 <= v <= 16 for v in pairs.values())
-        for q, y in zip(b.x[row, 8:].tolist(), b.y[row, 8:].tolist(), strict=True):
-            assert y == pairs[q]  # each query is answered with its key's value
-    with pytest.raises(ValueError, match="n_pairs must be <= n_keys"):
-        tasks.multi_query_recall(1, 9, n_keys=8)
-    assert tasks.multi_query_recall(1, 3).x.shape == (1, 9)  # n_queries defaults to n_pairs

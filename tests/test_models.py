@@ -5,7 +5,7 @@ clear errors, and use_backend reaches every kernel call inside it."""
 
 import pytest
 import torch
-from helpers import ALL, device_for, run_steps
+from helpers import ALL, ScaleMixer, device_for, run_steps
 
 import minimodels
 from minimodels.backend import BackendUnavailable, resolve
@@ -89,22 +89,11 @@ def test_state_numel():
 
 
 def test_custom_factory_and_residual_contract():
-    class Scale(torch.nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.full((d,), 0.5))
-
-        def forward(self, x):
-            return self.w * x
-
-        def step(self, x_t, state=None):
-            return self.w * x_t, state
-
-    block = Residual(4, Scale(4)).double()
+    block = Residual(4, ScaleMixer(4)).double()
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     torch.testing.assert_close(block(x), x + 0.5 * block.norm1(x))
     torch.testing.assert_close(run_steps(block, x)[0], block(x))
-    lm = LM(5, 4, 2, mixer=Scale)
+    lm = LM(5, 4, 2, mixer=ScaleMixer)
     assert lm(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 5)
 
 

@@ -2,6 +2,9 @@
 
 Works with any model ``x -> (b, l, out)`` and any task of ``minimodels.tasks``: the loss is
 cross-entropy (integer targets) or mean squared error (float targets) over the masked positions.
+A model with mixture-of-experts layers also minimises ``aux_weight`` times their
+load-balancing loss (Fedus et al., "Switch Transformers", 2021, section 2.2); the history logs
+the task loss only, so curves compare with dense models.
 """
 
 from __future__ import annotations
@@ -72,15 +75,24 @@ def train(
     clip: float | None = 1.0,
     progress: bool = True,
     desc: str = "training",
+    aux_weight: float = 0.01,
 ) -> History:
     """Train ``model`` with Adam for ``steps`` steps on fresh batches ``batch_fn(generator=g)``.
 
     The batch generator is seeded with ``seed`` (so two runs see the same data); gradients are
     clipped to norm ``clip`` (None: no clipping). ``eval_batch`` (held out) is scored every
-    ``eval_every`` steps and at the end. Returns a ``History``."""
+    ``eval_every`` steps and at the end. When the model holds a ``MoE`` the loss minimised is
+    task loss + ``aux_weight`` · ``aux_loss(model)``; ``History.loss`` keeps the task loss.
+    Returns a ``History``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) or aux_weight < 0:
+        raise ValueError(f"aux_weight must be a number >= 0, got {aux_weight!r}")
     from tqdm.auto import tqdm
+
+    from minimodels.models.moe import MoE, aux_loss  # lazy: importing models loads every family
+
+    has_moe = aux_weight > 0 and any(isinstance(m, MoE) for m in model.modules())
 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -90,8 +102,9 @@ def train(
     for i in bar:
         batch = batch_fn(generator=g)
         loss = task_loss(model(batch.x), batch)
+        total = loss + aux_weight * aux_loss(model) if has_moe else loss
         opt.zero_grad()
-        loss.backward()
+        total.backward()
         if clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()

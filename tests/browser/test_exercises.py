@@ -142,6 +142,13 @@ ATTEMPTS = {
         "    return torch.cat([chunks[:world_size], chunks[world_size:]], 1)\n",
         r"not mirrored",
     ),
+    "10_long_context_arena.ipynb": Attempt(
+        "10.3",
+        # scaled by n_blocks: depth 1 lands one past the last sentence
+        "def needle_block(depth, n_blocks):\n"
+        "    return int(depth * n_blocks)\n",
+        r"off by one block",
+    ),
 }
 
 NOTEBOOKS = sorted(p.name for p in EXERCISES_DIR.glob("*.ipynb"))

@@ -35,6 +35,7 @@ __all__ = [
     "causal_conv_fft", "hyena_recurrence", "implicit_filter",  # 07
     "edm_loss", "merge_tokens", "split_tokens", "window_starts",  # 08
     "merge_partials", "ring_step", "zigzag_positions",  # 09
+    "mqar_layout", "needle_block", "route",  # 10
 ]
 
 
@@ -213,3 +214,4 @@ from minimodels.check.ch06 import block_diag_multiply, monarch_dense, monarch_pe
 from minimodels.check.ch07 import causal_conv_fft, hyena_recurrence, implicit_filter  # noqa: E402
 from minimodels.check.ch08 import edm_loss, merge_tokens, split_tokens, window_starts  # noqa: E402
 from minimodels.check.ch09 import merge_partials, ring_step, zigzag_positions  # noqa: E402
+from minimodels.check.ch10 import mqar_layout, needle_block, route  # noqa: E402

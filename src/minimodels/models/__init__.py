@@ -17,7 +17,9 @@ the position-wise layer after a mixer, and ``FAMILY_MLP`` says which MLP a famil
     lstm, gru  the gated RNNs (ch. 01), state width d_model       forget_bias (lstm)
 
 MLPS: "mlp" (two dense matrices), "rwkv" (RWKV's channel-mix), "monarch" (M2's MLP: both
-matrices Monarch, ``nblocks`` blocks).
+matrices Monarch, ``nblocks`` blocks), "moe" (a sparse mixture of MLP experts, Mixtral's top-k
+routing: ``n_experts``, ``top_k``, ``d_ff``; ``models.moe.aux_loss`` and ``parameter_counts``).
+``LM(mlp=...)`` also takes a list, one per layer (Jamba: ``["mlp", "moe"] * 2``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from minimodels.models.attention import MultiHeadAttention
 from minimodels.models.base import LM, Residual, state_numel
 from minimodels.models.hyena import hyena_mixer
 from minimodels.models.mamba import MambaBlock
+from minimodels.models.moe import MoE
 from minimodels.models.monarch import M2Mixer, MonarchMLP
 from minimodels.models.rnn import GRU, LSTM
 from minimodels.models.rwkv import RWKVChannelMix, RWKVTimeMix
@@ -60,6 +63,7 @@ MLPS = {
     "mlp": MLP,
     "rwkv": RWKVChannelMix,
     "monarch": MonarchMLP,
+    "moe": MoE,
 }
 
 FAMILY_MLP = {"attention": "mlp", "rwkv": "rwkv", "m2": "monarch", "hyena": "mlp"}

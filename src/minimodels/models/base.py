@@ -101,9 +101,10 @@ class LM(nn.Module):
 
     - ``mixer``: a name of ``MIXERS``, a factory ``factory(d_model, **options) -> nn.Module``,
       or a list with one of those per layer (hybrids: Jamba's ``["mamba"] * 3 + ["attention"]``).
-    - ``mlp``: a name of ``MLPS`` (``"mlp"``, ``"rwkv"``), a factory, None, or ``"auto"``: the
-      MLP each mixer's family uses (``FAMILY_MLP``: attention → "mlp", rwkv → its channel-mix,
-      the recurrent and state-space families → none).
+    - ``mlp``: a name of ``MLPS`` (``"mlp"``, ``"rwkv"``, ``"monarch"``, ``"moe"``), a factory,
+      None, or ``"auto"``: the MLP each mixer's family uses (``FAMILY_MLP``: attention → "mlp",
+      rwkv → its channel-mix, the recurrent and state-space families → none); or a list with
+      one of those per layer (Jamba's MoE every other layer: ``["mlp", "moe"] * 2``).
     - ``norm``: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm, RWKV's), for every block and the
       final norm; ``embed_norm`` also normalises the embeddings (RWKV's ln0).
     - ``positions``: None (the mixer knows the order) or ``max_len``, for learned absolute
@@ -120,9 +121,9 @@ class LM(nn.Module):
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int,
                  mixer: str | Callable | Sequence[str | Callable] = "mamba",
-                 mlp: str | Callable | None = "auto", *, norm: str = "rms",
-                 embed_norm: bool = False, positions: int | None = None, tie_head: bool = True,
-                 **options):
+                 mlp: str | Callable | Sequence[str | Callable | None] | None = "auto", *,
+                 norm: str = "rms", embed_norm: bool = False, positions: int | None = None,
+                 tie_head: bool = True, **options):
         super().__init__()
         from minimodels.models import FAMILY_MLP, MIXERS, MLPS  # the registry imports this module
 
@@ -136,6 +137,10 @@ class LM(nn.Module):
         if len(mixers) != n_layers:
             raise ValueError(f"mixer is a list of {len(mixers)} entries for n_layers={n_layers}: "
                              "give one per layer")
+        mlps = list(mlp) if isinstance(mlp, (list, tuple)) else [mlp] * n_layers
+        if len(mlps) != n_layers:
+            raise ValueError(f"mlp is a list of {len(mlps)} entries for n_layers={n_layers}: "
+                             "give one per layer")
         self.vocab_size, self.d_model, self.max_len = vocab_size, d_model, positions
         self.mixer_names = [m if isinstance(m, str) else getattr(m, "__name__", "custom")
                             for m in mixers]
@@ -146,11 +151,11 @@ class LM(nn.Module):
         self.embed_norm = Norm(d_model) if embed_norm else None
         used: set[str] = set()
         blocks = []
-        for i, m in enumerate(mixers):
+        for i, (m, p) in enumerate(zip(mixers, mlps, strict=True)):
             opts = {**options, "layer": i, "n_layers": n_layers}
             make_mixer = _lookup("mixer", m, MIXERS)
-            block_mlp = FAMILY_MLP.get(m) if mlp == "auto" and isinstance(m, str) else (
-                None if mlp == "auto" else mlp)
+            auto = isinstance(p, str) and p == "auto"
+            block_mlp = (FAMILY_MLP.get(m) if isinstance(m, str) else None) if auto else p
             mixer_module = _call(make_mixer, d_model, opts, used)
             mlp_module = (None if block_mlp is None
                           else _call(_lookup("mlp", block_mlp, MLPS), d_model, opts, used))

@@ -1,0 +1,139 @@
+"""The long-context arena (chapter 10): contenders at matched size, run, costs, results files."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from minimodels import arena, tasks
+from minimodels.models import state_numel
+from minimodels.models.moe import parameter_counts
+
+pytestmark = pytest.mark.ch10
+
+TINY = replace(arena.QUICK, params=6_000, batch=4, eval_batch=8, pairs=(2, 4),
+               depths=(0.0, 1.0), cost_lengths=(16, 32), decode_marks=(4, 12))
+
+
+@pytest.mark.parametrize("name", list(arena.CONTENDERS))
+def test_every_contender_builds_at_a_matched_size_and_decodes(name):
+    d = arena.width_for(name, 20_000, max_len=64)
+    model = arena.make(name, d, max_len=64).double()
+    counts = parameter_counts(model)
+    assert abs(counts["total"] - 20_000) < 0.35 * 20_000, counts  # widths step by 4
+    assert counts["active"] <= counts["total"]
+    assert (counts["active"] < counts["total"]) == (name == "jamba")
+    x = torch.randint(0, tasks.VOCAB_SIZE, (2, 12))
+    logits = model(x)
+    assert logits.shape == (2, 12, tasks.VOCAB_SIZE) and torch.isfinite(logits).all()
+    state, steps = None, []
+    with torch.no_grad():
+        for t in range(12):
+            out, state = model.step(x[:, t], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.stack(steps, 1), logits.detach())
+    assert state_numel(state) > 0
+
+
+def test_jamba_layout_and_dense_twin():
+    jamba = arena.make("jamba", 16)
+    dense = arena.make("jamba_dense", 16)
+    assert jamba.mixer_names == ["mamba", "mamba", "mamba", "attention"]
+    moe_layers = [i for i, b in enumerate(jamba.blocks) if type(b.mlp).__name__ == "MoE"]
+    assert moe_layers == [1, 3]  # every other layer
+    # same width and the same active parameters (but the routers): only the extra experts differ
+    routers = 2 * 16 * 4
+    assert parameter_counts(dense)["total"] == parameter_counts(jamba)["active"] - routers
+    assert [b.mlp.W1.out_features for b in dense.blocks] == [32, 64, 32, 64]
+    assert arena.width_for("jamba_dense", 30_000) == arena.width_for("jamba", 30_000)
+
+
+def test_run_rows():
+    rows = arena.run(["mqar", "needle_in_haystack"], ["attention", "mamba"],
+                     {"mqar": (12, 16), "needle_in_haystack": (17,)}, 2, scale=TINY,
+                     progress=False)
+    keys = {"task", "length", "contender", "setting", "accuracy", "d_model", "total", "active",
+            "state", "steps", "seconds"}
+    assert all(set(r) == keys for r in rows)
+    mqar = [r for r in rows if r["task"] == "mqar"]
+    # pairs that fit (3·pairs <= length): 2 and 4 at 12 and 16, for both contenders
+    assert sorted({(r["length"], r["setting"]) for r in mqar}) == [
+        (12, "pairs=2"), (12, "pairs=4"), (16, "pairs=2"), (16, "pairs=4")]
+    needle = [r for r in rows if r["task"] == "needle_in_haystack"]
+    assert sorted({r["setting"] for r in needle}) == ["depth=0", "depth=1"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    att = {r["length"]: r["state"] for r in mqar if r["contender"] == "attention"}
+    mamba = {r["length"]: r["state"] for r in mqar if r["contender"] == "mamba"}
+    assert att[16] > att[12] and mamba[16] == mamba[12]  # a KV cache grows, a state does not
+
+
+def test_run_is_seeded():
+    a = arena.run(["induction_heads"], ["lstm"], [10], 3, scale=TINY, progress=False)
+    b = arena.run(["induction_heads"], ["lstm"], [10], 3, scale=TINY, progress=False)
+    assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
+
+
+def test_run_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown task"):
+        arena.run(["recall"], ["attention"], [16], 1, scale=TINY, progress=False)
+    with pytest.raises(ValueError, match="unknown contender"):
+        arena.run(["mqar"], ["transformer"], [16], 1, scale=TINY, progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        arena.run(["mqar"], ["attention"], [16], 0, scale=TINY, progress=False)
+    with pytest.raises(ValueError, match="unknown contender"):
+        arena.make("gpt", 16)
+
+
+def test_costs_and_exponents():
+    rows = arena.costs(["attention", "mamba"], scale=TINY, progress=False)
+    kinds = {(r["contender"], r["kind"]) for r in rows}
+    assert {k for _, k in kinds} == {"time_per_token", "memory_per_token", "decode_seconds",
+                                     "state"}
+    state = {(r["contender"], r["length"]): r["value"] for r in rows if r["kind"] == "state"}
+    assert state["attention", 12] > state["attention", 4]
+    assert state["mamba", 12] == state["mamba", 4]
+    synthetic = [{"contender": "x", "kind": "k", "length": n, "value": 3.0 * n ** 1.5}
+                 for n in (64, 128, 256, 512)]
+    assert arena.exponents(synthetic, "k")["x"] == pytest.approx(1.5)
+
+
+def test_save_load_and_summary(tmp_path):
+    rows = arena.run(["selective_copy"], ["s4d"], [12], 2, scale=TINY, progress=False)
+    cost_rows = [{"contender": "s4d", "kind": "time_per_token", "length": n, "value": 1e-6}
+                 for n in (16, 32)]
+    path = arena.save(TINY, rows, cost_rows, 1.0, tmp_path / "tiny.json")
+    data = json.loads(path.read_text())
+    assert data["scores"] == rows and data["meta"]["scale"]["name"] == "quick"
+    table = path.with_suffix(".md").read_text()
+    assert "| s4d |" in table and "selective_copy acc" in table
+
+
+def test_full_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        arena.main(["--full"])
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_committed_quick_results_cover_every_contender_and_task():
+    data = arena.load("quick")
+    assert data is not None, "results/arena/quick.json is missing: python -m minimodels.arena --quick"
+    scale = data["meta"]["scale"]
+    assert sorted({r["contender"] for r in data["scores"]}) == sorted(arena.CONTENDERS)
+    assert sorted({r["task"] for r in data["scores"]}) == sorted(tasks.TASKS)
+    assert sorted({r["contender"] for r in data["costs"]}) == sorted(arena.CONTENDERS)
+    for r in data["scores"]:
+        assert r["length"] in scale["lengths"][r["task"]]
+        assert r["steps"] == scale["budget"][r["task"]]
+
+
+def test_workers_give_the_same_rows():
+    serial = arena.run(["induction_heads"], ["lstm", "s4d"], [10], 3, scale=TINY, progress=False)
+    parallel = arena.run(["induction_heads"], ["lstm", "s4d"], [10], 3, scale=TINY, workers=2,
+                         progress=False)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(parallel) == drop(serial)
+    with pytest.raises(ValueError, match="workers"):
+        arena.run(["mqar"], ["attention"], [16], 1, scale=TINY, workers=0, progress=False)
