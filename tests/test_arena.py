@@ -109,6 +109,33 @@ def test_save_load_and_summary(tmp_path):
     assert "| s4d |" in table and "selective_copy acc" in table
 
 
+def test_merge_split_runs(tmp_path):
+    parts = []
+    for m in ("s4d", "lstm"):
+        rows = arena.run(["selective_copy"], [m], [12], 1, scale=TINY, progress=False)
+        cost_rows = [{"contender": m, "kind": "time_per_token", "length": n, "value": 1e-6}
+                     for n in (16, 32)]
+        parts.append(arena.save(TINY, rows, cost_rows, 2.0, tmp_path / f"{m}.json"))
+    assert arena.main(["--merge", *map(str, parts), "--out", str(tmp_path / "all.json")]) == 0
+    data = json.loads((tmp_path / "all.json").read_text())
+    assert sorted({r["contender"] for r in data["scores"]}) == ["lstm", "s4d"]
+    assert data["meta"]["seconds"] == 4 and len(data["costs"]) == 4
+    with pytest.raises(ValueError, match="again"):
+        arena.merge([parts[0], parts[0]], tmp_path / "twice.json")
+
+
+def test_rankings_and_changes():
+    def rows(accs):
+        return [{"task": t, "contender": m, "accuracy": a} for t, d in accs.items()
+                for m, a in d.items()]
+    small = rows({"mqar": {"attention": 1.0, "mamba": 0.5, "lstm": 0.4}, "needle": {"s4d": 0.2}})
+    large = rows({"mqar": {"attention": 0.9, "mamba": 0.95, "lstm": 0.4}, "induction": {"x": 1}})
+    assert arena.rankings(small)["mqar"] == ["attention", "mamba", "lstm"]
+    assert arena.ranking_changes(small, large) == [("mqar", "attention", 1, 2),
+                                                   ("mqar", "mamba", 2, 1)]
+    assert arena.ranking_changes(small, small) == []
+
+
 def test_full_needs_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

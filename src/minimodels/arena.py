@@ -41,8 +41,9 @@ from minimodels.nn import MLP
 from minimodels.plots import fit_slope
 from minimodels.train import evaluate, seed_everything, train
 
-__all__ = ["CONTENDERS", "FULL", "QUICK", "Scale", "costs", "load", "make", "results_dir",
-           "run", "save", "summary", "width_for"]
+__all__ = ["CONTENDERS", "FULL", "QUICK", "Scale", "costs", "exponents", "load", "make",
+           "mean_accuracy", "merge", "ranking_changes", "rankings", "results_dir", "run", "save",
+           "summary", "width_for"]
 
 # A contender: LM options. Pure mixers repeat their mixer over ``n_layers``; hybrids give a list
 # (whose length is their depth). Jamba: 1 attention layer per 3 Mamba layers (the paper's 1:7 at
@@ -383,6 +384,31 @@ def save(scale: Scale, scores: list[dict], cost_rows: list[dict], seconds: float
     return path
 
 
+def merge(paths: Sequence[Path], out: Path) -> Path:
+    """Join results files of one scale written by separate runs (``--contenders`` splits a run
+    that does not fit one session) into ``out``: their scores and costs, the seconds summed.
+    A contender measured in two files, or files of different scales, is a ValueError."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if not parts:
+        raise ValueError("paths: expected at least one results file")
+    names = {part["meta"]["scale"]["name"] for part in parts}
+    if len(names) != 1:
+        raise ValueError(f"paths: the files hold different scales {sorted(names)}")
+    seen: set[str] = set()
+    for path, part in zip(paths, parts, strict=True):
+        mine = {r["contender"] for r in part["scores"]} | {r["contender"] for r in part["costs"]}
+        if mine & seen:
+            raise ValueError(f"paths: {path} measures {sorted(mine & seen)} again")
+        seen |= mine
+    meta = dict(parts[0]["meta"], seconds=sum(part["meta"]["seconds"] for part in parts))
+    scores = [r for part in parts for r in part["scores"]]
+    cost_rows = [r for part in parts for r in part["costs"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "scores": scores, "costs": cost_rows}, indent=1))
+    out.with_suffix(".md").write_text(summary(scores, cost_rows, meta))
+    return out
+
+
 def load(name: str = "quick") -> dict | None:
     """The committed results of one scale ("quick", "full"), or None when they do not exist."""
     path = results_dir() / f"{name}.json"
@@ -396,6 +422,28 @@ def mean_accuracy(scores: list[dict], task: str, length: int | None = None) -> d
         if r["task"] == task and (length is None or r["length"] == length):
             acc.setdefault(r["contender"], []).append(r["accuracy"])
     return {m: sum(a) / len(a) for m, a in acc.items()}
+
+
+def rankings(scores: list[dict]) -> dict[str, list[str]]:
+    """Each task's contenders, best mean accuracy first."""
+    out = {}
+    for t in dict.fromkeys(r["task"] for r in scores):
+        acc = mean_accuracy(scores, t)
+        out[t] = sorted(acc, key=lambda m: -acc[m])
+    return out
+
+
+def ranking_changes(small: list[dict], large: list[dict]) -> list[tuple[str, str, int, int]]:
+    """(task, contender, rank at the small scale, rank at the large scale), 1 = best, for every
+    contender whose rank differs between two runs' scores (tasks and contenders in both)."""
+    a, b = rankings(small), rankings(large)
+    changes = []
+    for t in a.keys() & b.keys():
+        common = [m for m in a[t] if m in b[t]]
+        rank_b = [m for m in b[t] if m in common]
+        changes += [(t, m, common.index(m) + 1, rank_b.index(m) + 1) for m in common
+                    if common.index(m) != rank_b.index(m)]
+    return sorted(changes)
 
 
 def exponents(cost_rows: list[dict], kind: str) -> dict[str, float]:
@@ -448,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--quick", action="store_true", help="2-core CPU, under 10 minutes")
     which.add_argument("--full", action="store_true", help="a CUDA GPU, larger everything")
+    which.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                       help="join results files of split runs into --out")
     parser.add_argument("--contenders", nargs="+", default=None, choices=list(CONTENDERS))
     parser.add_argument("--tasks", nargs="+", default=None, choices=list(tasks.TASKS))
     parser.add_argument("--budget", type=int, default=None, help="training steps per model")
@@ -455,6 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="jobs at once (default: 2 on the CPU, one per core; 1 on a GPU)")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out (the joined file)")
+        print(f"wrote {merge(args.merge, args.out)}")
+        return 0
     scale = QUICK if args.quick else FULL
     if scale.device == "cuda" and not torch.cuda.is_available():
         parser.error("--full runs on a CUDA GPU and none is visible here; use --quick")
