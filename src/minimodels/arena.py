@@ -301,13 +301,14 @@ def _state_size(model: LM, length: int) -> int:
 # =============================================================================================
 
 
-def _time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up (and compilation)
+def _time(fn, device: str, repeats: int = 3) -> float:
+    """Median seconds of ``repeats`` calls of fn() after one warm-up (and compilation)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
+        if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -332,7 +333,7 @@ def costs(mixers: Iterable[str], *, scale: Scale = QUICK, progress: bool = True)
             for length in scale.cost_lengths:
                 x = torch.randint(0, 8, (1, length), device=scale.device)
                 with torch.no_grad():
-                    seconds = _time(lambda x=x, model=model: model(x))
+                    seconds = _time(lambda x=x, model=model: model(x), scale.device)
                 memory = (lab.peak_memory(lambda x=x, model=model: model(x)) if cpu
                           else _cuda_peak(model, x))
                 rows += [{"contender": m, "kind": "time_per_token", "length": length,
@@ -372,13 +373,18 @@ def results_dir() -> Path:
 def save(scale: Scale, scores: list[dict], cost_rows: list[dict], seconds: float,
          path: Path | None = None) -> Path:
     path = path or results_dir() / f"{scale.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"scale": {k: v for k, v in asdict(scale).items()},
+    meta = {"scale": asdict(scale),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                        f"{platform.processor() or platform.system()}",
             "device": (torch.cuda.get_device_name() if scale.device == "cuda" else "cpu"),
             "date": time.strftime("%Y-%m-%d"), "seconds": round(seconds),
             "torch": torch.__version__}
+    return _write(path, meta, scores, cost_rows)
+
+
+def _write(path: Path, meta: dict, scores: list[dict], cost_rows: list[dict]) -> Path:
+    """path (.json): meta, scores and costs; beside it (.md): their ``summary`` table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "scores": scores, "costs": cost_rows}, indent=1))
     path.with_suffix(".md").write_text(summary(scores, cost_rows, meta))
     return path
@@ -401,12 +407,8 @@ def merge(paths: Sequence[Path], out: Path) -> Path:
             raise ValueError(f"paths: {path} measures {sorted(mine & seen)} again")
         seen |= mine
     meta = dict(parts[0]["meta"], seconds=sum(part["meta"]["seconds"] for part in parts))
-    scores = [r for part in parts for r in part["scores"]]
-    cost_rows = [r for part in parts for r in part["costs"]]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "scores": scores, "costs": cost_rows}, indent=1))
-    out.with_suffix(".md").write_text(summary(scores, cost_rows, meta))
-    return out
+    return _write(out, meta, [r for part in parts for r in part["scores"]],
+                  [r for part in parts for r in part["costs"]])
 
 
 def load(name: str = "quick") -> dict | None:
@@ -453,7 +455,7 @@ def exponents(cost_rows: list[dict], kind: str) -> dict[str, float]:
     for m in dict.fromkeys(r["contender"] for r in cost_rows):
         pts = sorted((r["length"], r["value"]) for r in cost_rows
                      if r["contender"] == m and r["kind"] == kind)
-        pts = pts[len(pts) // 2 - (len(pts) % 2 == 0):]
+        pts = pts[(len(pts) - 1) // 2:]
         if len(pts) >= 2 and all(v > 0 for _, v in pts):
             out[m] = fit_slope([p[0] for p in pts], [p[1] for p in pts])
     return out

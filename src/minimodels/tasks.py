@@ -283,7 +283,7 @@ def mqar(
 # Needle in a haystack (Kamradt 2023; Gemini 1.5's recall plot)
 # ---------------------------------------------------------------------------------------------
 
-__all__ += ["WORDS", "decode", "needle_in_haystack"]
+__all__ += ["WORDS", "decode", "needle_block", "needle_in_haystack"]
 
 # The needle task's vocabulary: id = position in WORDS. Haystack sentences are
 # "DET ADJ NOUN VERB ADVERB ." (6 tokens); the needle is "the secret of KEY is VALUE" (6 tokens);
@@ -318,8 +318,6 @@ def needle_block(depth: float, n_blocks: int) -> int:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     return round(depth * (n_blocks - 1))
 
-
-__all__ += ["needle_block"]
 
 
 def needle_in_haystack(
