@@ -164,3 +164,26 @@ def test_workers_give_the_same_rows():
     assert drop(parallel) == drop(serial)
     with pytest.raises(ValueError, match="workers"):
         arena.run(["mqar"], ["attention"], [16], 1, scale=TINY, workers=0, progress=False)
+
+
+def test_checkpoint_resumes_a_run_cut_short(tmp_path, monkeypatch):
+    """Each finished job's rows reach the checkpoint file at once; a second run with the same
+    file trains only the jobs it lacks and returns the same rows; a file from another budget is
+    refused."""
+    path = tmp_path / "jobs.jsonl"
+    full = arena.run(["induction_heads"], ["lstm", "s4d"], [10], 2, scale=TINY, progress=False,
+                     checkpoint=path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    path.write_text(lines[0] + "\n")  # cut short after the first job
+    ran = []
+    real_job = arena._job
+    monkeypatch.setattr(arena, "_job", lambda *job: ran.append(job[:2]) or real_job(*job))
+    resumed = arena.run(["induction_heads"], ["lstm", "s4d"], [10], 2, scale=TINY,
+                        progress=False, checkpoint=path)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed) == drop(full)
+    assert ran == [("induction_heads", "s4d")] and len(path.read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="checkpoint"):
+        arena.run(["induction_heads"], ["lstm"], [10], 3, scale=TINY, progress=False,
+                  checkpoint=path)

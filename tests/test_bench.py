@@ -208,7 +208,8 @@ def test_mambapy_peer_computes_the_selective_scan():
 
 RESULTS = Path(__file__).resolve().parents[1] / "kernels" / "results" / "cuda"
 GPU_TABLES = {"linear_scan": "scan", "attention": "attention", "wkv": "wkv", "s4d_kernel": "s4d",
-              "selective_scan": "selective_scan", "monarch_multiply": "monarch"}
+              "selective_scan": "selective_scan", "monarch_multiply": "monarch",
+              "causal_conv": "long_conv", "neighborhood_attention_2d": "natten"}
 
 
 def _table_numbers(text: str) -> set[float]:

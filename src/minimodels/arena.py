@@ -58,7 +58,7 @@ CONTENDERS: dict[str, dict] = {
     "mamba": {"mixer": "mamba"},
     "hyena": {"mixer": "hyena"},
     "m2": {"mixer": "m2"},
-    "lstm": {"mixer": "lstm"},
+    "lstm": {"mixer": "lstm", "fused": True},  # torch's fused loop: the same layer, fast
     "striped_hyena": {"mixer": ["hyena", "attention"] * 2, "n_heads": 2, "rope": True},
     "jamba": {"mixer": ["mamba"] * 3 + ["attention"], "mlp": ["mlp", "moe"] * 2,
               "n_heads": 2, "n_experts": 4, "top_k": 2, "d_ff_expert": 2},
@@ -149,9 +149,13 @@ QUICK = Scale(name="quick", params=40_000, batch=32, lr=3e-3,
               pairs=(2, 4, 8), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
               options={"mqar": {"n_keys": 8, "n_values": 8}},
               cost_lengths=(256, 512, 1024, 2048, 4096), decode_marks=(64, 256, 1024))
+# FULL fits the device budget of one session (two 10-minute calls, resumed from the
+# checkpoint): on 2026-12-05 twice these steps, forty jobs side by side, did not finish in one
+# call (the H200 time-slices between processes; each step of these small models waits on its
+# launches, so more processes than a few buy little)
 FULL = Scale(name="full", params=400_000, batch=64, lr=2e-3,
-             budget={"mqar": 2000, "needle_in_haystack": 1500, "induction_heads": 1000,
-                     "selective_copy": 1000},
+             budget={"mqar": 1000, "needle_in_haystack": 750, "induction_heads": 500,
+                     "selective_copy": 500},
              lengths={"mqar": (64, 128, 256), "needle_in_haystack": (128, 512, 2048),
                       "induction_heads": (256,), "selective_copy": (256,)},
              pairs=(4, 8, 16, 32), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
@@ -213,7 +217,8 @@ def _batches(task: str, lengths: Sequence[int], scale: Scale):
 
 def run(tasks_: Iterable[str], mixers: Iterable[str], lengths: Mapping[str, Sequence[int]]
         | Sequence[int], budget: Mapping[str, int] | int, *, scale: Scale = QUICK,
-        seed: int = 0, workers: int = 1, progress: bool = True) -> list[dict]:
+        seed: int = 0, workers: int = 1, progress: bool = True,
+        checkpoint: Path | None = None) -> list[dict]:
     """Train each contender once per task and score it at every length.
 
     ``tasks_``: names of ``minimodels.tasks.TASKS``; ``mixers``: names of ``CONTENDERS``;
@@ -222,7 +227,9 @@ def run(tasks_: Iterable[str], mixers: Iterable[str], lengths: Mapping[str, Sequ
     ``scale.params`` parameters. Returns one row per score: {task, length, contender, setting
     (pairs=…, depth=…), accuracy, d_model, total and active parameters, state (numbers in the
     decoding state after ``length`` tokens), steps, seconds (training)}. ``workers`` > 1 runs
-    that many jobs at once in spawned processes (CPU: one per core)."""
+    that many jobs at once in spawned processes (CPU: one per core). ``checkpoint``: a JSON-lines
+    file that gets each finished job's rows at once; the jobs it already holds are not run again,
+    so a run cut short (a time limit) resumes where it stopped."""
     from tqdm.auto import tqdm
 
     tasks_, mixers = list(tasks_), list(mixers)
@@ -245,20 +252,50 @@ def run(tasks_: Iterable[str], mixers: Iterable[str], lengths: Mapping[str, Sequ
               for m in mixers}
     jobs = [(t, m, widths[m], tuple(per_task[t]), steps[t], max_len, scale, seed)
             for t in tasks_ for m in mixers]
+    done = _load_checkpoint(checkpoint, {(t, m): (widths[m], steps[t]) for t in tasks_
+                                         for m in mixers})
+    todo = [job for job in jobs if job[:2] not in done]
+    marks = sorted({n for t in tasks_ for n in per_task[t]})
     with lab.single_thread() if scale.device == "cpu" else contextlib.nullcontext():
-        states = {(m, length): _state_size(make(m, widths[m], n_layers=scale.n_layers,
-                                                max_len=max_len).to(scale.device), length)
-                  for m in mixers for length in sorted({n for t in tasks_ for n in per_task[t]})}
+        states = {(m, length): size for m in mixers for length, size in _state_sizes(
+            make(m, widths[m], n_layers=scale.n_layers, max_len=max_len).to(scale.device),
+            marks).items()}
+    def finished(job, rows):
+        done[job[:2]] = rows
+        if checkpoint is not None:
+            with Path(checkpoint).open("a") as f:
+                f.write(json.dumps(rows) + "\n")
+
     if workers == 1:
-        results = [_job(*job) for job in tqdm(jobs, desc="arena", disable=not progress)]
+        for job in tqdm(todo, desc="arena", disable=not progress):
+            finished(job, _job(*job))
     else:  # one process per core, one thread each; every job seeds itself: the same rows
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_job, *job) for job in jobs]
-            for _ in tqdm(as_completed(futures), total=len(futures), desc="arena",
-                          disable=not progress):
-                pass
-            results = [f.result() for f in futures]
-    return [{**r, "state": states[r["contender"], r["length"]]} for rows in results for r in rows]
+            futures = {pool.submit(_job, *job): job for job in todo}
+            for future in tqdm(as_completed(futures), total=len(futures), desc="arena",
+                               disable=not progress):
+                finished(futures[future], future.result())
+    return [{**r, "state": states[r["contender"], r["length"]]} for job in jobs
+            for r in done[job[:2]]]
+
+
+def _load_checkpoint(path: Path | None, want: Mapping[tuple[str, str], tuple[int, int]]
+                     ) -> dict[tuple[str, str], list[dict]]:
+    """The finished jobs in a checkpoint file: (task, contender) -> rows, for the jobs of this
+    run; a job trained at another width or budget is a ValueError (a stale file)."""
+    done: dict[tuple[str, str], list[dict]] = {}
+    if path is None or not Path(path).exists():
+        return done
+    for line in Path(path).read_text().splitlines():
+        rows = json.loads(line)
+        key = (rows[0]["task"], rows[0]["contender"])
+        if key in want:
+            if (rows[0]["d_model"], rows[0]["steps"]) != want[key]:
+                raise ValueError(f"checkpoint {path} trained {key} at (d_model, steps) = "
+                                 f"{(rows[0]['d_model'], rows[0]['steps'])}, this run asks "
+                                 f"{want[key]}: delete the file or pass another")
+            done[key] = rows
+    return done
 
 
 def _job(t: str, m: str, d_model: int, lengths: Sequence[int], steps: int, max_len: int,
@@ -287,13 +324,15 @@ def _train_and_score(t, m, d_model, lengths, steps, max_len, scale, seed) -> lis
 
 
 @torch.no_grad()
-def _state_size(model: LM, length: int) -> int:
-    """Numbers in the decoding state after ``length`` tokens (a KV cache grows, a recurrent
-    state does not; the size does not depend on the weights)."""
-    state, device = None, next(model.parameters()).device
-    for t in range(length):
+def _state_sizes(model: LM, marks: Sequence[int]) -> dict[int, int]:
+    """Numbers in the decoding state after each of ``marks`` tokens, in one pass (a KV cache
+    grows, a recurrent state does not; the size does not depend on the weights)."""
+    state, device, sizes = None, next(model.parameters()).device, {}
+    for t in range(max(marks)):
         _, state = model.step(torch.tensor([t % 8], device=device), state)
-    return state_numel(state)
+        if t + 1 in marks:
+            sizes[t + 1] = state_numel(state)
+    return sizes
 
 
 # =============================================================================================
@@ -391,22 +430,26 @@ def _write(path: Path, meta: dict, scores: list[dict], cost_rows: list[dict]) ->
 
 
 def merge(paths: Sequence[Path], out: Path) -> Path:
-    """Join results files of one scale written by separate runs (``--contenders`` splits a run
-    that does not fit one session) into ``out``: their scores and costs, the seconds summed.
-    A contender measured in two files, or files of different scales, is a ValueError."""
+    """Join results files of one scale written by separate runs (``--contenders``, ``--tasks``
+    and ``--measure`` split a run that does not fit one call) into ``out``: their scores and
+    costs, the seconds summed. A (task, contender) scored twice, a contender's costs measured
+    twice, or files of different scales, is a ValueError."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     if not parts:
         raise ValueError("paths: expected at least one results file")
     names = {part["meta"]["scale"]["name"] for part in parts}
     if len(names) != 1:
         raise ValueError(f"paths: the files hold different scales {sorted(names)}")
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for path, part in zip(paths, parts, strict=True):
-        mine = {r["contender"] for r in part["scores"]} | {r["contender"] for r in part["costs"]}
+        mine = ({(r["task"], r["contender"]) for r in part["scores"]}
+                | {("costs", r["contender"]) for r in part["costs"]})
         if mine & seen:
-            raise ValueError(f"paths: {path} measures {sorted(mine & seen)} again")
+            again = ", ".join(f"{m} ({t})" for t, m in sorted(mine & seen))
+            raise ValueError(f"paths: {path} measures {again} again")
         seen |= mine
-    meta = dict(parts[0]["meta"], seconds=sum(part["meta"]["seconds"] for part in parts))
+    meta = dict(parts[0]["meta"], seconds=sum(part["meta"]["seconds"] for part in parts),
+                runs=sum(part["meta"].get("runs", 1) for part in parts))
     return _write(out, meta, [r for part in parts for r in part["scores"]],
                   [r for part in parts for r in part["costs"]])
 
@@ -461,25 +504,32 @@ def exponents(cost_rows: list[dict], kind: str) -> dict[str, float]:
     return out
 
 
+def _runs(meta: Mapping) -> str:
+    n = meta.get("runs", 1)
+    return f" (summed over {n} runs, some of them side by side)" if n > 1 else ""
+
+
 def summary(scores: list[dict], cost_rows: list[dict], meta: Mapping) -> str:
     """A Markdown results table: mean accuracy per task for each contender, its size, and its
     cost exponents."""
     task_names = list(dict.fromkeys(r["task"] for r in scores))
-    mixers = list(dict.fromkeys(r["contender"] for r in scores))
+    mixers = list(dict.fromkeys(r["contender"] for r in scores + cost_rows))
     size = {r["contender"]: (r["d_model"], r["total"], r["active"]) for r in scores}
     acc = {t: mean_accuracy(scores, t) for t in task_names}
     t_exp = exponents(cost_rows, "time_per_token")
     m_exp = exponents(cost_rows, "memory_per_token")
     head = (f"# Arena results: {meta['scale']['name']}\n\n{meta['date']}, {meta['device']} "
-            f"({meta['machine']}), torch {meta['torch']}, {meta['seconds']} s in all. "
+            f"({meta['machine']}), torch {meta['torch']}, {meta['seconds']} s in all"
+            f"{_runs(meta)}. "
             f"Budget (steps of {meta['scale']['batch']} sequences per model): "
             f"{meta['scale']['budget']}; ~{meta['scale']['params']:,} parameters each.\n\n")
     cols = ["contender", "d", "params (active)"] + [f"{t} acc" for t in task_names] + [
         "time/token exp", "memory/token exp"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m in mixers:
-        d, total, active = size[m]
-        cells = [m, str(d), f"{total:,}" + (f" ({active:,})" if active != total else "")]
+        d, total, active = size.get(m, ("-", 0, 0))  # "-": costs only, not trained here
+        cells = [m, str(d), (f"{total:,}" + (f" ({active:,})" if active != total else "")
+                             if total else "-")]
         cells += [f"{acc[t].get(m, float('nan')):.2f}" for t in task_names]
         cells += [f"{t_exp.get(m, float('nan')):.2f}", f"{m_exp.get(m, float('nan')):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -506,6 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/arena)")
     parser.add_argument("--workers", type=int, default=None,
                         help="jobs at once (default: 2 on the CPU, one per core; 1 on a GPU)")
+    parser.add_argument("--measure", choices=("all", "scores", "costs"), default="all",
+                        help="train and score, measure costs, or both (costs time the models: "
+                             "run them alone on the machine)")
     args = parser.parse_args(argv)
     if args.merge:
         if args.out is None:
@@ -521,9 +574,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     task_names = args.tasks or list(scale.lengths)
     start = time.perf_counter()
     workers = args.workers or (min(2, os.cpu_count() or 1) if scale.device == "cpu" else 1)
-    scores = run(task_names, mixers, scale.lengths, scale.budget, scale=scale, workers=workers)
-    cost_rows = costs(mixers, scale=scale)
-    path = save(scale, scores, cost_rows, time.perf_counter() - start, args.out)
+    out = args.out or results_dir() / f"{scale.name}.json"
+    checkpoint = out.with_suffix(".jobs.jsonl")  # a run cut short resumes from it
+    scores = (run(task_names, mixers, scale.lengths, scale.budget, scale=scale, workers=workers,
+                  checkpoint=checkpoint) if args.measure != "costs" else [])
+    cost_rows = costs(mixers, scale=scale) if args.measure != "scores" else []
+    path = save(scale, scores, cost_rows, time.perf_counter() - start, out)
+    checkpoint.unlink(missing_ok=True)
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path}")
     return 0

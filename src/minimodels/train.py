@@ -96,7 +96,7 @@ def train(
 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history = History()
+    history, losses = History(), []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
     model.train()
     for i in bar:
@@ -108,8 +108,9 @@ def train(
         if clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        history.loss.append(loss.item())
+        losses.append(loss.detach())  # read back in bulk: on a GPU, no wait at every step
         if eval_batch is not None and ((i + 1) % eval_every == 0 or i + 1 == steps):
             history.evals.append((i + 1, evaluate(model, eval_batch)))
             bar.set_postfix({k: round(v, 3) for k, v in history.final.items()})
+    history.loss = torch.stack(losses).tolist()
     return history

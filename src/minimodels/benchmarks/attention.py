@@ -21,7 +21,8 @@ from minimodels.kernels import attention as A
 __all__ = ["FWD_BWD_SHAPE", "GPU_SHAPE", "fwd_bwd_rows", "matmul_rate", "run"]
 
 GPU_SHAPE = (1, 16, 16384, 128)  # --device cuda default (b, h, l, e)
-FWD_BWD_SHAPE = (1, 8, 2048, 64)  # CPU forward + backward default (issue #15's target size)
+# forward + backward defaults: issue #15's target sizes
+FWD_BWD_SHAPE = {"cpu": (1, 8, 2048, 64), "cuda": (1, 16, 8192, 128)}
 ROUNDS = 5  # forward + backward: rounds of interleaved calls, the median of each kept
 
 
@@ -35,10 +36,12 @@ def run(shape=None, device="cpu", dtype=None) -> str:
     """CPU: kernel vs SDPA vs ref at ``attention.example_inputs``' (1, 8, 4096, 64), causal and
     not; then forward + backward (``fwd_bwd_rows``) at (1, 8, 2048, 64). CUDA: kernel vs SDPA
     float32 and bf16 at (1, 16, 16384, 128), causal and not, each row also in TFLOP/s; then
-    forward + backward, kernel vs SDPA. The floor is 4·b·h·lq·lk·e FLOPs (halved when causal)
+    forward + backward, kernel vs SDPA, at (1, 16, 8192, 128). A given ``shape`` is used for
+    both. The floor is 4·b·h·lq·lk·e FLOPs (halved when causal)
     over the measured matmul rate of the same device and dtype, 3.5 times that for forward +
     backward (the backward's five products to the forward's two)."""
     F = torch.nn.functional
+    bwd_shape = FWD_BWD_SHAPE[device] if shape is None else shape
     if shape is None and device == "cuda":
         shape = GPU_SHAPE
     dev = tensor_device(device)
@@ -74,7 +77,6 @@ def run(shape=None, device="cpu", dtype=None) -> str:
                 row.note = f"{row.note}; {rate_note}" if row.note else rate_note
         out += ["", f"causal={causal}: FLOP floor {floor * 1e3:.3g} ms; ratios are against SDPA",
                 "", format_table(rows, reference="SDPA", floor_seconds=floor)]
-    bwd_shape = FWD_BWD_SHAPE if shape is None and device == "cpu" else shape
     bwd_ex = A.example_inputs(bwd_shape, device=dev, **({"dtype": dtype} if dtype else {}))
     out.append("")
     out.append(fwd_bwd_rows(bwd_ex, device, rate))

@@ -92,6 +92,26 @@ def run(shape=None, device="cpu", dtype=None) -> str:
         add("minimodels cuda kernel", "cuda",
             f"grid ({math.ceil(L / (sk.THREADS * sk.ITEMS))}, {h}) x {sk.THREADS} threads",
             warmup=10, repeat=200)
+    # forward + backward: the gradients of A, C and Δ for a fixed cotangent of K (issue #15:
+    # within 3x the forward); the kernel's own backward, no reference in the loop
+    backend = "cpu" if device == "cpu" else "cuda"
+    leaves = [t.detach().requires_grad_() for t in (A, C, dt)]
+    K = sk.s4d_kernel(*leaves, L, backend=backend)
+    cot = torch.randn(K.shape, dtype=K.dtype, device=K.device, generator=torch.Generator(
+        K.device).manual_seed(1))
+
+    def fwd_bwd():
+        return torch.autograd.grad(sk.s4d_kernel(*leaves, L, backend=backend), leaves, cot)
+
+    del K
+    both = measure(f"minimodels {backend} kernel, forward+backward", fwd_bwd, device,
+                   "not a forward", warmup=1 if device == "cpu" else 5,
+                   repeat=5 if device == "cpu" else 50)
+    fwd = rows[-1]
+    ratio = (both.gpu_seconds / fwd.gpu_seconds if both.gpu_seconds and fwd.gpu_seconds
+             else both.seconds / fwd.seconds)
+    both.note += f"; {ratio:.2f}x the forward's {'GPU ' if both.gpu_seconds else ''}time"
+    rows.append(both)
     flops = 4 * h * n * L
     nbytes = h * L * torch.empty((), dtype=_REAL[dtype]).element_size()
     rate, bandwidth = matmul_rate(dev, _REAL[dtype]), copy_bandwidth(dev, 1 << 28)

@@ -14,7 +14,7 @@ the position-wise layer after a mixer, and ``FAMILY_MLP`` says which MLP a famil
     hyena      the Hyena operator: implicit long filters and      l_max, order, filter_order
                gates (ch. 07); its state is the input history
                (StripedHyena: a list mixing "hyena" and "attention" with rope, n_kv_heads)
-    lstm, gru  the gated RNNs (ch. 01), state width d_model       forget_bias (lstm)
+    lstm, gru  the gated RNNs (ch. 01), state width d_model       forget_bias (lstm), fused
 
 MLPS: "mlp" (two dense matrices), "rwkv" (RWKV's channel-mix), "monarch" (M2's MLP: both
 matrices Monarch, ``nblocks`` blocks), "moe" (a sparse mixture of MLP experts, Mixtral's top-k
@@ -38,14 +38,15 @@ from minimodels.nn import MLP
 __all__ = ["FAMILY_MLP", "LM", "MIXERS", "MLPS", "Residual", "state_numel"]
 
 
-def lstm_mixer(d_model: int, *, forget_bias: float | None = None) -> LSTM:
-    """An LSTM layer of width d_model -> d_model (chapter 01), as a mixer."""
-    return LSTM(d_model, d_model, forget_bias=forget_bias)
+def lstm_mixer(d_model: int, *, forget_bias: float | None = None, fused: bool = False) -> LSTM:
+    """An LSTM layer of width d_model -> d_model (chapter 01), as a mixer (``fused``: torch's
+    fused loop over the same weights)."""
+    return LSTM(d_model, d_model, forget_bias=forget_bias, fused=fused)
 
 
-def gru_mixer(d_model: int) -> GRU:
+def gru_mixer(d_model: int, *, fused: bool = False) -> GRU:
     """A GRU layer of width d_model -> d_model (chapter 01), as a mixer."""
-    return GRU(d_model, d_model)
+    return GRU(d_model, d_model, fused=fused)
 
 
 MIXERS = {

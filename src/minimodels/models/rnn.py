@@ -178,11 +178,13 @@ class _Recurrent(nn.Module):
     kind = "rnn"
     torch_class = nn.RNN
 
-    def __init__(self, d_input: int, d_hidden: int, bias: bool = True):
+    def __init__(self, d_input: int, d_hidden: int, bias: bool = True, fused: bool = False):
         super().__init__()
         if d_input < 1 or d_hidden < 1:
             raise ValueError(f"d_input and d_hidden must be >= 1, got {d_input}, {d_hidden}")
-        self.d_input, self.d_hidden = d_input, d_hidden
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {fused!r}")
+        self.d_input, self.d_hidden, self.fused = d_input, d_hidden, fused
         g = GATES[self.kind]
         self.W_ih = nn.Parameter(torch.empty(g * d_hidden, d_input))
         self.W_hh = nn.Parameter(torch.empty(g * d_hidden, d_hidden))
@@ -197,7 +199,33 @@ class _Recurrent(nn.Module):
         return self.W_ih, self.W_hh, self.b_ih, self.b_hh
 
     def extra_repr(self) -> str:
-        return f"d_input={self.d_input}, d_hidden={self.d_hidden}, bias={self.b_ih is not None}"
+        return (f"d_input={self.d_input}, d_hidden={self.d_hidden}, bias={self.b_ih is not None}"
+                + (", fused=True" if self.fused else ""))
+
+    def scan(self, x, state=None):
+        """Like forward, also returning the final state: (y (b, l, n), state). ``fused``: torch's
+        own fused loop (cuDNN on a GPU) over the same weights instead of ours, one cell call per
+        step; the arena uses it, where thousands of steps per batch would each launch a cell."""
+        if not self.fused:
+            return self._scan(x, state)
+        expect_tensor("x", x, "batch, l, input")
+        if state is None:
+            zero = torch.zeros(x.shape[0], self.d_hidden, dtype=x.dtype, device=x.device)
+            state = (zero, zero) if self.kind == "lstm" else zero
+        hx = tuple(s[None] for s in state) if self.kind == "lstm" else state[None]
+        params = [w for w in self.weights() if w is not None]
+        run = {"lstm": torch.lstm, "gru": torch.gru,
+               "rnn": torch.rnn_tanh if getattr(self, "nonlinearity", "tanh") == "tanh"
+               else torch.rnn_relu}[self.kind]
+        # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        y, *last = run(x, hx, params, self.b_ih is not None, 1, 0.0, self.training, False, True)
+        if self.kind == "lstm":
+            return y, (last[0][0], last[1][0])
+        return y, last[0][0]
+
+    def _scan(self, x, state=None):
+        """Our loop of the layer's cell (the chapter's functional form)."""
+        raise NotImplementedError
 
     @classmethod
     def from_torch(cls, module: nn.Module):
@@ -228,10 +256,6 @@ class _Recurrent(nn.Module):
         """x: (b, l, d_input) -> y: (b, l, d_hidden), all hidden states (state=None: zeros)."""
         return self.scan(x, state)[0]
 
-    def scan(self, x, state=None):
-        """Like forward, also returning the final state: (y (b, l, n), state)."""
-        raise NotImplementedError
-
     def step(self, x_t, state=None):
         """x_t: (b, d_input) -> (y_t (b, d_hidden), state). Constant-size state."""
         expect_tensor("x_t", x_t, "batch, input")
@@ -244,11 +268,12 @@ class RNN(_Recurrent):
 
     kind, torch_class = "rnn", nn.RNN
 
-    def __init__(self, d_input: int, d_hidden: int, bias: bool = True, nonlinearity="tanh"):
-        super().__init__(d_input, d_hidden, bias)
+    def __init__(self, d_input: int, d_hidden: int, bias: bool = True, nonlinearity="tanh",
+                 fused: bool = False):
+        super().__init__(d_input, d_hidden, bias, fused)
         self.nonlinearity = nonlinearity
 
-    def scan(self, x, state=None):
+    def _scan(self, x, state=None):
         return rnn(x, state, *self.weights(), nonlinearity=self.nonlinearity)
 
 
@@ -261,8 +286,8 @@ class LSTM(_Recurrent):
     kind, torch_class = "lstm", nn.LSTM
 
     def __init__(self, d_input: int, d_hidden: int, bias: bool = True,
-                 forget_bias: float | None = None):
-        super().__init__(d_input, d_hidden, bias)
+                 forget_bias: float | None = None, fused: bool = False):
+        super().__init__(d_input, d_hidden, bias, fused)
         if forget_bias is not None:
             if not bias:
                 raise ValueError("forget_bias needs bias=True")
@@ -271,7 +296,7 @@ class LSTM(_Recurrent):
                 self.b_ih[n:2 * n] = forget_bias
                 self.b_hh[n:2 * n] = 0.0
 
-    def scan(self, x, state=None):
+    def _scan(self, x, state=None):
         return lstm(x, state, *self.weights())
 
 
@@ -280,7 +305,7 @@ class GRU(_Recurrent):
 
     kind, torch_class = "gru", nn.GRU
 
-    def scan(self, x, state=None):
+    def _scan(self, x, state=None):
         return gru(x, state, *self.weights())
 
 
