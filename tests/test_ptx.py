@@ -64,9 +64,9 @@ def _kernels():
         fwd, grad = lc._conv_kernels(dt)
         out.append((f"causal_conv forward {dt}", fwd, (a3, a2, a1, a3), False))
         out.append((f"causal_conv filter gradient {dt}", grad, (a3, a3, a2), False))
-        fwd, bwd = mc._monarch_kernels(dt)
-        out.append((f"monarch forward {dt}", fwd, (a2, a3, a3, a2), False))
-        out.append((f"monarch backward {dt}", bwd, (a2, a2, a3, a3, a2, a2, a2), False))
+        bgemm = mc._bgemm_kernel(dt, mc.CUDA_TILES[dt.itemsize])[0]
+        out.append((f"monarch batched product {dt}", bgemm, (a1, a1, a1) + (types.int64,) * 13,
+                    False))
     return out
 
 
