@@ -170,7 +170,7 @@ def test_checkpoint_resumes_a_run_cut_short(tmp_path, monkeypatch):
     """Each finished job's rows reach the checkpoint file at once; a second run with the same
     file trains only the jobs it lacks and returns the same rows; a file from another budget is
     refused."""
-    path = tmp_path / "jobs.jsonl"
+    path = tmp_path / "new folder" / "jobs.jsonl"
     full = arena.run(["induction_heads"], ["lstm", "s4d"], [10], 2, scale=TINY, progress=False,
                      checkpoint=path)
     lines = path.read_text().splitlines()

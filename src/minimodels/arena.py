@@ -264,6 +264,9 @@ def run(tasks_: Iterable[str], mixers: Iterable[str], lengths: Mapping[str, Sequ
         states = {(m, length): size for m in mixers for length, size in _state_sizes(
             make(m, widths[m], n_layers=scale.n_layers, max_len=max_len).to(scale.device),
             marks).items()}
+    if checkpoint is not None:
+        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+
     def finished(job, rows):
         done[job[:2]] = rows
         if checkpoint is not None:
