@@ -431,7 +431,7 @@ def s4d_cases(draw, backend):
 @st.composite
 def monarch_cases(draw, backend):
     case = _base(draw, backend)
-    if backend == "cuda" and SIMULATED:  # one block of THREADS per token: a few tokens
+    if backend == "cuda" and SIMULATED:  # the simulator runs each thread in Python: a few tokens
         b = draw(st.integers(0, 4))
         k, q, p = (draw(st.integers(1, 4)) for _ in range(3))
     else:  # CPU: tasks of TILE tokens
@@ -454,7 +454,7 @@ def monarch_cases(draw, backend):
 @st.composite
 def natten_cases(draw, backend):
     case = _base(draw, backend)
-    if backend == "cuda" and SIMULATED:  # blocks of TILE x TILE queries: a few blocks
+    if backend == "cuda" and SIMULATED:  # tiles TILE queries wide: a few tiles
         heads = draw(st.sampled_from([(1, 1), (1, 2), (2, 1)]))
         H, W = (draw(lengths(2 * natten_cuda.TILE + 1, [natten_cuda.TILE])) for _ in range(2))
         e = draw(st.sampled_from([0, 1, 3, natten_cuda.E_CHUNK, natten_cuda.E_CHUNK + 1]))

@@ -4,6 +4,7 @@ backward kernels) against autograd of the reference, memory linear in the length
 backward, large logits, merging partial results by their log-sum-exp, the canonical example,
 and bad input."""
 
+import functools
 import math
 
 import pytest
@@ -13,7 +14,9 @@ from helpers import ALL, KERNELS, device_for
 
 import minimodels.kernels.attention as A
 import minimodels.kernels.attention.cpu as attention_cpu
+import minimodels.kernels.attention.cuda as attention_cuda
 from minimodels import lab
+from minimodels.backend import cuda_simulated
 from minimodels.kernels._common import Example
 from minimodels.kernels.attention import (
     attention,
@@ -370,6 +373,42 @@ def test_backward_across_tiles_equals_autograd_of_ref(backend, dtype, causal):
         assert x.dtype == dtype
         torch.testing.assert_close(x.double(), y, rtol=0, atol=tol * max(1.0, y.abs().max()),
                                    msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.skipif(not cuda_simulated(), reason="sizes chosen for the simulator's tiles")
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_cuda_z_chunks_shorter_than_a_walk_tile(monkeypatch, causal):
+    """The CUDA backward's step C stages Z (dO and Q in dkv, K in dq) VK walk rows at a time, as
+    the GPU's float32 dkv does (VK = 16 of BC = 64), which the simulator's tiles never need. A
+    smaller shared-memory budget makes VK = 1 (dkv) and 2 (dq) of BC = 4 there, at e = 17."""
+    small = functools.partial(attention_cuda._bwd_tiles, shared_bytes=760)
+    monkeypatch.setattr(attention_cuda, "_bwd_tiles", small)
+    attention_cuda._attention_bwd_kernel.cache_clear()
+    try:
+        assert [small(8, 17, kind)["VK"] for kind in ("dkv", "dq")] == [1, 2]
+        assert small(8, 17, "dkv")["BC"] == 4
+        want = _grads("ref", (1, 2, 6, 7, 17), torch.float64, causal)
+        got = _grads("cuda", (1, 2, 6, 7, 17), torch.float64, causal)
+    finally:
+        attention_cuda._attention_bwd_kernel.cache_clear()  # the usual budget's kernels next
+    for name, x, y in zip("q k v".split(), got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_backward_cuda_gpu_tiles_fit_shared_memory(monkeypatch, itemsize):
+    """The GPU's tiles (not the simulator's): for head dims from 1 to 512, every backward kernel's
+    layout fits the 48 KB of static shared memory, its Z chunks divide a walk tile, a group is
+    two whole warps and the accumulators cover e; a head dim that cannot fit is a ValueError."""
+    monkeypatch.setattr(attention_cuda, "cuda_simulated", lambda: False)
+    for e in (1, 2, 3, 17, 64, 100, 128, 255, 256, 512):
+        for kind in ("dsum", "dkv", "dq"):
+            T = attention_cuda._bwd_tiles(itemsize, e, kind)
+            assert T["SMEM"] * itemsize <= attention_cuda.SHARED_BYTES, (e, kind, T)
+            assert T["VK"] >= 1 and T["BC"] % T["VK"] == 0, (e, kind, T)
+            assert T["TY"] * T["TX"] == 64 and T["EB"] * T["TXC"] >= e, (e, kind, T)
+    with pytest.raises(ValueError, match="head dim e=100000"):
+        attention_cuda._bwd_tiles(itemsize, 100000, "dkv")
 
 
 @pytest.mark.parametrize("groups", [1, 3])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ALL, KERNELS, device_for
+from helpers import ALL, CUDA, KERNELS, device_for
 
 from minimodels import use_backend
 from minimodels.kernels import long_conv as LC
@@ -166,3 +166,108 @@ def test_example_inputs():
 def test_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         causal_conv(*args, **kwargs)
+
+
+# --- the fused FFT kernel: method="fft" on the cuda backend (kernels/long_conv/cuda.py) ------
+
+# (l, lk): every FFT length N = 4 .. 1024 (the plans of one, two and three passes; N = 4 is the
+# smallest, taken by l = 1 and l = 2 too), filters shorter than l and as long as l, l prime
+FUSED_SIZES = [(1, 1), (2, 1), (3, 2), (3, 3), (9, 8), (16, 5), (16, 16), (37, 12), (37, 37),
+               (200, 57), (300, 100), (300, 230)]
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("l, lk", FUSED_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_fft_against_conv1d_and_the_toeplitz_reference(backend, l, lk, dtype):
+    b, h = (2, 3) if l < 100 else (1, 2)
+    ex = example_inputs((b, h, l, lk), dtype=dtype, device=device_for(backend), seed=l + lk)
+    u, k = ex.args
+    D = ex.kwargs["D"]
+    assert LC.fused_fft_length(l, lk) <= LC.FFT_MAX_N[np.dtype(str(dtype)[6:])]
+    got = causal_conv(u, k, D=D, method="fft", backend=backend)
+    assert got.dtype == dtype and got.shape == u.shape
+    u64, k64, D64 = u.double().cpu(), k.double().cpu(), D.double().cpu()
+    for want in (conv1d_depthwise(u64, k64, D64), LC.causal_conv_ref(u64, k64, D64)):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=ex.rtol, atol=ex.atol)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("dtype, l, lk", [(torch.float32, 4096, 4096), (torch.float32, 2048, 2048),
+                                          (torch.float32, 1025, 1000), (torch.float64, 2048, 2048)])
+def test_fused_fft_at_the_largest_lengths(backend, dtype, l, lk):
+    """One row at each of the GPU's own plans (N = 8192: 16·16·16 complex passes in float32;
+    4096 in float64, the largest that fits), against torch's depthwise conv1d in float64."""
+    ex = example_inputs((1, 1, l, lk), dtype=dtype, device=device_for(backend), seed=l)
+    u, k = ex.args
+    D = ex.kwargs["D"]
+    got = causal_conv(u, k, D=D, method="fft", backend=backend)
+    want = conv1d_depthwise(u.double().cpu(), k.double().cpu(), D.double().cpu())
+    torch.testing.assert_close(got.double().cpu(), want, rtol=ex.rtol, atol=ex.atol)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+def test_fused_fft_writes_every_output(backend):
+    """The kernel's output starts as NaN: every element must be written."""
+    from minimodels.kernels.long_conv.cuda import _fft_conv_cuda
+
+    u, k = example_inputs((2, 3, 37, 20), dtype=torch.float64, device=device_for(backend)).args
+    N = LC.fused_fft_length(37, 20)
+    Kf = (torch.fft.rfft(k, n=N) / (2 * N)).contiguous()
+    y = _fft_conv_cuda(u, Kf, y=torch.full_like(u, float("nan")))
+    torch.testing.assert_close(y, LC.causal_conv_ref(u, k))
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("shape, skip", [((2, 3, 9, 4), True), ((1, 2, 6, 6), True),
+                                         ((2, 1, 5, 1), True), ((1, 1, 1, 1), True),
+                                         ((2, 2, 7, 3), False)])
+def test_gradcheck_fused_fft(backend, shape, skip):
+    ex = example_inputs(shape, dtype=torch.float64, device=device_for(backend), skip=skip)
+    args = [t.clone().requires_grad_() for t in (*ex.args, *ex.kwargs.values())]
+    assert torch.autograd.gradcheck(
+        lambda u, k, *D: causal_conv(u, k, D=D[0] if D else None, method="fft", backend=backend),
+        args)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+def test_fused_fft_routing_by_length(backend, monkeypatch):
+    """method="fft" on the cuda backend runs the fused kernel while N fits FFT_MAX_N (4096 in
+    float64) and torch.fft above it; causal_conv_fft_cuda itself refuses the longer rows."""
+    calls = []
+    kernel = LC._fft_conv_cuda
+    monkeypatch.setattr(LC, "_fft_conv_cuda", lambda *a: calls.append(1) or kernel(*a))
+    dev = device_for(backend)
+    for l, fused in ((2049, True), (2050, False)):  # l + 2048 − 1 = 4096, then 4097
+        ex = example_inputs((1, 1, l, 2048), dtype=torch.float64, device=dev, seed=l)
+        u, k = ex.args
+        D = ex.kwargs["D"]
+        calls.clear()
+        got = causal_conv(u, k, D=D, method="fft", backend=backend)
+        assert calls == ([1] if fused else [])
+        torch.testing.assert_close(got.cpu(), conv1d_depthwise(u.cpu(), k.cpu(), D.cpu()))
+    with pytest.raises(ValueError, match="N = 8192 .* exceeds 4096 in float64"):
+        LC.causal_conv_fft_cuda(u, k, D)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+def test_fused_fft_gradients_of_an_empty_batch(backend):
+    ex = example_inputs((0, 2, 5, 3), device=device_for(backend))
+    leaves = [t.clone().requires_grad_() for t in (*ex.args, ex.kwargs["D"])]
+    y = causal_conv(leaves[0], leaves[1], D=leaves[2], method="fft", backend=backend)
+    gu, gk, gD = torch.autograd.grad(y.sum(), leaves)
+    assert gu.shape == (0, 2, 5) and not gk.any() and not gD.any() and gk.shape == (2, 3)
+
+
+def test_fft_plans():
+    from minimodels.kernels.long_conv.cuda import fft_plan, fft_threads
+
+    for m in range(1, 13):
+        plan = fft_plan(1 << m)
+        assert int(np.prod(plan)) == 1 << m and len(plan) == -(-m // 4)
+        assert set(plan) <= {2, 4, 8, 16} and list(plan) == sorted(plan)
+        assert fft_threads(1 << m) == (1 << m) // plan[0]
+    assert fft_plan(4096) == (16, 16, 16) and fft_plan(2048) == (8, 16, 16)
+    for bad in (1, 3, 8192):
+        with pytest.raises(ValueError, match="M must be a power of two"):
+            fft_plan(bad)

@@ -5,12 +5,14 @@ a float64 truth, leading axes and strides, bad input; the models: MonarchLinear 
 F.linear of its dense matrix, the Monarch-FFT causal convolution against direct convolution,
 M2Mixer's step against its forward, causality, and LM(mixer="m2", mlp="monarch")."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ALL, KERNELS, device_for, run_steps
+from helpers import ALL, CUDA, KERNELS, device_for, run_steps
 
 import minimodels.kernels.monarch as M
+import minimodels.kernels.monarch.cuda as MC
 from minimodels.kernels._common import Example
 from minimodels.kernels.monarch import example_inputs, monarch_dft, monarch_multiply
 from minimodels.models import LM, MIXERS, MLPS, state_numel
@@ -266,3 +268,49 @@ def test_lm_with_m2_and_monarch_mlp():
     assert state_numel(state) == 2 * 2 * 16 * 10  # per layer the (b, d, t) history
     auto = LM(11, 16, 1, mixer="m2", max_len=8)  # mlp="auto": M2's family MLP is Monarch
     assert isinstance(auto.blocks[0].mlp, MonarchMLP)
+
+
+# =============================================================================================
+# The CUDA kernel's tiles: every edge, other tile shapes, every output written
+# =============================================================================================
+
+# (b, k, q, p, l, s) off every simulator tile: 7 tokens, groups 3 and 5, outputs 5 and 3, C 3
+ODD = (7, 3, 5, 3, 5, 3)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("tiles", [None, (1, 2, 2, 3, 2, 2), (4, 2, 1, 1, 4, 2)],
+                         ids=["default", "jb1-rm3", "jb4-tx1"])
+def test_cuda_tiles_forward_and_gradients(backend, tiles, monkeypatch):
+    """(JB, TY, TX, RM, RN, BK): one group per block with 3 rows per thread, 4 groups per block
+    with one thread column; forward and all three gradients against autograd of ref (float64)."""
+    if tiles is not None:
+        monkeypatch.setattr(MC, "_tiles", lambda itemsize: tiles)
+    ex = example_inputs(ODD, dtype=torch.float64, device=device_for(backend), seed=5)
+    g = torch.randn(ODD[0], ODD[4] * ODD[5], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(6)).to(ex.args[0].device)
+    grads = []
+    for b in ("ref", backend):
+        leaves = [t.clone().requires_grad_() for t in ex.args]
+        y = monarch_multiply(*leaves, backend=b)
+        grads.append((y.detach(), *torch.autograd.grad(y, leaves, g)))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (9, 2, 6, 3, 4, 5), ODD, (3, 2, 0, 2, 2, 2)])
+def test_cuda_writes_every_output(backend, shape):
+    """y poisoned with NaN beforehand: every entry written, none past the edges of a tile; with
+    q = 0 the first factor is empty and y = 0."""
+    x, w1, w2 = example_inputs(shape, dtype=torch.float64, device=device_for(backend)).args
+    y = torch.full((shape[0], shape[4] * shape[5]), float("nan"), dtype=torch.float64,
+                   device=x.device)
+    MC._fwd_cuda(x, w1, w2, y)
+    torch.testing.assert_close(y, monarch_multiply(x, w1, w2, backend="ref"), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_cuda_tiles_that_do_not_divide_raise():
+    with pytest.raises(ValueError, match=r"tiles \(JB, TY, TX, RM, RN, BK\)"):
+        MC._bgemm_kernel(np.dtype(np.float64), (2, 2, 2, 2, 2, 3))

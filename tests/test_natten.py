@@ -15,10 +15,12 @@ from minimodels.kernels.natten import example_inputs, neighborhood_attention_2d,
 
 pytestmark = pytest.mark.ch08
 
-# (b, h, H, W, e, K): one pixel, K = H, rectangles, sizes off the CUDA tile (4 in the
-# simulator, 8 on a GPU), e off E_CHUNK (8), borders on every side
+# (b, h, H, W, e, K): one pixel, K = H, rectangles, sizes off the CUDA tile (4 columns in the
+# simulator, 16 on a GPU; its rows depend on K), e off the chunk of head dims (4 in the
+# simulator), borders on every side, and every number of queries per CUDA thread (4 at K <= 3,
+# 2 at K = 5 and 7, 1 at K = 9)
 SHAPES = [(1, 1, 1, 1, 1, 1), (1, 2, 5, 5, 3, 5), (2, 1, 6, 9, 4, 3), (1, 1, 9, 5, 9, 5),
-          (1, 2, 7, 10, 2, 1), (1, 1, 11, 13, 3, 7)]
+          (1, 2, 7, 10, 2, 1), (1, 1, 11, 13, 3, 7), (1, 1, 10, 11, 5, 9)]
 
 
 def windows_by_loops(q, k, v, K, scale):

@@ -17,6 +17,7 @@ and ``PTXAS`` at ptxas, and never under the simulator. Run it before spending de
 import os
 import re
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ def _kernels():
     compile-time options."""
     from numba import types
 
+    import minimodels.kernels.attention.cuda as ac
     import minimodels.kernels.long_conv.cuda as lc
     import minimodels.kernels.monarch.cuda as mc
     import minimodels.kernels.natten.cuda as nc
@@ -58,22 +60,42 @@ def _kernels():
             if dt == np.float32:
                 out.append((f"selective_scan forward {dt} n={n}",
                             sc._forward_kernel(dt, n, True, True, True, True, False), fwd_sig, fm))
-        fwd, bwd = nc._natten_kernels(dt)
-        out.append((f"natten forward {dt}", fwd, (a4, a4, a4, a4, a3, types.int64, t), False))
-        out.append((f"natten backward {dt}", bwd, (a4,) * 7 + (types.int64, t), False))
+        for K in (3, 7, 13):  # K = 7: two queries per thread (the benchmark's); 3: four; 13: one
+            out.append((f"natten forward {dt} K={K}", nc._forward_kernel(dt, K),
+                        (a1,) * 5 + (types.int64,) * 3 + (t,), False))
+        out.append((f"natten backward {dt} K=7", nc._backward_kernel(dt, 7), (a4,) * 7 + (t,),
+                    False))
         fwd, grad = lc._conv_kernels(dt)
         out.append((f"causal_conv forward {dt}", fwd, (a3, a2, a1, a3), False))
         out.append((f"causal_conv filter gradient {dt}", grad, (a3, a3, a2), False))
         bgemm = mc._bgemm_kernel(dt, mc.CUDA_TILES[dt.itemsize])[0]
         out.append((f"monarch batched product {dt}", bgemm, (a1, a1, a1) + (types.int64,) * 13,
                     False))
+        for e in (64, 128):  # flat views: 6 inputs, 1 output (dkv: 2), lq, lk, scale, causal
+            for kind in ("dsum", "dkv", "dq"):
+                outs = 2 if kind == "dkv" else 1
+                out.append((f"attention backward {kind} {dt} e={e}",
+                            ac._attention_bwd_kernel(dt, e, kind)[0],
+                            (a1,) * (6 + outs) + (types.int64, types.int64, t, types.boolean),
+                            False))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _device_functions_for_sm90(monkeypatch):
+    """numba-cuda compiles a device function (the attention backward calls some) for the current
+    device's compute capability, which needs a driver: without a GPU, say sm_90."""
+    import numba.cuda.dispatcher as dispatcher
+
+    monkeypatch.setattr(dispatcher, "get_current_device",
+                        lambda: SimpleNamespace(compute_capability=(9, 0)))
 
 
 def _ptxas(kernel, sig, fastmath, tmp_path):
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), fastmath=fastmath)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), fastmath=fastmath,
+                              launch_bounds=kernel.targetoptions.get("launch_bounds"))
     # numba-cuda's NVVM may stamp a newer PTX ISA than the wheel's ptxas reads; the kernels use
     # nothing from it, so the older number assembles the same code
     ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.8", ptx, count=1, flags=re.M)
@@ -90,3 +112,35 @@ def test_kernel_assembles_for_sm90(name, kernel, sig, fastmath, tmp_path):
     rc, log = _ptxas(kernel, sig, fastmath, tmp_path)
     assert rc == 0, f"{name}: ptxas failed\n{log}"
     assert "bytes spill" not in log or " 0 bytes spill stores" in log, f"{name} spills:\n{log}"
+
+
+class _Sm90:
+    compute_capability = (9, 0)
+
+
+@pytest.mark.parametrize("dt, M", [(np.float32, 4096), (np.float32, 2048), (np.float32, 1024),
+                                   (np.float32, 16), (np.float64, 2048), (np.float64, 256)],
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_fused_fft_conv_assembles_for_sm90(dt, M, tmp_path, monkeypatch):
+    """The fused FFT convolution (kernels/long_conv/cuda.py) at its largest plans and a small
+    one: it calls device functions, which numba-cuda compiles for the current device's compute
+    capability (none here: sm_90 is given). Within its launch bounds (128 registers in float32,
+    255 in float64) ptxas may spill a few words at the radix-16 middle pass (seen: 8 and 16
+    bytes at M = 4096 and 2048 in float32): at most 32 bytes, and no local arrays."""
+    import numba.cuda.dispatcher
+    from numba import types
+
+    import minimodels.kernels.long_conv.cuda as lc
+
+    monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device", _Sm90)
+    kernel = lc._fft_conv_kernel(np.dtype(dt), M)
+    real, cplx = ((types.float32, types.complex64) if dt == np.float32
+                  else (types.float64, types.complex128))
+    sig = (types.Array(real, 1, "C"), types.Array(cplx, 1, "C"), types.Array(cplx, 1, "C"),
+           types.Array(real, 1, "C"), types.int64, types.int64, types.int64)
+    rc, log = _ptxas(kernel, sig, kernel.targetoptions.get("fastmath", False), tmp_path)
+    assert rc == 0, f"ptxas failed\n{log}"
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spilled = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    assert registers <= (128 if dt == np.float32 else 255) and spilled <= 32, log
+    assert int(re.search(r"(\d+) bytes stack frame", log).group(1)) <= 32, log

@@ -235,196 +235,388 @@ def _fwd_cuda(q, k, v, causal, scale):
 
 
 # =============================================================================================
-# CUDA backward (numba.cuda): FlashAttention-2's backward (Dao 2023, algorithm 2) in two
-# kernels, so that every output has one writer and no atomics are needed:
-#   - ``dkv``: a block per (key tile J of B keys, head r) keeps K_J, V_J in shared memory and
-#     walks the query tiles I that see J: it stages scale·Q_I, dO_I, lse_I, D_I, forms the
-#     B x B tiles P = e^(S - lse) and dS = P ∘ (dP - D) (S = scale·Q_I K_Jᵀ, dP = dO_I V_Jᵀ) in
-#     shared memory, and each thread adds its entries of dV_J += Pᵀ dO_I, dK_J += dSᵀ Q_I;
-#   - ``dq``: a block per (query tile I, head r) keeps scale·Q_I, dO_I in shared memory, walks
-#     the key tiles J that I sees, forms dS the same way and adds dQ_I += dS K_J (times scale);
-#   - first, ``dsum``: a block per (query tile I, head r) forms D_i = Σ_j P_ij dP_ij - dlse_i
-#     from the same P and dP (the same device function), not FlashAttention-2's dO_i·o_i:
-#     kernels/attention/cpu.py says why (a one-hot row's dS must cancel to 0, as ref's).
-# S and dS are recomputed by both (seven B·B·e products per tile pair instead of five): the
-# price of having no atomics. Thread t owns the entries t + NT·u of the B x B tile (consecutive
-# threads, consecutive keys: K and V rows are padded to an odd stride, so no bank conflicts) and
-# of its block's (B, e) accumulator (consecutive head dims). Simple, not register-tiled like the
-# forward: correct, tiled, not yet timed on a GPU.
+# CUDA backward (numba.cuda): FlashAttention-2's backward (Dao 2023, algorithm 2), register-tiled
+# like the forward, in three kernels so that every output has one writer (no atomics):
+#   - ``dsum``: a block per (query tile I, head r) walks the key tiles J that I sees and sums
+#     D_i = Σ_j P_ij dP_ij - dlse_i, not FlashAttention-2's dO_i·o_i (kernels/attention/cpu.py
+#     says why: a one-hot row's dS must cancel to 0 exactly, as ref's), from the very P and dP,
+#     bit for bit, that the other two kernels form (the same chains of FMAs over the head dims);
+#   - ``dkv``: a block per (key tile J, head r) walks the query tiles I that see J and keeps
+#     dV_J += Pᵀ dO_I and dK_J += dSᵀ Q_I in registers (dk = scale · dK_J at the end);
+#   - ``dq``: a block per (query tile I, head r) walks the key tiles J that I sees and keeps
+#     dQ_I += dS K_J in registers (dq = scale · dQ_I).
+# A block owns BR rows ("own": queries; keys in dkv) and walks the other side BC at a time. It is
+# two groups of TY × TX = 64 threads (two warps each: a group never splits a warp). Per walk tile:
+#   A. products over chunks of EC head dims staged in padded shared memory: group 0 forms the
+#      scores S = (scale·Q_I) K_Jᵀ, group 1 dP = dO_I V_Jᵀ (dkv: Sᵀ and dPᵀ, rows = keys).
+#      Thread (ty, tx) of a group owns rows ty + TY·a (a < RM) and columns tx + TX·b (b < RN):
+#      per head dim it reads RM + RN values and does RM·RN FMAs in registers (the forward's S
+#      step; with one product per group a thread holds one RM x RN tile, not two);
+#   B. group 0: P = e^(S - lse) (0 where the key is hidden or past the end) into shared memory;
+#      group 1 reads its own entries of P back and forms dS = P ∘ (dP - D), into shared memory
+#      (dkv: beside P; dq: over P), or in dsum adds P ∘ dP to its rows' partial sums;
+#   C. acc += M Z over chunks of VK walk rows of Z staged in shared memory (the forward's P V
+#      step): in dkv group 0 keeps dV_J (M = Pᵀ, Z = dO_I), group 1 dK_J (M = dSᵀ, Z = Q_I),
+#      a thread RM keys x EB head dims tx + TX·c; in dq the two groups act as one TY x 2·TX grid
+#      keeping dQ_I (M = dS, Z = K_J), a thread RM queries x EB head dims. Per walk row a thread
+#      reads RM + EB values and does RM·EB FMAs.
+# A tile pair costs 2 (dsum) + 4 (dkv) + 3 (dq) = 9 products of BR·BC·e FMAs, against 5 for a
+# single pass adding dQ with atomics: the price of one writer per output and no atomics. FMAs per
+# shared load at float32's tiles: dsum's A 4 (8 x 8), dkv's and dq's A 2.7 (8 x 4), every C 4
+# (8 x 8); the forward's: 2.7 in its S step, 4 in P V. Reads are free of bank conflicts as in the
+# forward: rows padded by one word, and a warp's lanes share an address (broadcast) or read
+# distinct banks. Indices are unsigned (np.uint64), as the forward's.
+# NOT yet timed on a GPU: kernels/BENCHMARKS.md has the floors and the predicted time.
 # =============================================================================================
 
-SIMULATOR_BWD_TILE = (4, 16)  # (B, threads): tiny tiles so that tiny tests cross every edge
+# (TY, TX, RM, RN, EC) of a product group by itemsize and kernel. float32: dsum holds one RM x RN
+# tile and no accumulator, so 8 x 8 (4 FMAs per shared load) fits without spilling (ptxas, sm_90);
+# dq and dkv hold an 8 x 8 accumulator too, so their tiles are 8 x 4 (8 x 8 spilled 16-24 bytes
+# at 255 registers). dq is capped at 168 registers (3 blocks per SM, as the forward) by its
+# launch bounds, where it still does not spill; dkv does at 168 (20-68 bytes) and runs at 254.
+# dkv's two accumulators (dV_J, dK_J, one per group) of 8 x 8 take TX = 16, hence BR = 32 keys.
+# float64 halves the tiles. NOT measured on a GPU yet: kernels/BENCHMARKS.md. In the simulator:
+# tiny tiles (BR = BC = 4, 8 threads) so that tiny tests cross every edge.
+CUDA_BWD_TILES = {4: {"dsum": (8, 8, 8, 8, 16), "dkv": (4, 16, 8, 4, 16), "dq": (8, 8, 8, 4, 16)},
+                  8: {"dsum": (8, 8, 4, 4, 16), "dkv": (4, 16, 4, 4, 8), "dq": (8, 8, 4, 4, 16)}}
+CUDA_BWD_BLOCKS_PER_SM = {(4, "dq"): 3}  # launch bounds: (threads, blocks per SM) caps registers
+SIMULATOR_BWD_TILES = (2, 2, 2, 2, 2)
 
 
-def _bwd_tile(itemsize: int, e: int) -> tuple[int, int, int]:
-    """(B, threads, odd row stride) of the backward kernels: the largest B <= 64 whose shared
-    tiles (4 of (B, e) + 2 of (B, B) + a row) fit SHARED_BYTES."""
-    es = e if e % 2 else e + 1
-    if cuda_simulated():
-        B, NT = SIMULATOR_BWD_TILE
-        return B, NT, es
-    B = 64
-    while B > 1 and (4 * B * es + 2 * B * (B + 1) + B) * itemsize > SHARED_BYTES:
-        B //= 2
-    if (4 * B * es + 2 * B * (B + 1) + B) * itemsize > SHARED_BYTES:
-        raise ValueError(f"the CUDA attention backward needs a head dim e <= "
-                         f"{SHARED_BYTES // (4 * itemsize) - 6}, got e={e}")
-    return B, min(256, max(32, B * B)), es
+def _bwd_tiles(itemsize: int, e: int, kind: str, shared_bytes: int = SHARED_BYTES) -> dict:
+    """Tiles and shared-memory layout (in words) of the backward kernel ``kind`` ("dsum", "dkv",
+    "dq") at head dim e; a ValueError when e is too large for ``shared_bytes``."""
+    TY, TX, RM, RN, EC = (SIMULATOR_BWD_TILES if cuda_simulated()
+                          else CUDA_BWD_TILES[itemsize][kind])
+    BR, BC = TY * RM, TX * RN
+    TXC = TX if kind == "dkv" else 2 * TX  # C's grid: dkv, each group's; dq, both as one
+    EB = -(-e // TXC)  # accumulator head dims per thread
+    NZ = {"dsum": 0, "dkv": 2, "dq": 1}[kind]  # Z chunks of step C: (dO, Q) or K
+    A_WORDS = 2 * (BR + BC) * (EC + 1)  # step A: own and walk chunks of both products
+    M_WORDS = (2 if kind == "dkv" else 1) * BR * (BC + 1)  # P (and dS in dkv)
+    R_WORDS = BR * (TX + 1) if kind == "dsum" else 0  # the row partials of D
+    words = shared_bytes // itemsize
+    VK = BC  # walk rows per Z chunk: the most that fits
+    while VK > 1 and max(A_WORDS, NZ * VK * EB * TXC) + M_WORDS + R_WORDS > words:
+        VK //= 2
+    MO = max(A_WORDS, NZ * VK * EB * TXC)
+    if MO + M_WORDS + R_WORDS > words:
+        raise ValueError(f"the CUDA attention backward cannot fit head dim e={e} in "
+                         f"{shared_bytes} bytes of shared memory")
+    return dict(TY=TY, TX=TX, RM=RM, RN=RN, EC=EC, BR=BR, BC=BC, TXC=TXC, EB=EB, VK=VK, MO=MO,
+                SMEM=MO + M_WORDS + R_WORDS)
 
 
 @functools.cache
-def _attention_bwd_kernels(dtype: np.dtype, e: int):
-    """Compile-once (per dtype and head dim) backward kernels; returns (dsum, dkv, dq, B,
-    threads)."""
-    B, NT, ES = _bwd_tile(dtype.itemsize, e)
-    QO, DOO, KO, VO = 0, B * ES, 2 * B * ES, 3 * B * ES  # shared: (B, ES) tiles
-    PO = 4 * B * ES  # P (B, B + 1)
-    SO = PO + B * (B + 1)  # dS (B, B + 1)
-    LO = SO + B * (B + 1)  # lse (B,)
-    SMEM = LO + B
-    NE = -(-B * B // NT)  # tile entries per thread
-    NA = -(-B * e // NT)  # accumulator entries per thread
-    NR = -(-B // NT)  # per-row values per thread
-    zero, one, inf = dtype.type(0), dtype.type(1), dtype.type(np.inf)
+def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
+    """Compile-once (per dtype, head dim and kind: "dsum", "dkv" or "dq") backward kernel;
+    returns (kernel, BR rows a block owns, threads)."""
+    T = _bwd_tiles(dtype.itemsize, e, kind)
+    TY, TX, RM, RN, EC, BR, BC = (T[x] for x in ("TY", "TX", "RM", "RN", "EC", "BR", "BC"))
+    TXC, EB, VK, MO, SMEM = T["TXC"], T["EB"], T["VK"], T["MO"], T["SMEM"]
+    G, NT = TY * TX, 2 * TY * TX  # threads per group, per block
+    EA = -(-e // EC) * EC  # head dims of step A, padded to whole chunks
+    EP = EB * TXC  # head dims of step C, padded
+    SEG = EP // TXC  # TXC-column segments of a Z row
+    RSTEP, ZSTEP = NT // EC, NT // TXC  # rows (segments) one staging pass covers
+    A0, B0 = 0, BR * (EC + 1)  # step A chunks: product 0 own (BR, EC + 1), walk (BC, EC + 1)
+    A1, B1 = (BR + BC) * (EC + 1), (2 * BR + BC) * (EC + 1)  # ... product 1
+    Z0, Z1 = 0, VK * EP  # step C chunks (VK, EP), over step A's
+    PM, DM = MO, MO + BR * (BC + 1)  # P (BR, BC + 1), then dS in dkv, or the row partials in dsum
+    IT_R, IT_C = -(-BR // RSTEP), -(-BC // RSTEP)  # staging passes
+    IT_Z = -(-VK * SEG // ZSTEP)
+    US = min(EC, 1 << max(0, (UNROLL_FMAS // (RM * RN)).bit_length() - 1))  # steps/iteration
+    UV = min(VK, 1 << max(0, (UNROLL_FMAS // (RM * EB)).bit_length() - 1))
+    U = np.uint64
+    uE, uEP = U(e), U(EP)
+    zero, one = dtype.type(0), dtype.type(1)
+    # float32: e^x by ex2.approx (as the forward's fastmath); no other fast-math flag, so that the
+    # chains of FMAs stay in order and dsum's P ∘ dP is the other kernels' to the bit
+    exp = math.exp
+    if dtype == np.float32 and not cuda_simulated():
+        from numba.cuda import libdevice
 
-    @cuda.jit(device=True)
-    def stage_rows(sm, off, x, r, i0, n, scale_by):
-        """sm[off + ii·ES + c] = scale_by · x[r, i0 + ii, c] (0 past n rows)."""
-        tid = cuda.threadIdx.x
-        for u in range(NA):
-            idx = tid + NT * u
-            if idx < B * e:
-                ii, c = idx // e, idx % e
-                i = i0 + ii
-                sm[off + ii * ES + c] = x[r, i, c] * scale_by if i < n else zero
+        exp = libdevice.fast_expf
+    options = {} if cuda_simulated() else {"forceinline": True}
+    blocks = None if cuda_simulated() else CUDA_BWD_BLOCKS_PER_SM.get((dtype.itemsize, kind))
+    kernel_options = {"launch_bounds": (NT, blocks)} if blocks else {}
 
-    @cuda.jit(device=True)
-    def scores(sm, D, r, i0, j0, lq, lk, causal, mode):
-        """B x B tiles of queries i0.., keys j0.. in shared: mode 0, P ∘ dP (at SO); 1, P (at
-        PO) and dS (at SO); 2, dS."""
-        tid = cuda.threadIdx.x
-        offset = lk - lq
-        for u in range(NE):
-            idx = tid + NT * u
-            if idx < B * B:
-                ii, jj = idx // B, idx % B
-                i, j = i0 + ii, j0 + jj
-                p = zero
-                ds = zero
-                if i < lq and j < lk and not (causal and j > i + offset):
-                    s = zero
-                    dp = zero
-                    for c in range(e):
-                        s += sm[QO + ii * ES + c] * sm[KO + jj * ES + c]
-                        dp += sm[DOO + ii * ES + c] * sm[VO + jj * ES + c]
-                    p = math.exp(s - sm[LO + ii])
-                    ds = p * dp if mode == 0 else p * (dp - D[r, i])
-                if mode == 1:
-                    sm[PO + ii * (B + 1) + jj] = p
-                sm[SO + ii * (B + 1) + jj] = ds
+    @cuda.jit(device=True, **options)
+    def visible(i, j, lq, lk, causal):
+        """Whether query i sees key j (both in range; causal: j <= i + lk - lq)."""
+        return i < lq and j < lk and not (causal and j > i + lk - lq)
 
-    @cuda.jit(device=True)
-    def stage_query_side(sm, q, do, lse, r, i0, lq, scale):
-        stage_rows(sm, QO, q, r, i0, lq, scale)
-        stage_rows(sm, DOO, do, r, i0, lq, one)
-        for u in range(NR):
-            ii = cuda.threadIdx.x + NT * u
-            if ii < B:
-                i = i0 + ii
-                sm[LO + ii] = lse[r, i] if i < lq else inf
+    @cuda.jit(device=True, **options)
+    def stage_own(sm, dst, x, src, left, cq, mult):
+        """sm[dst + row·(EC + 1)] = mult · x[src + row·e] for this thread's rows of an own chunk
+        (0 past ``left`` rows or e columns): rows s_me + RSTEP·it, fixed offsets."""
+        s_me = U(cuda.threadIdx.x) // U(EC)
+        for it in range(IT_R):
+            row = s_me + U(it * RSTEP)
+            if IT_R * RSTEP <= BR or row < U(BR):
+                sm[dst + U(it * RSTEP * (EC + 1))] = (x[src + U(it * RSTEP * e)] * mult
+                                                      if row < left and cq < uE else zero)
 
-    @cuda.jit
+    @cuda.jit(device=True, **options)
+    def stage_walk(sm, dst, x, src, left, cq, mult):
+        """As ``stage_own``, for a walk chunk (BC rows)."""
+        s_me = U(cuda.threadIdx.x) // U(EC)
+        for it in range(IT_C):
+            row = s_me + U(it * RSTEP)
+            if IT_C * RSTEP <= BC or row < U(BC):
+                sm[dst + U(it * RSTEP * (EC + 1))] = (x[src + U(it * RSTEP * e)] * mult
+                                                      if row < left and cq < uE else zero)
+
+    @cuda.jit(device=True, **options)
+    def products(sm, t, xa, xb, ya, yb, a_src, b_src, a_left, b_left, a_mult, b_mult):
+        """Step A. t = this thread's RM x RN tile of its group's product: group 0 the own rows
+        of a_mult·xa times the walk rows of b_mult·xb (transposed), group 1 ya times yb; a_src,
+        b_src: where the thread's first staged element lies in x (own, walk), at head dim 0;
+        a_left, b_left: own and walk rows left before the end."""
+        xr = cuda.local.array(RM, dtype)
+        yw = cuda.local.array(RN, dtype)
+        tid = U(cuda.threadIdx.x)
+        g, lt = tid // U(G), tid % U(G)
+        c_me, s_me = tid % U(EC), tid // U(EC)
+        a_row = (U(A0) if g == U(0) else U(A1)) + (lt // U(TX)) * U(EC + 1)
+        b_row = (U(B0) if g == U(0) else U(B1)) + (lt % U(TX)) * U(EC + 1)
+        a_st, b_st = s_me * U(EC + 1) + c_me, s_me * U(EC + 1) + c_me
+        for a in range(RM):
+            for b in range(RN):
+                t[a, b] = zero
+        for c0 in range(0, EA, EC):
+            cuda.syncthreads()  # the previous readers of the chunks are done
+            cq = U(c0) + c_me
+            stage_own(sm, U(A0) + a_st, xa, a_src + U(c0), a_left, cq, a_mult)
+            stage_walk(sm, U(B0) + b_st, xb, b_src + U(c0), b_left, cq, b_mult)
+            stage_own(sm, U(A1) + a_st, ya, a_src + U(c0), a_left, cq, one)
+            stage_walk(sm, U(B1) + b_st, yb, b_src + U(c0), b_left, cq, one)
+            cuda.syncthreads()
+            # [core] backward register tile
+            for c4 in range(EC // US):
+                c_base = U(c4 * US)
+                for cc in range(US):
+                    for a in range(RM):
+                        xr[a] = sm[a_row + c_base + U(a * TY * (EC + 1) + cc)]
+                    for b in range(RN):
+                        yw[b] = sm[b_row + c_base + U(b * TX * (EC + 1) + cc)]
+                    for a in range(RM):
+                        for b in range(RN):
+                            t[a, b] += xr[a] * yw[b]
+            # [/core]
+
+    @cuda.jit(device=True, **options)
+    def stage_z(sm, dst, z, src, left):
+        """Step C. sm[dst + jj·EP + col] = z[src + jj·e + col] for this thread's segments of a
+        Z chunk (VK walk rows x EP head dims; 0 past ``left`` rows or e columns)."""
+        tid = U(cuda.threadIdx.x)
+        c_me, s_me = tid % U(TXC), tid // U(TXC)
+        for it in range(IT_Z):
+            seg = s_me + U(it * ZSTEP)
+            if IT_Z * ZSTEP <= VK * SEG or seg < U(VK * SEG):
+                jj, col = seg // U(SEG), (seg % U(SEG)) * U(TXC) + c_me
+                sm[dst + seg * U(TXC) + c_me] = (z[src + jj * uE + col]
+                                                  if jj < left and col < uE else zero)
+
+    @cuda.jit(device=True, **options)
+    def accumulate(sm, acc, m_row, z_col):
+        """Step C. acc[a, c] += Σ_jj M[row a, jj] Z[jj, col c] over a chunk of VK walk rows:
+        M's rows start at m_row (stride TY·(BC + 1)), Z's columns at z_col (stride TXC)."""
+        ma = cuda.local.array(RM, dtype)
+        zc = cuda.local.array(EB, dtype)
+        for j4 in range(VK // UV):
+            jj = U(j4 * UV)
+            for cc in range(UV):
+                for a in range(RM):
+                    ma[a] = sm[m_row + jj + U(a * TY * (BC + 1) + cc)]
+                for c in range(EB):
+                    zc[c] = sm[z_col + jj * uEP + U(cc * EP + c * TXC)]
+                for a in range(RM):
+                    for c in range(EB):
+                        acc[a, c] += ma[a] * zc[c]
+
+    if kind == "dsum":
+
+        @cuda.jit(**kernel_options)
+        def dsum(q, do, lse, dlse, k, v, D, lq, lk, scale, causal):
+            # flat views: q, do (r·lq·e,); k, v (r·lk·e,); lse, dlse, D (r·lq,).
+            # Block (query tile, head r): D_i = Σ_j P_ij dP_ij - dlse_i
+            sm = cuda.shared.array(SMEM, dtype)
+            t = cuda.local.array((RM, RN), dtype)  # group 0: S; group 1: dP
+            lse_r = cuda.local.array(RM, dtype)  # lse of my rows
+            part = cuda.local.array(RM, dtype)  # group 1: my part of Σ_j P_ij dP_ij
+            tid = U(cuda.threadIdx.x)
+            g = tid // U(G)
+            tyi, txi = (cuda.threadIdx.x % G) // TX, cuda.threadIdx.x % TX  # signed, for logic
+            ty, tx = U(tyi), U(txi)
+            r, i0 = cuda.blockIdx.y, cuda.blockIdx.x * BR
+            q_head, k_head = U(r) * U(lq) * uE, U(r) * U(lk) * uE
+            c_me, s_me = tid % U(EC), tid // U(EC)
+            p_row = U(PM) + ty * U(BC + 1)
+            for a in range(RM):
+                i = i0 + tyi + TY * a
+                lse_r[a] = lse[U(r * lq + i)] if i < lq else zero
+                part[a] = zero
+            j_end = min(lk, min(i0 + BR, lq) + lk - lq) if causal else lk  # keys the last row sees
+            for j0 in range(0, j_end, BC):
+                products(sm, t, q, k, do, v, q_head + (U(i0) + s_me) * uE + c_me,
+                         k_head + (U(j0) + s_me) * uE + c_me, U(lq - i0), U(lk - j0), scale, one)
+                if g == U(0):  # P = e^(S - lse)
+                    for a in range(RM):
+                        i = i0 + tyi + TY * a
+                        for b in range(RN):
+                            j = j0 + txi + TX * b
+                            sm[p_row + U(a * TY * (BC + 1) + b * TX) + tx] = (
+                                exp(t[a, b] - lse_r[a]) if visible(i, j, lq, lk, causal)
+                                else zero)
+                cuda.syncthreads()
+                if g == U(1):  # Σ_j P_ij dP_ij
+                    for a in range(RM):
+                        i = i0 + tyi + TY * a
+                        for b in range(RN):
+                            j = j0 + txi + TX * b
+                            if visible(i, j, lq, lk, causal):
+                                part[a] += sm[p_row + U(a * TY * (BC + 1) + b * TX) + tx] * t[a, b]
+            # D_i = the sum of the TX parts of row i, less dlse_i
+            if g == U(1):
+                for a in range(RM):
+                    sm[U(DM) + (ty + U(TY * a)) * U(TX + 1) + tx] = part[a]
+            cuda.syncthreads()
+            if g == U(1) and tx == U(0):
+                for a in range(RM):
+                    i = i0 + tyi + TY * a
+                    total = zero
+                    for u in range(TX):
+                        total += sm[U(DM) + (ty + U(TY * a)) * U(TX + 1) + U(u)]
+                    if i < lq:
+                        D[U(r * lq + i)] = total - dlse[U(r * lq + i)]
+
+        return dsum, BR, NT
+
+    if kind == "dq":
+
+        @cuda.jit(**kernel_options)
+        def dq(q, do, lse, D, k, v, dq_out, lq, lk, scale, causal):
+            # flat views: q, do, dq_out (r·lq·e,); k, v (r·lk·e,); lse, D (r·lq,).
+            # Block (query tile I, head r): dQ_I = Σ_J dS K_J
+            sm = cuda.shared.array(SMEM, dtype)
+            t = cuda.local.array((RM, RN), dtype)  # group 0: S; group 1: dP
+            c_r = cuda.local.array(RM, dtype)  # group 0: lse of my rows; group 1: D
+            acc = cuda.local.array((RM, EB), dtype)  # dQ_I: rows yc + TY·a, dims xc + TXC·c
+            tid = U(cuda.threadIdx.x)
+            g = tid // U(G)
+            tyi, txi = (cuda.threadIdx.x % G) // TX, cuda.threadIdx.x % TX  # signed, for logic
+            ty, tx = U(tyi), U(txi)
+            yci = cuda.threadIdx.x // TXC  # step C's grid
+            yc, xc = U(yci), tid % U(TXC)
+            r, i0 = cuda.blockIdx.y, cuda.blockIdx.x * BR
+            q_head, k_head = U(r) * U(lq) * uE, U(r) * U(lk) * uE
+            c_me, s_me = tid % U(EC), tid // U(EC)
+            p_row = U(PM) + ty * U(BC + 1)
+            for a in range(RM):
+                i = i0 + tyi + TY * a
+                c_r[a] = (lse[U(r * lq + i)] if g == U(0) else D[U(r * lq + i)]) if i < lq else zero
+                for c in range(EB):
+                    acc[a, c] = zero
+            j_end = min(lk, min(i0 + BR, lq) + lk - lq) if causal else lk
+            for j0 in range(0, j_end, BC):
+                products(sm, t, q, k, do, v, q_head + (U(i0) + s_me) * uE + c_me,
+                         k_head + (U(j0) + s_me) * uE + c_me, U(lq - i0), U(lk - j0), scale, one)
+                if g == U(0):  # P = e^(S - lse)
+                    for a in range(RM):
+                        i = i0 + tyi + TY * a
+                        for b in range(RN):
+                            j = j0 + txi + TX * b
+                            sm[p_row + U(a * TY * (BC + 1) + b * TX) + tx] = (
+                                exp(t[a, b] - c_r[a]) if visible(i, j, lq, lk, causal) else zero)
+                cuda.syncthreads()
+                if g == U(1):  # dS = P (dP - D), over P
+                    for a in range(RM):
+                        i = i0 + tyi + TY * a
+                        for b in range(RN):
+                            j = j0 + txi + TX * b
+                            at = p_row + U(a * TY * (BC + 1) + b * TX) + tx
+                            sm[at] = (sm[at] * (t[a, b] - c_r[a])
+                                      if visible(i, j, lq, lk, causal) else zero)
+                # dQ_I += dS K_J, VK keys at a time
+                for v0 in range(0, BC, VK):
+                    cuda.syncthreads()  # dS is in place; the previous K chunk is read
+                    stage_z(sm, U(Z0), k, k_head + U(j0 + v0) * uE, U(max(0, lk - j0 - v0)))
+                    cuda.syncthreads()
+                    accumulate(sm, acc, U(PM + v0) + yc * U(BC + 1), U(Z0) + xc)
+            for a in range(RM):
+                i = i0 + yci + TY * a
+                if i < lq:
+                    for c in range(EB):
+                        col = xc + U(c * TXC)
+                        if col < uE:
+                            dq_out[q_head + U(i) * uE + col] = acc[a, c] * scale
+
+        return dq, BR, NT
+
+    @cuda.jit(**kernel_options)
     def dkv(q, do, lse, D, k, v, dk, dv, lq, lk, scale, causal):
-        # q, do: (r, lq, e); lse, D: (r, lq); k, v, dk, dv: (r, lk, e). Block (key tile, head)
+        # flat views: q, do (r·lq·e,); k, v, dk, dv (r·lk·e,); lse, D (r·lq,).
+        # Block (key tile J, head r): dV_J = Σ_I Pᵀ dO_I (group 0), dK_J = Σ_I dSᵀ Q_I (group 1)
         sm = cuda.shared.array(SMEM, dtype)
-        acc_k = cuda.local.array(NA, dtype)
-        acc_v = cuda.local.array(NA, dtype)
-        r, j0, tid = cuda.blockIdx.y, cuda.blockIdx.x * B, cuda.threadIdx.x
-        stage_rows(sm, KO, k, r, j0, lk, one)
-        stage_rows(sm, VO, v, r, j0, lk, one)
-        for u in range(NA):
-            acc_k[u] = zero
-            acc_v[u] = zero
-        i_first = (max(0, j0 - (lk - lq)) // B) * B if causal else 0  # queries that see J
-        for i0 in range(i_first, lq, B):
-            cuda.syncthreads()  # the previous query tile is read
-            stage_query_side(sm, q, do, lse, r, i0, lq, scale)
+        t = cuda.local.array((RM, RN), dtype)  # group 0: Sᵀ; group 1: dPᵀ
+        c_c = cuda.local.array(RN, dtype)  # group 0: lse of my columns (queries); group 1: D
+        acc = cuda.local.array((RM, EB), dtype)  # group 0: dV_J, group 1: dK_J; dims tx + TX·c
+        tid = U(cuda.threadIdx.x)
+        g = tid // U(G)
+        tyi, txi = (cuda.threadIdx.x % G) // TX, cuda.threadIdx.x % TX  # signed, for logic
+        ty, tx = U(tyi), U(txi)
+        r, j0 = cuda.blockIdx.y, cuda.blockIdx.x * BR
+        q_head, k_head = U(r) * U(lq) * uE, U(r) * U(lk) * uE
+        c_me, s_me = tid % U(EC), tid // U(EC)
+        p_row = U(PM) + ty * U(BC + 1)
+        m_row = (U(PM) if g == U(0) else U(DM)) + ty * U(BC + 1)  # step C: Pᵀ or dSᵀ
+        z_col = (U(Z0) if g == U(0) else U(Z1)) + tx  # ... dO_I or Q_I
+        for a in range(RM):
+            for c in range(EB):
+                acc[a, c] = zero
+        i_first = (max(0, j0 - (lk - lq)) // BC) * BC if causal else 0  # queries that see J
+        for i0 in range(i_first, lq, BC):
+            products(sm, t, k, q, v, do, k_head + (U(j0) + s_me) * uE + c_me,
+                     q_head + (U(i0) + s_me) * uE + c_me, U(lk - j0), U(lq - i0), one, scale)
+            for b in range(RN):
+                i = i0 + txi + TX * b
+                c_c[b] = (lse[U(r * lq + i)] if g == U(0) else D[U(r * lq + i)]) if i < lq else zero
+            if g == U(0):  # Pᵀ = e^(Sᵀ - lse)
+                for a in range(RM):
+                    j = j0 + tyi + TY * a
+                    for b in range(RN):
+                        i = i0 + txi + TX * b
+                        sm[p_row + U(a * TY * (BC + 1) + b * TX) + tx] = (
+                            exp(t[a, b] - c_c[b]) if visible(i, j, lq, lk, causal) else zero)
             cuda.syncthreads()
-            scores(sm, D, r, i0, j0, lq, lk, causal, 1)
-            cuda.syncthreads()
-            for u in range(NA):  # dV_J += Pᵀ dO_I, dK_J += dSᵀ (scale·Q_I)
-                idx = tid + NT * u
-                if idx < B * e:
-                    jj, c = idx // e, idx % e
-                    av = acc_v[u]
-                    ak = acc_k[u]
-                    for ii in range(B):
-                        av += sm[PO + ii * (B + 1) + jj] * sm[DOO + ii * ES + c]
-                        ak += sm[SO + ii * (B + 1) + jj] * sm[QO + ii * ES + c]
-                    acc_v[u] = av
-                    acc_k[u] = ak
-        for u in range(NA):
-            idx = tid + NT * u
-            if idx < B * e:
-                jj, c = idx // e, idx % e
-                if j0 + jj < lk:
-                    dk[r, j0 + jj, c] = acc_k[u]
-                    dv[r, j0 + jj, c] = acc_v[u]
+            if g == U(1):  # dSᵀ = Pᵀ (dPᵀ - D), beside Pᵀ
+                for a in range(RM):
+                    j = j0 + tyi + TY * a
+                    for b in range(RN):
+                        i = i0 + txi + TX * b
+                        at = p_row + U(a * TY * (BC + 1) + b * TX) + tx
+                        sm[at + U(DM - PM)] = (sm[at] * (t[a, b] - c_c[b])
+                                               if visible(i, j, lq, lk, causal) else zero)
+            # dV_J += Pᵀ dO_I (group 0), dK_J += dSᵀ Q_I (group 1), VK queries at a time
+            for v0 in range(0, BC, VK):
+                cuda.syncthreads()  # dSᵀ is in place; the previous chunks are read
+                stage_z(sm, U(Z0), do, q_head + U(i0 + v0) * uE, U(max(0, lq - i0 - v0)))
+                stage_z(sm, U(Z1), q, q_head + U(i0 + v0) * uE, U(max(0, lq - i0 - v0)))
+                cuda.syncthreads()
+                accumulate(sm, acc, m_row + U(v0), z_col)
+        for a in range(RM):
+            j = j0 + tyi + TY * a
+            if j < lk:
+                for c in range(EB):
+                    col = tx + U(c * TX)
+                    if col < uE:
+                        if g == U(0):
+                            dv[k_head + U(j) * uE + col] = acc[a, c]
+                        else:
+                            dk[k_head + U(j) * uE + col] = acc[a, c] * scale
 
-    @cuda.jit
-    def dq(q, do, lse, D, k, v, dq_out, lq, lk, scale, causal):
-        # as dkv, dq_out: (r, lq, e). Block (query tile, head)
-        sm = cuda.shared.array(SMEM, dtype)
-        acc = cuda.local.array(NA, dtype)
-        r, i0, tid = cuda.blockIdx.y, cuda.blockIdx.x * B, cuda.threadIdx.x
-        stage_query_side(sm, q, do, lse, r, i0, lq, scale)
-        for u in range(NA):
-            acc[u] = zero
-        j_end = min(lk, min(i0 + B, lq) + lk - lq) if causal else lk  # keys the last row sees
-        for j0 in range(0, j_end, B):
-            cuda.syncthreads()  # the previous key tile is read
-            stage_rows(sm, KO, k, r, j0, lk, one)
-            stage_rows(sm, VO, v, r, j0, lk, one)
-            cuda.syncthreads()
-            scores(sm, D, r, i0, j0, lq, lk, causal, 2)
-            cuda.syncthreads()
-            for u in range(NA):  # dQ_I += dS K_J
-                idx = tid + NT * u
-                if idx < B * e:
-                    ii, c = idx // e, idx % e
-                    a = acc[u]
-                    for jj in range(B):
-                        a += sm[SO + ii * (B + 1) + jj] * sm[KO + jj * ES + c]
-                    acc[u] = a
-        for u in range(NA):
-            idx = tid + NT * u
-            if idx < B * e:
-                ii, c = idx // e, idx % e
-                if i0 + ii < lq:
-                    dq_out[r, i0 + ii, c] = acc[u] * scale
-
-    @cuda.jit
-    def dsum(q, do, lse, dlse, k, v, D, lq, lk, scale, causal):
-        # as dq; dlse, D: (r, lq). Block (query tile, head); thread ii < B sums row ii
-        sm = cuda.shared.array(SMEM, dtype)
-        r, i0, tid = cuda.blockIdx.y, cuda.blockIdx.x * B, cuda.threadIdx.x
-        stage_query_side(sm, q, do, lse, r, i0, lq, scale)
-        acc = zero
-        j_end = min(lk, min(i0 + B, lq) + lk - lq) if causal else lk
-        for j0 in range(0, j_end, B):
-            cuda.syncthreads()
-            stage_rows(sm, KO, k, r, j0, lk, one)
-            stage_rows(sm, VO, v, r, j0, lk, one)
-            cuda.syncthreads()
-            scores(sm, D, r, i0, j0, lq, lk, causal, 0)
-            cuda.syncthreads()
-            if tid < B:
-                for jj in range(B):
-                    acc += sm[SO + tid * (B + 1) + jj]
-        if tid < B and i0 + tid < lq:
-            D[r, i0 + tid] = acc - dlse[r, i0 + tid]
-
-    return dsum, dkv, dq, B, NT
+    return dkv, BR, NT
 
 
 def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale):
@@ -433,14 +625,17 @@ def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale):
     rows, lq, e = q.shape
     lk = k.shape[1]
     dtype = numpy_dtype(q.dtype)
-    dsum, dkv, dq_kernel, B, threads = _attention_bwd_kernels(dtype, e)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     D = torch.empty_like(lse)  # (r, lq): Σ_j P_ij dP_ij - dlse_i
     s = dtype.type(scale)
-    launch(dsum, ((lq + B - 1) // B, rows), threads, q, g_out, lse, g_lse, k, v, D, lq, lk, s,
-           causal)
-    launch(dkv, ((lk + B - 1) // B, rows), threads, q, g_out, lse, D, k, v, dk, dv, lq, lk, s,
-           causal)
-    launch(dq_kernel, ((lq + B - 1) // B, rows), threads, q, g_out, lse, D, k, v, dq, lq, lk, s,
-           causal)
+    q, g_out, lse, g_lse, k, v = (x.view(-1) for x in (q, g_out, lse, g_lse, k, v))
+    kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dsum")
+    launch(kernel, (-(-lq // BR), rows), threads, q, g_out, lse, g_lse, k, v, D.view(-1), lq,
+           lk, s, causal)
+    kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dkv")
+    launch(kernel, (-(-lk // BR), rows), threads, q, g_out, lse, D.view(-1), k, v, dk.view(-1),
+           dv.view(-1), lq, lk, s, causal)
+    kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dq")
+    launch(kernel, (-(-lq // BR), rows), threads, q, g_out, lse, D.view(-1), k, v, dq.view(-1),
+           lq, lk, s, causal)
     return dq, dk, dv

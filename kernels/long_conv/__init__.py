@@ -17,16 +17,20 @@ padding). Without the padding the last outputs' tails wrap onto the first ones: 
 not causal, convolution.
 
 ``causal_conv(u, k, D=, method=, backend=)`` is the op: u (b, h, l), k (h, lk), D (h,),
-float32/float64. ``method="fft"`` is ``causal_fft_conv`` (torch.fft on the tensors' device:
-pocketfft on the CPU, cuFFT on a GPU); ``method="direct"`` the loop of the chosen ``backend``
+float32/float64. ``method="fft"`` is, on the ``cuda`` backend, the fused FFT kernel
+(``causal_conv_fft_cuda``: one block per row, the row's spectrum in shared memory, u read and y
+written once) for rows whose FFT length N fits it (``FFT_MAX_N``: 8192 in float32, 4096 in
+float64) and ``causal_fft_conv`` (torch.fft: cuFFT) for longer rows; on the ``cpu`` backend
+``causal_fft_conv`` (pocketfft). ``method="direct"`` is the loop of the chosen ``backend``
 (``ref`` the Toeplitz-matrix definition, ``cpu`` Numba, ``cuda`` numba.cuda); ``"auto"`` picks
 the direct loop for filters of at most ``DIRECT_MAX_TAPS`` taps (the crossover the benchmark
 measured) and the FFT above. ``long_conv(u, K, backend=)`` is the full-length convolution
 S4D and M2 use (any batch axes, complex allowed; ``ref`` the direct sum, ``cpu``/``cuda``
 the FFT path).
 
-Backward of the direct loop, with g = ∂L/∂y:
-    ∂L/∂u_s = Σ_j k_j g_{s+j} + D g_s   (the same convolution run backwards in time),
+Backward, with g = ∂L/∂y:
+    ∂L/∂u_s = Σ_j k_j g_{s+j} + D g_s   (the same convolution run backwards in time; by FFT, the
+                                         product with the conjugate spectrum conj(K_f) + D),
     ∂L/∂k_j = Σ_b Σ_t g_t u_{t−j},       ∂L/∂D = Σ_b Σ_t g_t u_t.
 
 Glossary: ``u`` the input sequence, ``k`` the filter (the paper's h, S4's K), ``D`` the skip
@@ -41,9 +45,15 @@ from __future__ import annotations
 import torch
 
 from minimodels.backend import dispatch, expect_tensor, resolve
-from minimodels.kernels._common import Example, randn
+from minimodels.kernels._common import Example, numpy_dtype, randn
 from minimodels.kernels.long_conv.cpu import _filter_grad_cpu_wrap, _fwd_cpu
-from minimodels.kernels.long_conv.cuda import _filter_grad_cuda, _fwd_cuda
+from minimodels.kernels.long_conv.cuda import (
+    FFT_MAX_N,
+    FFT_MIN_N,
+    _fft_conv_cuda,
+    _filter_grad_cuda,
+    _fwd_cuda,
+)
 from minimodels.kernels.long_conv.ref import (
     causal_conv_ref,
     causal_fft_conv,
@@ -51,8 +61,9 @@ from minimodels.kernels.long_conv.ref import (
     fft_length,
 )
 
-__all__ = ["DIRECT_MAX_TAPS", "IMPLS", "causal_conv", "causal_conv_cpu", "causal_conv_cuda",
-           "causal_conv_ref", "causal_fft_conv", "example_inputs", "fft_length", "long_conv"]
+__all__ = ["DIRECT_MAX_TAPS", "FFT_MAX_N", "IMPLS", "causal_conv", "causal_conv_cpu",
+           "causal_conv_cuda", "causal_conv_fft_cuda", "causal_conv_ref", "causal_fft_conv",
+           "example_inputs", "fft_length", "fused_fft_length", "long_conv"]
 
 # =============================================================================================
 # Constants
@@ -115,6 +126,74 @@ def causal_conv_cuda(u, k, D=None):
 
 
 # =============================================================================================
+# Autograd of the fused FFT kernel: the forward, and ∂L/∂u (the same kernel with the conjugate
+# spectrum: a correlation); ∂L/∂k by torch.fft, ∂L/∂D by a sum
+# =============================================================================================
+
+
+def fused_fft_length(l: int, lk: int) -> int:
+    """The fused kernel's FFT length N: ``fft_length(l, lk)`` (the smallest power of two >=
+    l + lk − 1), at least ``FFT_MIN_N`` = 4 (the real FFT is one complex FFT of N/2 >= 2)."""
+    return max(fft_length(l, lk), FFT_MIN_N)
+
+
+def _filter_spectrum(k, D, N):
+    """K_f = (rfft(k, N) + D) / 2N: (h, N/2 + 1) complex, contiguous. The skip D·u is D·δ_0 * u,
+    and δ_0's spectrum is all ones; 1/2N is the inverse transform's 1/N and the real-FFT
+    split's 1/2 (``cuda.py``), exact in binary."""
+    Kf = torch.fft.rfft(k, n=N)  # (h, N/2 + 1)
+    if D is not None:
+        Kf += D[:, None]
+    return (Kf / (2 * N)).contiguous()
+
+
+class _FusedFFTConv(torch.autograd.Function):
+    """The fused FFT kernel on contiguous u (b, h, l), k (h, lk), D (h,) or None."""
+
+    @staticmethod
+    def forward(ctx, u, k, D):
+        N = fused_fft_length(u.shape[-1], k.shape[-1])
+        Kf = _filter_spectrum(k, D, N)  # (h, N/2 + 1)
+        ctx.save_for_backward(u, Kf)
+        ctx.N, ctx.lk, ctx.has_D = N, k.shape[-1], D is not None
+        return _fft_conv_cuda(u, Kf)
+
+    @staticmethod
+    def backward(ctx, g):
+        u, Kf = ctx.saved_tensors
+        g = g.contiguous()
+        gu = gk = gD = None
+        if ctx.needs_input_grad[0]:  # Σ_j k_j g_{s+j} + D g_s: the spectrum conjugated
+            gu = _fft_conv_cuda(g, Kf.conj_physical())
+        if ctx.needs_input_grad[1] and not u.numel():  # no batch: no gradient (and no FFT)
+            gk = u.new_zeros(u.shape[1], ctx.lk)
+        elif ctx.needs_input_grad[1]:  # Σ_b Σ_t g_t u_{t−j}, j < lk: no wrap-around at N
+            G, Uf = torch.fft.rfft(g, n=ctx.N), torch.fft.rfft(u, n=ctx.N)  # (b, h, N/2 + 1)
+            gk = torch.fft.irfft((G * Uf.conj()).sum(0), n=ctx.N)[:, :ctx.lk]  # (h, lk)
+        if ctx.needs_input_grad[2] and ctx.has_D:
+            gD = (g * u).sum((0, 2))
+        return gu, gk, gD
+
+
+def causal_conv_fft_cuda(u, k, D=None):
+    """The fused FFT convolution (numba.cuda, ``cuda.py``): one block per row (b, h) holds the
+    row's spectrum in shared memory, so u is read and y written once. Contract of
+    ``causal_conv``, plus a limit: the FFT length N = ``fused_fft_length(l, lk)`` must be at
+    most ``FFT_MAX_N`` (8192 in float32, 4096 in float64), else ValueError. Differentiable in
+    u (the same kernel), k (torch.fft) and D."""
+    _check(u, k, D, "fft")
+    N = fused_fft_length(u.shape[-1], k.shape[-1])
+    limit = FFT_MAX_N[numpy_dtype(u.dtype)]
+    if N > limit:
+        raise ValueError(f"causal_conv_fft_cuda holds the FFT of a row in shared memory: N = "
+                         f"{N} (the power of two >= l + lk − 1 = {u.shape[-1]} + "
+                         f"{k.shape[-1]} − 1) exceeds {limit} in {str(u.dtype)[6:]}; use "
+                         "causal_fft_conv (torch.fft) for longer rows")
+    D = None if D is None else D.contiguous()
+    return _FusedFFTConv.apply(u.contiguous(), k.contiguous(), D)
+
+
+# =============================================================================================
 # Public entries
 # =============================================================================================
 
@@ -148,11 +227,15 @@ def causal_conv(u: torch.Tensor, k: torch.Tensor, *, D: torch.Tensor | None = No
         u: (b, h, l) float32 or float64, the input.
         k: (h, lk) with 1 <= lk <= l, u's dtype: one causal filter per channel.
         D: (h,) or None, the skip term.
-        method: "fft" (torch.fft, O(l log l), on the tensors' device), "direct" (the O(l·lk)
-            loop of ``backend``) or "auto" (direct up to ``DIRECT_MAX_TAPS`` taps).
-        backend: for the direct loop: "ref", "cpu", "cuda", a callable with this signature, or
-            None to choose from the tensors' device. "ref" and a callable are used whatever the
-            method.
+        method: "fft" (O(l log l)), "direct" (the O(l·lk) loop of ``backend``) or "auto"
+            (direct up to ``DIRECT_MAX_TAPS`` taps, fft above). The FFT is, on the "cuda"
+            backend, the fused kernel ``causal_conv_fft_cuda`` when the FFT length
+            ``fused_fft_length(l, lk)`` is at most ``FFT_MAX_N[dtype]`` (8192 in float32, 4096
+            in float64: l + lk <= 8193 or 4097) and torch.fft (cuFFT) for longer rows; on the
+            "cpu" backend torch.fft (pocketfft).
+        backend: "ref", "cpu", "cuda", a callable with this signature, or None to choose from
+            the tensors' device. "ref" (the Toeplitz definition) and a callable are used
+            whatever the method.
 
     Returns:
         y: (b, h, l), u's dtype. Differentiable in u, k and D on every path."""
@@ -161,7 +244,9 @@ def causal_conv(u: torch.Tensor, k: torch.Tensor, *, D: torch.Tensor | None = No
     if method == "auto":
         method = "direct" if k.shape[1] <= DIRECT_MAX_TAPS else "fft"
     if method == "fft" and not callable(choice) and choice != "ref":
-        return causal_fft_conv(u, k, D)
+        fused = choice == "cuda" and (fused_fft_length(u.shape[-1], k.shape[1])
+                                      <= FFT_MAX_N[numpy_dtype(u.dtype)])
+        return causal_conv_fft_cuda(u, k, D) if fused else causal_fft_conv(u, k, D)
     return dispatch(IMPLS, u, k, D, backend=choice)
 
 

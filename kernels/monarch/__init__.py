@@ -21,8 +21,9 @@ With k = l = √n and p = q = r = s = √n the matrix has 2·n·√n numbers and
 
 Backward, with g = ∂L/∂y, z = BD(w1) x and gz = P1ᵀ BD(w2)ᵀ P2ᵀ g:
     ∂L/∂x = BD(w1)ᵀ gz,  ∂L/∂w1[kk] = Σ_tokens gz_kk x_kkᵀ,  ∂L/∂w2[j] = Σ_tokens g_j (P1 z)_jᵀ.
-The kernels compute ∂L/∂x, z and gz per token (fused like the forward); the two weight
-gradients are sums over tokens of outer products, batched matrix products done by torch.
+The kernels compute ∂L/∂x, z and gz (the CPU's fused per tile of tokens, the GPU's as three
+token-tiled batched products); the two weight gradients are sums over tokens of outer
+products, batched matrix products done by torch.
 
 Layout: ``ref.py`` the reference (einsum), the dense matrix and the DFT's factors; ``cpu.py``
 the Numba loops; ``cuda.py`` the numba.cuda kernels and their launchers; this file: the
@@ -95,8 +96,8 @@ def monarch_cpu(x, w1, w2):
 
 
 def monarch_cuda(x, w1, w2):
-    """numba.cuda kernel (or the CUDA simulator), one block per token; k·q <= cuda.Z_MAX.
-    Contract of ``monarch_ref``."""
+    """numba.cuda kernels (or the CUDA simulator): each factor a token-tiled batched matrix
+    product, the intermediate through global memory. Contract of ``monarch_ref``."""
     return _flat(x, w1, w2, (_fwd_cuda, _bwd_cuda))
 
 

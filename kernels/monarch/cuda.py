@@ -47,16 +47,19 @@ SIMULATOR_TILES = (2, 2, 2, 2, 2, 4)
 #     (JB·BK·BN) in shared memory; the next chunk's global loads are issued into registers
 #     before the current chunk's products, so their latency hides behind the FMAs;
 #   - per c, read RM inputs and RN weights from shared memory and do RM·RN FMAs.
+# Why it is fast: at the float32 tiles a thread does 64 FMAs per 16 shared reads, every weight
+# fetched from L2 serves 32 tokens (the former one-block-per-token kernel: 1 token) and every
+# input number 64 outputs; 2 blocks of 256 threads fit an SM (124 registers, 25 KB of shared).
 # Why JB groups per block: in forward 2 (and the backward's gz) neighbouring groups are
 # neighbouring numbers in memory (z[b, c·l + g], y[b, o·l + g]): one group alone would read and
 # write one 4-byte word per 32-byte sector. With lanes running over 8 groups, every sector read
 # or written is used whole. The staging order follows whichever axis is contiguous in memory
 # (c for x and gz, the groups for z and g; c or o for the weights), chosen per launch from the
 # strides: each thread keeps a fixed offset and adds a fixed step per pass (no div/mod).
-# Shared reads are free of bank conflicts: a warp is 8 groups x 4 tx of one ty, reading 8
-# consecutive inputs (broadcast over tx) and 32 weights in 32 banks (a group's slice of ws is
-# padded to SJ ≡ 4 words mod 32). Every index is unsigned (np.uint64): Numba guards each signed
-# index with a negative-index test (kernels/attention/cuda.py).
+# Shared reads are free of bank conflicts: a warp (float32 tiles) is 8 groups x 4 tx of one
+# ty, reading 8 consecutive inputs (broadcast over tx) and 32 weights in 32 banks (a group's
+# slice of ws is padded to SJ ≡ 4 words mod 32). Every index is unsigned (np.uint64): Numba
+# guards each signed index with a negative-index test (kernels/attention/cuda.py).
 # =============================================================================================
 
 
@@ -84,8 +87,11 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...]):
     ACC = (RM, RN)
     U = np.uint64
     zero = dtype.type(0)
+    # at most 128 registers, so that 2 blocks (16 warps) share an SM (ptxas: 124 for float32,
+    # 127 for float64, no spills; 128 and 145 without the bound)
+    options = {} if cuda_simulated() else {"launch_bounds": (NT, 2)}
 
-    @cuda.jit
+    @cuda.jit(**options)
     def kernel(inp, w, out, batch, G, O, C, ir, ig, ic, wg, wo, wc, orow, og, oo):
         # inp, w, out: flat arrays; out[b·orow + g·og + o·oo] = Σ_c w[g·wg + o·wo + c·wc] ·
         # inp[b·ir + g·ig + c·ic] for b < batch, g < G, o < O, c < C.
@@ -101,6 +107,7 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...]):
         b0, g0, o0 = (U(cuda.blockIdx.x) * U(BM), U(cuda.blockIdx.y) * U(JB),
                       U(cuda.blockIdx.z) * U(BN))
         uB, uG, uO, uC = U(batch), U(G), U(O), U(C)
+        interior = b0 + U(BM) <= uB and g0 + U(JB) <= uG and o0 + U(BN) <= uO  # no edge
         uir, uig, uic, uwg, uwo, uwc = U(ir), U(ig), U(ic), U(wg), U(wo), U(wc)
         # input staging: I copy (t_i + TS·u, c_i, j_i) of each chunk, u < IU; lanes run along
         # whichever of c and the groups is contiguous in memory
@@ -128,7 +135,6 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...]):
         for a in range(RM):
             for b in range(RN):
                 acc[a, b] = zero
-        # [core] monarch_cuda
         for c1 in range(0, C + BK, BK):  # load chunk c1 while multiplying chunk c0 = c1 - BK
             if c1 > 0:
                 cuda.syncthreads()  # everyone is done reading the chunk before c0
@@ -138,7 +144,12 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...]):
                     ws[w_dst + U((u // A) * SJ) + U(u % A) * w_dstep] = wn[u]
                 cuda.syncthreads()
             uc1 = U(c1)
-            if uc1 < uC:  # into registers: the loads are in flight during the FMAs below
+            if uc1 + U(BK) <= uC and interior:  # into registers, in flight during the FMAs below
+                for u in range(IU):
+                    xn[u] = inp[i_src + uc1 * uic + U(u) * i_step]
+                for u in range(WU):
+                    wn[u] = w[w_src + uc1 * uwc + U(u // A) * uwg + U(u % A) * w_step]
+            elif uc1 < uC:  # the same, zero past the edges (the last c chunk, edge blocks)
                 for u in range(IU):
                     ok = i_group and uc1 + c_i < uC and b0 + t_i + U(u * TS) < uB
                     xn[u] = inp[i_src + uc1 * uic + U(u) * i_step] if ok else zero
@@ -147,17 +158,18 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...]):
                           and o0 + o_w + do * U(u % A) < uO)
                     wn[u] = (w[w_src + uc1 * uwc + U(u // A) * uwg + U(u % A) * w_step]
                              if ok else zero)
-            if c1 > 0:
+            # [core] monarch_cuda
+            if c1 > 0:  # the register tile: tokens ty + TY·a, outputs tx + TX·b of group g0 + jj
                 for c in range(BK):  # RM + RN shared reads, RM·RN FMAs
                     uc = U(c)
-                    for a in range(RM):
+                    for a in range(RM):  # xs[t, c, jj]: the inputs of my RM tokens
                         xa[a] = xs[x_rd + uc * U(JB) + U(a * TY * BK * JB)]
-                    for b in range(RN):
+                    for b in range(RN):  # ws[jj, c, o]: the weights of my RN outputs
                         wb[b] = ws[w_rd + uc * U(SC) + U(b * TX)]
                     for a in range(RM):
                         for b in range(RN):
                             acc[a, b] += xa[a] * wb[b]
-        # [/core]
+            # [/core]
         g = g0 + jj
         if g < uG:
             for a in range(RM):
@@ -176,6 +188,8 @@ def _bgemm(inp, w, out, sizes, in_strides, w_strides, out_strides):
     contiguous tensors; sizes = (tokens, G, O, C), each stride triple (token or group, group or
     output, c)."""
     batch, G, O, C = sizes
+    if batch == 0 or G == 0 or O == 0:  # nothing to write (a grid cannot have 0 blocks)
+        return
     kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype),
                                                 _tiles(inp.element_size()))
     grid = (-(-batch // BM), -(-G // JB), -(-O // BN))

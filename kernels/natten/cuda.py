@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,103 +18,256 @@ from minimodels.kernels._common import numpy_dtype
 # Constants
 # =============================================================================================
 
-TILE = 4 if cuda_simulated() else 8  # CUDA: a block owns TILE x TILE queries (one per thread)
-MAX_KERNEL = 13  # CUDA: the largest window side (the K² scores live in each thread's registers)
-MAX_WINDOW = MAX_KERNEL * MAX_KERNEL  # (a constant: numba.cuda sizes local arrays only by those)
-HALO = 8 + MAX_KERNEL - 1  # CUDA: the side of the key halo a tile's windows cover, at most
-E_CHUNK = 8  # CUDA: head dims of the halo held in shared memory at a time
+# CUDA forward: a block is THREAD_ROWS x TILE threads; thread (tr, tc) owns tile column tc and
+# QPT vertically adjacent query rows (``_tiles``). In the simulator: small blocks, so that tiny
+# tests cross every tile edge.
+TILE = 4 if cuda_simulated() else 16  # the tile's width: one column of queries per lane
+THREAD_ROWS = 2 if cuda_simulated() else 8
+THREADS = TILE * THREAD_ROWS
+E_CHUNK = 4 if cuda_simulated() else 16  # head dims staged at a time, at most (a power of 2)
+STAGE_ROWS = 2 if cuda_simulated() else 8  # rows of a halo or tile one staging step copies
+MAX_KERNEL = 13  # CUDA: the largest window side (a thread's scores live in its registers)
+SCORE_REGISTERS = 112  # the scores a thread may hold: QPT is the largest that fits (``_tiles``)
+SHARED_BYTES = 48 * 1024  # static shared memory per block
 BWD_THREADS = 8 if cuda_simulated() else 128  # CUDA backward: queries per block
 
 
 # =============================================================================================
-# CUDA forward (numba.cuda). A block owns a TILE x TILE tile of queries of one head; thread t
-# owns query (i0 + t // TILE, j0 + t % TILE). The windows of the tile's queries lie inside one
-# halo of at most (TILE + K − 1)² pixels (window starts grow by at most 1 per query), so the
-# block stages the halo's keys in shared memory, E_CHUNK head dims at a time, and each thread
-# adds those dims' share of its K² dot products to its scores: every key is read from global
-# memory once per tile instead of once per query (K² times). Then each thread's softmax runs in
-# its registers, and the values' halo is staged the same way for the weighted sum.
+# CUDA forward (numba.cuda). One block = one head r and a tile of TR x TILE queries; one kernel
+# per (dtype, K), so every loop over the window has a compile-time trip count, LLVM unrolls it,
+# and a thread's scores are registers, never local memory.
+#   - Thread (tr, tc) owns the QPT queries (i + u, j), u < QPT, of one column: i = i0 + QPT·tr,
+#     j = j0 + tc. Their windows share columns ρ(j) .. ρ(j) + K − 1 and their rows lie within
+#     ρ(i) .. ρ(i) + K + QPT − 2 (a window starts at most one row lower per query row). So per
+#     head dim the thread reads (K + QPT − 1)·K keys and QPT queries from shared memory and does
+#     up to QPT·K² useful FMAs: 105 FMAs per 58 loads at K = 7 (QPT = 2), against one per load
+#     with a query per thread. Query u scores all K + u rows it may see (rows t < K + u); the
+#     u rows outside its window (t < δ_u or t ≥ δ_u + K, δ_u = ρ(i + u) − ρ(i)) are set to −∞
+#     before the softmax, so their weights are exactly 0: no branch on δ_u in the inner loops.
+#   - The windows of the tile lie inside one halo of (TR + K − 1) x (TILE + K − 1) pixels. The
+#     block stages the halo of k (then of v) and the tile of scale·q in shared memory, EC head
+#     dims at a time, coalesced: lane dl = tid % EC copies head dim dl of pixel columns
+#     slot + SLOTS·st, STAGE_ROWS rows per step, all the step's loads in flight before its
+#     stores (addresses clamped into the image, values outside it replaced by 0 with a select,
+#     not a branch). Halo rows past the image are zeroed once, so every value a thread may read
+#     is finite and a weight of 0 contributes exactly 0.
+#   - S = (scale·q) kᵀ accumulates over the chunks in registers; the softmax runs in registers;
+#     then O = P v, EC dims at a time: each thread's outputs go through the tile buffer, which
+#     the block writes out coalesced.
+# Bank conflicts: a pixel takes EC + 1 words (odd) and a halo row RS pixels with QPT·RS ≡ 16
+# (mod 32): the 16 lanes of a thread row read 16 banks and the next thread row the other 16.
+# Every index into an array is unsigned (np.uint64): Numba guards signed indices with a
+# negative-index test. Why it should be fast: the shared-memory pipe, not the FMAs, bounds it
+# (1.8 FMAs per shared access); at (8, 4, 128, 128, 64), K = 7 that predicts 0.27 ms at a full
+# pipe. ptxas (sm_90, float32, K = 7): 255 registers, no spills, no stack, 34.6 KB of shared
+# memory. NOT yet timed on a GPU: kernels/BENCHMARKS.md (natten) has the floors, the predicted
+# time and what to measure first.
+# =============================================================================================
+
+
+class _Tiles(NamedTuple):
+    qpt: int  # queries per thread (adjacent rows of one column)
+    rows: int  # TR: the tile's rows of queries
+    halo_rows: int  # HR = TR + K − 1
+    halo_cols: int  # HC = TILE + K − 1
+    halo_stride: int  # RS: pixels per halo row in shared memory (> HC: padded)
+    tile_stride: int  # TS: pixels per row of the tile buffer (> TILE: padded)
+    chunk: int  # EC: head dims staged at a time
+    shared_words: int
+
+
+def _padded(n: int, qpt: int) -> int:
+    """The first row stride > n (in pixels of an odd number of words) for which two thread
+    rows QPT image rows apart read opposite halves of the 32 banks: QPT·stride ≡ 16 (mod 32)."""
+    stride = n + 1
+    while not cuda_simulated() and (qpt * stride) % 32 != 16:
+        stride += 1
+    return stride
+
+
+@functools.cache
+def _tiles(K: int, itemsize: int) -> _Tiles:
+    """The forward's tiles for window side K: QPT as large as SCORE_REGISTERS allows (query u
+    of a thread holds (K + u)·K scores), then the largest chunk EC that fits SHARED_BYTES."""
+    qpt = next(n for n in (4, 2, 1)
+               if n * K * K + K * n * (n - 1) // 2 <= SCORE_REGISTERS or n == 1)
+    rows = THREAD_ROWS * qpt
+    halo_rows, halo_cols = rows + K - 1, TILE + K - 1
+    rs, ts = _padded(halo_cols, qpt), _padded(TILE, qpt)
+    pixels = _rounded(halo_rows) * rs + _rounded(rows) * ts  # (room for whole staging steps)
+    chunk = E_CHUNK
+    while chunk > 1 and pixels * (chunk + 1) * itemsize > SHARED_BYTES:
+        chunk //= 2
+    return _Tiles(qpt, rows, halo_rows, halo_cols, rs, ts, chunk, pixels * (chunk + 1))
+
+
+def _rounded(rows: int) -> int:
+    """rows rounded up to whole staging steps of STAGE_ROWS."""
+    return -(-rows // STAGE_ROWS) * STAGE_ROWS
+
+
+@functools.cache
+def _forward_kernel(dtype: np.dtype, K: int):
+    """Compile-once (per dtype and window side K) forward kernel."""
+    QPT, TR, HR, HC, RS, TS, EC, SMEM = _tiles(K, dtype.itemsize)
+    G = STAGE_ROWS
+    PS = EC + 1  # words per pixel in shared memory (odd: no bank conflicts)
+    KR = K + QPT - 1  # key rows a thread reads
+    NS = QPT * KR * K  # score slots: query u, key row t, column c at (u·KR + t)·K + c
+    HALF = K // 2
+    HALO_WORDS = _rounded(HR) * RS * PS
+    TILE0 = HALO_WORDS  # where the tile buffer (scale·q, then the output) starts
+    SLOTS = THREADS // EC  # staging: lane dl = tid % EC copies head dim dl of pixel columns
+    HALO_IT = -(-HC // SLOTS)  # slot + SLOTS·st, st < HALO_IT (halo) or TILE_IT (tile)
+    TILE_IT = -(-TILE // SLOTS)
+    BUF = G * max(HALO_IT, TILE_IT)  # values one staging step has in flight
+    U = np.uint64
+    zero, one, ninf = dtype.type(0), dtype.type(1), dtype.type(-np.inf)
+
+    @cuda.jit
+    def fwd(q, k, v, out, lse, H, W, e, scale):
+        # q, k, v, out: flat (r·H·W·e,) views of (r, H, W, e); lse: (r·H·W,). Signed ints for
+        # the logic, unsigned (U) for indices.
+        sm = cuda.shared.array(SMEM, dtype)  # the halo of k or v, then the tile buffer
+        s = cuda.local.array(NS, dtype)  # S, then P, of my QPT queries
+        qv = cuda.local.array(QPT, dtype)
+        acc = cuda.local.array(QPT, dtype)
+        inv = cuda.local.array(QPT, dtype)  # 1 / Σ P of each query
+        buf = cuda.local.array(BUF, dtype)  # staged values in flight
+        n_i, n_j = (H + TR - 1) // TR, (W + TILE - 1) // TILE
+        r, tile = cuda.blockIdx.x // (n_i * n_j), cuda.blockIdx.x % (n_i * n_j)
+        i0, j0 = (tile // n_j) * TR, (tile % n_j) * TILE
+        tid = cuda.threadIdx.x
+        slot, dl = tid // EC, tid % EC  # staging: head dim dl of pixel columns slot + SLOTS·st
+        udl, uW, uE = U(dl), U(W), U(e)
+        head = U(r) * U(H) * uW * uE
+        for n in range(tid, HALO_WORDS, THREADS):  # halo rows and columns past the image: 0
+            sm[U(n)] = zero
+        hr0 = min(max(i0 - HALF, 0), H - K)  # the halo: the first window's corner ...
+        hc0 = min(max(j0 - HALF, 0), W - K)
+        nr, nc = min(HR, H - hr0), min(HC, W - hc0)  # ... and its size inside the image
+        nq, ncq = min(TR, H - i0), min(TILE, W - j0)  # the tile's size inside the image
+        i, j = i0 + QPT * (tid // TILE), j0 + tid % TILE  # my queries: (i + u, j), u < QPT
+        ri = min(max(min(i, H - 1) - HALF, 0), H - K) - hr0  # my windows' first row and
+        ci = min(max(min(j, W - 1) - HALF, 0), W - K) - hc0  # column, in the halo
+        corner = U(ri * RS + ci) * U(PS)  # ... as a shared-memory offset
+        mine = U(TILE0 + (QPT * (tid // TILE) * TS + tid % TILE) * PS)  # my (i, j) in the tile
+        for n in range(NS):
+            s[n] = zero
+        for phase in range(2):  # 0: S = (scale·q) kᵀ; 1: the softmax, then O = P v
+            x = k if phase == 0 else v
+            if phase == 1:  # the softmax of each query, in registers
+                for u in range(QPT):
+                    du = min(max(min(i + u, H - 1) - HALF, 0), H - K) - hr0 - ri  # δ_u
+                    m = ninf
+                    for t in range(K + u):
+                        for c in range(K):
+                            if t < du or t >= du + K:  # outside query u's window: weight 0
+                                s[(u * KR + t) * K + c] = ninf
+                            m = max(m, s[(u * KR + t) * K + c])
+                    m = zero if m == ninf else m
+                    total = zero
+                    for t in range(K + u):
+                        for c in range(K):
+                            p = math.exp(s[(u * KR + t) * K + c] - m)
+                            s[(u * KR + t) * K + c] = p
+                            total += p
+                    inv[u] = one / total
+                    if i + u < H and j < W:  # no finite score: lse = −∞ (log(0) raises)
+                        lse[U(r) * U(H) * uW + U(i + u) * uW + U(j)] = (
+                            m + math.log(total) if total > zero else ninf)
+            for d0 in range(0, e, EC):  # EC head dims at a time
+                nd = min(EC, e - d0)
+                dsrc = U(min(d0 + dl, e - 1))  # (a legal address past e; its value is not kept)
+                cuda.syncthreads()  # the previous chunk is read and written out
+                for a0 in range(0, nr, G):  # the halo of x, G rows at a time: the loads (of
+                    for g in range(G):  # pixels clamped into the image) all in flight, then
+                        a = min(a0 + g, nr - 1)  # the stores (0 outside the image, past e)
+                        for st in range(HALO_IT):
+                            c = min(slot + SLOTS * st, nc - 1)
+                            buf[g * HALO_IT + st] = x[head + (U(hr0 + a) * uW + U(hc0 + c)) * uE
+                                                      + dsrc]
+                    for g in range(G):
+                        for st in range(HALO_IT):
+                            c = slot + SLOTS * st
+                            keep = a0 + g < nr and c < nc and dl < nd
+                            sm[U(((a0 + g) * RS + min(c, RS - 1)) * PS) + udl] = (
+                                buf[g * HALO_IT + st] if keep else zero)
+                for a0 in range(0, nq if phase == 0 else 0, G):  # the tile of scale·q
+                    for g in range(G):
+                        a = min(a0 + g, nq - 1)
+                        for st in range(TILE_IT):
+                            c = min(slot + SLOTS * st, ncq - 1)
+                            buf[g * TILE_IT + st] = q[head + (U(i0 + a) * uW + U(j0 + c)) * uE
+                                                      + dsrc]
+                    for g in range(G):
+                        for st in range(TILE_IT):
+                            c = slot + SLOTS * st
+                            keep = a0 + g < nq and c < ncq and dl < nd
+                            sm[U(TILE0 + ((a0 + g) * TS + min(c, TS - 1)) * PS) + udl] = (
+                                scale * buf[g * TILE_IT + st] if keep else zero)
+                cuda.syncthreads()
+                # [core] natten_cuda
+                if phase == 0:
+                    for d in range(nd):
+                        for u in range(QPT):
+                            qv[u] = sm[mine + U(u * TS * PS + d)]
+                        for t in range(KR):  # key row t of mine: my QPT queries share each key
+                            for c in range(K):
+                                kx = sm[corner + U((t * RS + c) * PS + d)]
+                                for u in range(QPT):
+                                    if t < K + u:  # (compile time) the rows query u may see
+                                        s[(u * KR + t) * K + c] += qv[u] * kx
+                else:
+                    for d in range(nd):
+                        for u in range(QPT):
+                            acc[u] = zero
+                        for t in range(KR):
+                            for c in range(K):
+                                vx = sm[corner + U((t * RS + c) * PS + d)]
+                                for u in range(QPT):
+                                    if t < K + u:
+                                        acc[u] += s[(u * KR + t) * K + c] * vx
+                        for u in range(QPT):  # the outputs, through the tile buffer
+                            sm[mine + U(u * TS * PS + d)] = acc[u] * inv[u]
+                # [/core]
+                    cuda.syncthreads()
+                    for a in range(nq):  # written out coalesced
+                        for st in range(TILE_IT):
+                            c = slot + SLOTS * st
+                            if c < ncq and dl < nd:
+                                out[head + (U(i0 + a) * uW + U(j0 + c)) * uE + U(d0) + udl] = (
+                                    sm[U(TILE0 + (a * TS + c) * PS) + udl])
+
+    return fwd
+
+
+# =============================================================================================
+# CUDA backward (numba.cuda): one thread per query, dq directly, dk and dv scattered with
+# atomic adds. One kernel per (dtype, K): the K² weights and their gradients are registers.
 # =============================================================================================
 
 
 @functools.cache
-def _natten_kernels(dtype: np.dtype):
-    """Compile-once (per dtype) forward and backward kernels."""
+def _backward_kernel(dtype: np.dtype, K: int):
+    """Compile-once (per dtype and window side K) backward kernel."""
     zero = dtype.type(0)
     ninf = dtype.type(-np.inf)
+    KK = K * K
+    HALF = K // 2
 
     @cuda.jit
-    def fwd(q, k, v, out, lse, K, scale):
-        halo = cuda.shared.array((HALO, HALO, E_CHUNK), dtype)
-        s = cuda.local.array(MAX_WINDOW, dtype)
-        R, H, W, e = q.shape
-        tid = cuda.threadIdx.x
-        n_i, n_j = (H + TILE - 1) // TILE, (W + TILE - 1) // TILE
-        r, tile = cuda.blockIdx.x // (n_i * n_j), cuda.blockIdx.x % (n_i * n_j)
-        i0, j0 = (tile // n_j) * TILE, (tile % n_j) * TILE
-        # [core] natten_cuda
-        half = K // 2
-        hr0 = min(max(i0 - half, 0), H - K)  # the halo: the first window's corner ...
-        hc0 = min(max(j0 - half, 0), W - K)
-        nr, nc = min(TILE + K - 1, H - hr0), min(TILE + K - 1, W - hc0)  # ... and its size
-        i, j = i0 + tid // TILE, j0 + tid % TILE
-        active = i < H and j < W
-        ii, jj = min(i, H - 1), min(j, W - 1)
-        a0 = min(max(ii - half, 0), H - K) - hr0  # this query's window, inside the halo
-        c0 = min(max(jj - half, 0), W - K) - hc0
-        for t in range(K * K):
-            s[t] = zero
-        for d0 in range(0, e, E_CHUNK):  # S = q kᵀ, E_CHUNK dims of the keys' halo at a time
-            nd = min(E_CHUNK, e - d0)
-            cuda.syncthreads()
-            for m in range(tid, nr * nc * nd, TILE * TILE):
-                a, c, d = m // (nc * nd), (m // nd) % nc, m % nd
-                halo[a, c, d] = k[r, hr0 + a, hc0 + c, d0 + d]
-            cuda.syncthreads()
-            for d in range(nd):
-                qd = scale * q[r, ii, jj, d0 + d]  # scale · q first, as the reference
-                for a in range(K):
-                    for c in range(K):
-                        s[a * K + c] += qd * halo[a0 + a, c0 + c, d]
-        m = ninf
-        for t in range(K * K):
-            m = max(m, s[t])
-        m = zero if m == ninf else m
-        total = zero
-        for t in range(K * K):  # P = exp(S − max), in registers
-            s[t] = math.exp(s[t] - m)
-            total += s[t]
-        # [/core]
-        for d0 in range(0, e, E_CHUNK):  # O = P v, the values' halo the same way
-            nd = min(E_CHUNK, e - d0)
-            cuda.syncthreads()
-            for m2 in range(tid, nr * nc * nd, TILE * TILE):
-                a, c, d = m2 // (nc * nd), (m2 // nd) % nc, m2 % nd
-                halo[a, c, d] = v[r, hr0 + a, hc0 + c, d0 + d]
-            cuda.syncthreads()
-            if active:
-                for d in range(nd):
-                    acc = zero
-                    for a in range(K):
-                        for c in range(K):
-                            acc += s[a * K + c] * halo[a0 + a, c0 + c, d]
-                    out[r, i, j, d0 + d] = acc / total
-        if active:  # total = 0 (every score −∞): lse = −∞ (the simulator's log(0) raises)
-            lse[r, i, j] = m + math.log(total) if total > zero else ninf
-
-    @cuda.jit
-    def bwd(q, k, v, g, dq, dk, dv, K, scale):
+    def bwd(q, k, v, g, dq, dk, dv, scale):
         """One thread per query: dq directly; dk, dv scattered with atomic adds."""
         R, H, W, e = q.shape
         n = cuda.grid(1)
         if n >= R * H * W:
             return
         r, i, j = n // (H * W), (n // W) % H, n % W
-        half = K // 2
-        r0 = min(max(i - half, 0), H - K)
-        c0 = min(max(j - half, 0), W - K)
-        p = cuda.local.array(MAX_WINDOW, dtype)
-        dp = cuda.local.array(MAX_WINDOW, dtype)
+        r0 = min(max(i - HALF, 0), H - K)
+        c0 = min(max(j - HALF, 0), W - K)
+        p = cuda.local.array(KK, dtype)
+        dp = cuda.local.array(KK, dtype)
         for a in range(K):
             for c in range(K):
                 sd = zero
@@ -124,15 +278,15 @@ def _natten_kernels(dtype: np.dtype):
                 p[a * K + c] = sd
                 dp[a * K + c] = gd
         m = ninf  # P recomputed as the forward does: a one-hot row gets P = 1, dS = 0 exactly
-        for t in range(K * K):
+        for t in range(KK):
             m = max(m, p[t])
         m = zero if m == ninf else m
         total = zero
-        for t in range(K * K):
+        for t in range(KK):
             p[t] = math.exp(p[t] - m)
             total += p[t]
         D = zero
-        for t in range(K * K):
+        for t in range(KK):
             p[t] /= total
             D += p[t] * dp[t]
         for d in range(e):
@@ -146,7 +300,7 @@ def _natten_kernels(dtype: np.dtype):
                     cuda.atomic.add(dk, (r, r0 + a, c0 + c, d), ds * q[r, i, j, d])
                     cuda.atomic.add(dv, (r, r0 + a, c0 + c, d), p[t] * g[r, i, j, d])
 
-    return fwd, bwd
+    return bwd
 
 
 def _check_kernel(kernel_size):
@@ -157,14 +311,16 @@ def _check_kernel(kernel_size):
 
 def _fwd_cuda(q, k, v, kernel_size, scale):
     _check_kernel(kernel_size)
-    R, H, W, _ = q.shape
+    R, H, W, e = q.shape
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:-1])
     if q.numel():
         dtype = numpy_dtype(q.dtype)
-        fwd, _ = _natten_kernels(dtype)
-        grid = R * ((H + TILE - 1) // TILE) * ((W + TILE - 1) // TILE)
-        launch(fwd, grid, TILE * TILE, q, k, v, out, lse, kernel_size, dtype.type(scale))
+        fwd = _forward_kernel(dtype, kernel_size)
+        rows = _tiles(kernel_size, dtype.itemsize).rows
+        grid = R * ((H + rows - 1) // rows) * ((W + TILE - 1) // TILE)
+        flat = (x.view(-1) for x in (q, k, v, out, lse))
+        launch(fwd, grid, THREADS, *flat, H, W, e, dtype.type(scale))
     return out, lse
 
 
@@ -173,8 +329,8 @@ def _bwd_cuda(q, k, v, g, kernel_size, scale):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if q.numel():
         dtype = numpy_dtype(q.dtype)
-        _, bwd = _natten_kernels(dtype)
+        bwd = _backward_kernel(dtype, kernel_size)
         n = q.shape[0] * q.shape[1] * q.shape[2]
         launch(bwd, (n + BWD_THREADS - 1) // BWD_THREADS, BWD_THREADS, q, k, v, g, dq, dk, dv,
-               kernel_size, dtype.type(scale))
+               dtype.type(scale))
     return dq, dk, dv
