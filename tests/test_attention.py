@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ALL, KERNELS, device_for
+from helpers import ALL, CUDA, KERNELS, device_for
 
 import minimodels.kernels.attention as A
 import minimodels.kernels.attention.cpu as attention_cpu
 import minimodels.kernels.attention.cuda as attention_cuda
 from minimodels import lab
-from minimodels.backend import cuda_simulated
+from minimodels.backend import available_backends, cuda_simulated
 from minimodels.kernels._common import Example
 from minimodels.kernels.attention import (
     attention,
@@ -119,8 +119,18 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=backend == "cuda")
 
 
-@pytest.mark.parametrize("backend", KERNELS)
-def test_grad_equals_autograd_of_sdpa(backend):
+@pytest.fixture(params=["cpu", CUDA, pytest.param("cuda atomic dq", marks=CUDA.marks)])
+def bwd_backend(request, monkeypatch):
+    """The backward's fast paths: "cpu", "cuda" (dq by its own kernel) and "cuda" with dq added
+    by atomics from the dkv kernel (``attention_cuda.BWD_DQ = "atomic"``)."""
+    if request.param == "cuda atomic dq":
+        monkeypatch.setattr(attention_cuda, "BWD_DQ", "atomic")
+        return "cuda"
+    return request.param
+
+
+def test_grad_equals_autograd_of_sdpa(bwd_backend):
+    backend = bwd_backend
     dev = device_for(backend)
     q, k, v = (x.requires_grad_() for x in qkv((2, 2, 5, 7, 3), device=dev, seed=1))
     g = torch.randn(2, 2, 5, 3, dtype=torch.float64, device=dev)
@@ -331,12 +341,12 @@ def test_non_finite_scores_agree_with_ref(backend, dtype, name):
 GRAD_SHAPES = [(1, 1, 1, 1, 1), (1, 2, 3, 7, 2), (2, 1, 5, 3, 3), (1, 1, 7, 11, 2)]
 
 
-@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("shape", GRAD_SHAPES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_backward_gradcheck_float64(backend, shape, causal):
+def test_backward_gradcheck_float64(bwd_backend, shape, causal):
     """gradcheck of (out, lse) in float64: the Jacobian of lse is checked too (d lse_i adds
     P_ij · dlse_i to dS_ij)."""
+    backend = bwd_backend
     if causal and shape[2] > shape[3]:
         pytest.skip("causal needs lq <= lk")
     q, k, v = (x.requires_grad_() for x in qkv(shape, device=device_for(backend), seed=7))
@@ -357,14 +367,14 @@ def _grads(backend, shape, dtype, causal, seed=4, scale=0.3):
     return [x.cpu() for x in torch.autograd.grad((out, lse), xs, cot)]
 
 
-@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
-def test_backward_across_tiles_equals_autograd_of_ref(backend, dtype, causal):
+def test_backward_across_tiles_equals_autograd_of_ref(bwd_backend, dtype, causal):
     """Many query and key tiles with short last ones, lq != lk. float64 within 1e-12 of
     autograd of ref; float32 against that float64 truth within 2x the float32 output
     tolerance, relative to each gradient's largest magnitude (measured: <= 0.6x, as ref's own
     float32 gradients)."""
+    backend = bwd_backend
     shape = (2, 1, 300, 331, 6) if backend == "cpu" else (1, 1, 13, 17, 3)
     want = _grads("ref", shape, torch.float64, causal)
     got = _grads(backend, shape, dtype, causal)
@@ -376,17 +386,21 @@ def test_backward_across_tiles_equals_autograd_of_ref(backend, dtype, causal):
 
 
 @pytest.mark.skipif(not cuda_simulated(), reason="sizes chosen for the simulator's tiles")
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_backward_cuda_z_chunks_shorter_than_a_walk_tile(monkeypatch, causal):
+def test_backward_cuda_z_chunks_shorter_than_a_walk_tile(monkeypatch, causal, dq_mode):
     """The CUDA backward's step C stages Z (dO and Q in dkv, K in dq) VK walk rows at a time, as
     the GPU's float32 dkv does (VK = 16 of BC = 64), which the simulator's tiles never need. A
-    smaller shared-memory budget makes VK = 1 (dkv) and 2 (dq) of BC = 4 there, at e = 17."""
+    smaller shared-memory budget makes VK = 1 (dkv) and 2 (dq) of BC = 4 there, at e = 17; and
+    dkv_atomic's step D stages K_J in KW = 2 keys of BR = 4."""
     small = functools.partial(attention_cuda._bwd_tiles, shared_bytes=760)
     monkeypatch.setattr(attention_cuda, "_bwd_tiles", small)
+    monkeypatch.setattr(attention_cuda, "BWD_DQ", dq_mode)
     attention_cuda._attention_bwd_kernel.cache_clear()
     try:
-        assert [small(8, 17, kind)["VK"] for kind in ("dkv", "dq")] == [1, 2]
+        assert [small(8, 17, kind)["VK"] for kind in ("dkv", "dq", "dkv_atomic")] == [1, 2, 1]
         assert small(8, 17, "dkv")["BC"] == 4
+        assert (small(8, 17, "dkv_atomic")["KW"], small(8, 17, "dkv_atomic")["BR"]) == (2, 4)
         want = _grads("ref", (1, 2, 6, 7, 17), torch.float64, causal)
         got = _grads("cuda", (1, 2, 6, 7, 17), torch.float64, causal)
     finally:
@@ -402,13 +416,38 @@ def test_backward_cuda_gpu_tiles_fit_shared_memory(monkeypatch, itemsize):
     two whole warps and the accumulators cover e; a head dim that cannot fit is a ValueError."""
     monkeypatch.setattr(attention_cuda, "cuda_simulated", lambda: False)
     for e in (1, 2, 3, 17, 64, 100, 128, 255, 256, 512):
-        for kind in ("dsum", "dkv", "dq"):
+        for kind in ("dsum", "dkv", "dq", "dkv_atomic"):
             T = attention_cuda._bwd_tiles(itemsize, e, kind)
             assert T["SMEM"] * itemsize <= attention_cuda.SHARED_BYTES, (e, kind, T)
             assert T["VK"] >= 1 and T["BC"] % T["VK"] == 0, (e, kind, T)
             assert T["TY"] * T["TX"] == 64 and T["EB"] * T["TXC"] >= e, (e, kind, T)
+        # dkv_atomic's step D: K_J chunks over step A's buffers, its grid covering the queries
+        T = attention_cuda._bwd_tiles(itemsize, e, "dkv_atomic")
+        assert T["BR"] % T["KW"] == 0 and T["KW"] * T["EB"] * T["TXC"] <= T["MO"], (e, T)
+        assert T["TYD"] * T["TX"] == 128 and T["TYD"] * T["RMD"] == T["BC"], (e, T)
     with pytest.raises(ValueError, match="head dim e=100000"):
         attention_cuda._bwd_tiles(itemsize, 100000, "dkv")
+
+
+@pytest.mark.skipif("cuda" not in available_backends(), reason="needs the cuda backend")
+@pytest.mark.cuda
+def test_backward_cuda_dq_switch_picks_the_kernels(monkeypatch):
+    """BWD_DQ = "separate" runs dsum, dkv, dq; "atomic" runs dsum and dkv_atomic only (which
+    adds dq): both give ref's gradients (float64). Any other value is a ValueError."""
+    kinds, compile_kernel = [], attention_cuda._attention_bwd_kernel
+    monkeypatch.setattr(attention_cuda, "_attention_bwd_kernel",
+                        lambda dtype, e, kind: kinds.append(kind) or compile_kernel(dtype, e, kind))
+    want = _grads("ref", (1, 1, 5, 6, 3), torch.float64, True)
+    for mode, launched in (("separate", ["dsum", "dkv", "dq"]), ("atomic", ["dsum", "dkv_atomic"])):
+        monkeypatch.setattr(attention_cuda, "BWD_DQ", mode)
+        kinds.clear()
+        got = _grads("cuda", (1, 1, 5, 6, 3), torch.float64, True)
+        assert kinds == launched, mode
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(attention_cuda, "BWD_DQ", "atomics")
+    with pytest.raises(ValueError, match="BWD_DQ must be 'separate' or 'atomic'"):
+        _grads("cuda", (1, 1, 2, 2, 1), torch.float64, False)
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -422,8 +461,8 @@ def test_backward_cpu_key_groups_agree(monkeypatch, groups):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
-def test_backward_non_contiguous_inputs(backend):
+def test_backward_non_contiguous_inputs(bwd_backend):
+    backend = bwd_backend
     dev = device_for(backend)
     q, k, v = qkv((2, 3, 5, 6, 4), device=dev, seed=8)  # views of (b, l, h, e) storage
     q, k, v = (x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).requires_grad_()
@@ -468,15 +507,15 @@ def test_forward_and_backward_memory_is_linear_in_length():
     assert cpu[1] < ref[1] / 10
 
 
-@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["causal row sees only -inf", "overflow to -inf",
                                   "overflow to +inf", "+inf score", "nan score",
                                   "first key tile all -inf"])
-def test_backward_of_non_finite_scores(backend, dtype, name):
+def test_backward_of_non_finite_scores(bwd_backend, dtype, name):
     """The backward runs on the non-finite cases above (the forward's nan rows included): where
     ref's gradient is finite, the kernel's is finite and equal; where ref's is nan the kernel
     may give nan (a hidden key gets 0 from a row of nan, where ref's dv gets 0 · nan)."""
+    backend = bwd_backend
     if name.startswith("overflow") and dtype == torch.float64:
         pytest.skip("1e60 is finite in float64")
     dev = device_for(backend)

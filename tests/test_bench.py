@@ -144,7 +144,7 @@ def test_every_benchmark_runs_from_the_command_line(kernel, shape, capsys):
                     "Numba's CUDA simulator; on a real GPU tests/test_gpu.py runs it")
 @pytest.mark.parametrize("kernel, shape, rows", [
     ("scan", "1,2,8", ["torch chunked cumprod/cumsum", "minimodels cuda kernel, preallocated out"]),
-    ("attention", "1,1,8,4", ["SDPA bf16"]),
+    ("attention", "1,1,8,4", ["SDPA bf16", "minimodels cuda kernel fwd+bwd (atomic dq)"]),
     ("wkv", "1,8,4", ["minimodels cuda kernel, preallocated y", "minimodels cuda kernel, backward",
                       "batch sweep"]),
     ("s4d", "2,2,8", ["ref (materialised"]),

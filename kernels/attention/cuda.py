@@ -236,7 +236,8 @@ def _fwd_cuda(q, k, v, causal, scale):
 
 # =============================================================================================
 # CUDA backward (numba.cuda): FlashAttention-2's backward (Dao 2023, algorithm 2), register-tiled
-# like the forward, in three kernels so that every output has one writer (no atomics):
+# like the forward. By default (BWD_DQ = "separate") three kernels, so that every output has one
+# writer (no atomics); BWD_DQ = "atomic" runs dsum and ``dkv_atomic`` only (step D below):
 #   - ``dsum``: a block per (query tile I, head r) walks the key tiles J that I sees and sums
 #     D_i = Σ_j P_ij dP_ij - dlse_i, not FlashAttention-2's dO_i·o_i (kernels/attention/cpu.py
 #     says why: a one-hot row's dS must cancel to 0 exactly, as ref's), from the very P and dP,
@@ -260,12 +261,20 @@ def _fwd_cuda(q, k, v, causal, scale):
 #      a thread RM keys x EB head dims tx + TX·c; in dq the two groups act as one TY x 2·TX grid
 #      keeping dQ_I (M = dS, Z = K_J), a thread RM queries x EB head dims. Per walk row a thread
 #      reads RM + EB values and does RM·EB FMAs.
-# A tile pair costs 2 (dsum) + 4 (dkv) + 3 (dq) = 9 products of BR·BC·e FMAs, against 5 for a
-# single pass adding dQ with atomics: the price of one writer per output and no atomics. FMAs per
-# shared load at float32's tiles: dsum's A 4 (8 x 8), dkv's and dq's A 2.7 (8 x 4), every C 4
-# (8 x 8); the forward's: 2.7 in its S step, 4 in P V. Reads are free of bank conflicts as in the
-# forward: rows padded by one word, and a warp's lanes share an address (broadcast) or read
-# distinct banks. Indices are unsigned (np.uint64), as the forward's.
+#   D. (dkv_atomic only) dQ_I += dS K_J, FlashAttention-2's way: after C, K_J is staged over step
+#      A's buffers, KW keys at a time (all BR at float32's e = 128), and the block as one
+#      TYD x TX = 2·TY x TX grid reads dS from the dSᵀ of B (rows by columns: no transpose
+#      needed); a thread keeps RMD = BC / TYD queries yd + TYD·a x EB head dims xd + TX·c in
+#      registers (the same ``accumulator`` as C, other strides: per key RMD + EB loads, RMD·EB
+#      FMAs), then adds scale · its tile into dq with cuda.atomic.add (ptxas makes them REDG:
+#      no round trip; float32's also flush subnormal sums to 0). dq is zeroed first; its sums
+#      then depend on the order the blocks run (not bit-reproducible run to run).
+# A tile pair costs 2 (dsum) + 4 (dkv) + 3 (dq) = 9 products of BR·BC·e FMAs ("separate"), or
+# 2 + 5 = 7 and BC·e atomic adds ("atomic"; the minimal 5 would also drop dsum for D = dO·o).
+# FMAs per shared load at float32's tiles: dsum's A 4 (8 x 8), dkv's and dq's A 2.7 (8 x 4),
+# every C and D 4 (8 x 8); the forward's: 2.7 in its S step, 4 in P V. Reads are free of bank
+# conflicts as in the forward: rows padded by one word, and a warp's lanes share an address
+# (broadcast) or read distinct banks. Indices are unsigned (np.uint64), as the forward's.
 # NOT yet timed on a GPU: kernels/BENCHMARKS.md has the floors and the predicted time.
 # =============================================================================================
 
@@ -277,23 +286,30 @@ def _fwd_cuda(q, k, v, causal, scale):
 # dkv's two accumulators (dV_J, dK_J, one per group) of 8 x 8 take TX = 16, hence BR = 32 keys.
 # float64 halves the tiles. NOT measured on a GPU yet: kernels/BENCHMARKS.md. In the simulator:
 # tiny tiles (BR = BC = 4, 8 threads) so that tiny tests cross every edge.
+# dkv_atomic takes dkv's tiles (ptxas, e = 128: 224 registers float32, 245 float64, no spills).
 CUDA_BWD_TILES = {4: {"dsum": (8, 8, 8, 8, 16), "dkv": (4, 16, 8, 4, 16), "dq": (8, 8, 8, 4, 16)},
                   8: {"dsum": (8, 8, 4, 4, 16), "dkv": (4, 16, 4, 4, 8), "dq": (8, 8, 4, 4, 16)}}
+# How dq is made: "separate", by the dq kernel (deterministic); "atomic", added by dkv_atomic
+# with atomics (step D; 7 products a tile pair, not 9; dq's float sums then depend on the order
+# the blocks run). Read at every call; NOT yet timed against each other (kernels/BENCHMARKS.md).
+BWD_DQ = "separate"
 CUDA_BWD_BLOCKS_PER_SM = {(4, "dq"): 3}  # launch bounds: (threads, blocks per SM) caps registers
 SIMULATOR_BWD_TILES = (2, 2, 2, 2, 2)
 
 
 def _bwd_tiles(itemsize: int, e: int, kind: str, shared_bytes: int = SHARED_BYTES) -> dict:
     """Tiles and shared-memory layout (in words) of the backward kernel ``kind`` ("dsum", "dkv",
-    "dq") at head dim e; a ValueError when e is too large for ``shared_bytes``."""
+    "dq", or "dkv_atomic": dkv's tiles, plus step D's) at head dim e; a ValueError when e is
+    too large for ``shared_bytes``."""
+    dkv = kind in ("dkv", "dkv_atomic")
     TY, TX, RM, RN, EC = (SIMULATOR_BWD_TILES if cuda_simulated()
-                          else CUDA_BWD_TILES[itemsize][kind])
+                          else CUDA_BWD_TILES[itemsize]["dkv" if dkv else kind])
     BR, BC = TY * RM, TX * RN
-    TXC = TX if kind == "dkv" else 2 * TX  # C's grid: dkv, each group's; dq, both as one
+    TXC = TX if dkv else 2 * TX  # C's grid: dkv, each group's; dq, both as one
     EB = -(-e // TXC)  # accumulator head dims per thread
-    NZ = {"dsum": 0, "dkv": 2, "dq": 1}[kind]  # Z chunks of step C: (dO, Q) or K
+    NZ = {"dsum": 0, "dq": 1}.get(kind, 2)  # Z chunks of step C: (dO, Q) or K
     A_WORDS = 2 * (BR + BC) * (EC + 1)  # step A: own and walk chunks of both products
-    M_WORDS = (2 if kind == "dkv" else 1) * BR * (BC + 1)  # P (and dS in dkv)
+    M_WORDS = (2 if dkv else 1) * BR * (BC + 1)  # P (and dS in dkv)
     R_WORDS = BR * (TX + 1) if kind == "dsum" else 0  # the row partials of D
     words = shared_bytes // itemsize
     VK = BC  # walk rows per Z chunk: the most that fits
@@ -303,14 +319,26 @@ def _bwd_tiles(itemsize: int, e: int, kind: str, shared_bytes: int = SHARED_BYTE
     if MO + M_WORDS + R_WORDS > words:
         raise ValueError(f"the CUDA attention backward cannot fit head dim e={e} in "
                          f"{shared_bytes} bytes of shared memory")
-    return dict(TY=TY, TX=TX, RM=RM, RN=RN, EC=EC, BR=BR, BC=BC, TXC=TXC, EB=EB, VK=VK, MO=MO,
-                SMEM=MO + M_WORDS + R_WORDS)
+    T = dict(TY=TY, TX=TX, RM=RM, RN=RN, EC=EC, BR=BR, BC=BC, TXC=TXC, EB=EB, VK=VK, MO=MO,
+             SMEM=MO + M_WORDS + R_WORDS)
+    if kind == "dkv_atomic":  # step D: K_J in chunks of KW keys over step A's buffers [0, MO)
+        KW = BR
+        while KW > 1 and (BR % KW or KW * EB * TXC > MO):
+            KW -= 1
+        TYD = 2 * TY  # step D's grid: TYD x TX threads, a thread RMD queries x EB head dims
+        if BC % TYD:
+            raise ValueError(f"dkv_atomic's step D needs BC = {BC} queries to be a multiple of "
+                             f"2·TY = {TYD}")
+        T.update(KW=KW, TYD=TYD, RMD=BC // TYD)
+    return T
 
 
 @functools.cache
 def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
-    """Compile-once (per dtype, head dim and kind: "dsum", "dkv" or "dq") backward kernel;
-    returns (kernel, BR rows a block owns, threads)."""
+    """Compile-once (per dtype, head dim and kind: "dsum", "dkv", "dq" or "dkv_atomic") backward
+    kernel; returns (kernel, BR rows a block owns, threads)."""
+    if kind not in ("dsum", "dkv", "dq", "dkv_atomic"):
+        raise ValueError(f"kind must be 'dsum', 'dkv', 'dq' or 'dkv_atomic', got {kind!r}")
     T = _bwd_tiles(dtype.itemsize, e, kind)
     TY, TX, RM, RN, EC, BR, BC = (T[x] for x in ("TY", "TX", "RM", "RN", "EC", "BR", "BC"))
     TXC, EB, VK, MO, SMEM = T["TXC"], T["EB"], T["VK"], T["MO"], T["SMEM"]
@@ -324,11 +352,11 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
     Z0, Z1 = 0, VK * EP  # step C chunks (VK, EP), over step A's
     PM, DM = MO, MO + BR * (BC + 1)  # P (BR, BC + 1), then dS in dkv, or the row partials in dsum
     IT_R, IT_C = -(-BR // RSTEP), -(-BC // RSTEP)  # staging passes
-    IT_Z = -(-VK * SEG // ZSTEP)
     US = min(EC, 1 << max(0, (UNROLL_FMAS // (RM * RN)).bit_length() - 1))  # steps/iteration
-    UV = min(VK, 1 << max(0, (UNROLL_FMAS // (RM * EB)).bit_length() - 1))
+    ATOMIC = kind == "dkv_atomic"  # dkv with step D: dQ_I += dS K_J added into dq by atomics
+    KW, TYD, RMD = (T["KW"], T["TYD"], T["RMD"]) if ATOMIC else (1, 1, 1)
     U = np.uint64
-    uE, uEP = U(e), U(EP)
+    uE = U(e)
     zero, one = dtype.type(0), dtype.type(1)
     # float32: e^x by ex2.approx (as the forward's fastmath); no other fast-math flag, so that the
     # chains of FMAs stay in order and dsum's P ∘ dP is the other kernels' to the bit
@@ -405,35 +433,54 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
                             t[a, b] += xr[a] * yw[b]
             # [/core]
 
-    @cuda.jit(device=True, **options)
-    def stage_z(sm, dst, z, src, left):
-        """Step C. sm[dst + jj·EP + col] = z[src + jj·e + col] for this thread's segments of a
-        Z chunk (VK walk rows x EP head dims; 0 past ``left`` rows or e columns)."""
-        tid = U(cuda.threadIdx.x)
-        c_me, s_me = tid % U(TXC), tid // U(TXC)
-        for it in range(IT_Z):
-            seg = s_me + U(it * ZSTEP)
-            if IT_Z * ZSTEP <= VK * SEG or seg < U(VK * SEG):
-                jj, col = seg // U(SEG), (seg % U(SEG)) * U(TXC) + c_me
-                sm[dst + seg * U(TXC) + c_me] = (z[src + jj * uE + col]
-                                                  if jj < left and col < uE else zero)
+    def z_stager(rows):
+        """Step C (and D): a device function staging a Z chunk of ``rows`` walk rows."""
+        IT_Z = -(-rows * SEG // ZSTEP)  # staging passes
 
-    @cuda.jit(device=True, **options)
-    def accumulate(sm, acc, m_row, z_col):
-        """Step C. acc[a, c] += Σ_jj M[row a, jj] Z[jj, col c] over a chunk of VK walk rows:
-        M's rows start at m_row (stride TY·(BC + 1)), Z's columns at z_col (stride TXC)."""
-        ma = cuda.local.array(RM, dtype)
-        zc = cuda.local.array(EB, dtype)
-        for j4 in range(VK // UV):
-            jj = U(j4 * UV)
-            for cc in range(UV):
-                for a in range(RM):
-                    ma[a] = sm[m_row + jj + U(a * TY * (BC + 1) + cc)]
-                for c in range(EB):
-                    zc[c] = sm[z_col + jj * uEP + U(cc * EP + c * TXC)]
-                for a in range(RM):
+        @cuda.jit(device=True, **options)
+        def stage_z(sm, dst, z, src, left):
+            """sm[dst + jj·EP + col] = z[src + jj·e + col] for this thread's segments of a Z
+            chunk (rows x EP head dims; 0 past ``left`` rows or e columns)."""
+            tid = U(cuda.threadIdx.x)
+            c_me, s_me = tid % U(TXC), tid // U(TXC)
+            for it in range(IT_Z):
+                seg = s_me + U(it * ZSTEP)
+                if IT_Z * ZSTEP <= rows * SEG or seg < U(rows * SEG):
+                    jj, col = seg // U(SEG), (seg % U(SEG)) * U(TXC) + c_me
+                    sm[dst + seg * U(TXC) + c_me] = (z[src + jj * uE + col]
+                                                      if jj < left and col < uE else zero)
+
+        return stage_z
+
+    def accumulator(R, r_step, w_step, W):
+        """Step C (and D): a device function doing acc[a, c] += Σ_w M[a, w] Z[w, c] over a Z
+        chunk of W walk rows, for a < R, c < EB: M[a, w] = sm[m_row + a·r_step + w·w_step],
+        Z[w, c] = sm[z_col + w·EP + c·TXC]."""
+        UW = min(W, 1 << max(0, (UNROLL_FMAS // (R * EB)).bit_length() - 1))  # w per iteration
+        while W % UW:
+            UW //= 2
+
+        @cuda.jit(device=True, **options)
+        def accumulate(sm, acc, m_row, z_col):
+            ma = cuda.local.array(R, dtype)
+            zc = cuda.local.array(EB, dtype)
+            for w4 in range(W // UW):
+                m_w, z_w = m_row + U(w4 * UW * w_step), z_col + U(w4 * UW * EP)
+                for ww in range(UW):
+                    for a in range(R):
+                        ma[a] = sm[m_w + U(ww * w_step + a * r_step)]
                     for c in range(EB):
-                        acc[a, c] += ma[a] * zc[c]
+                        zc[c] = sm[z_w + U(ww * EP + c * TXC)]
+                    for a in range(R):
+                        for c in range(EB):
+                            acc[a, c] += ma[a] * zc[c]
+
+        return accumulate
+
+    # step C: M's rows a (stride TY·(BC + 1)) by walk rows (stride 1), VK walk rows a chunk;
+    # step D: dS = (dSᵀ)ᵀ, query rows a (stride TYD) by keys (stride BC + 1), KW keys a chunk
+    stage_z, accumulate = z_stager(VK), accumulator(RM, TY * (BC + 1), 1, VK)
+    stage_k, accumulate_d = z_stager(KW), accumulator(RMD, TYD, BC + 1, KW)
 
     if kind == "dsum":
 
@@ -555,14 +602,17 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
         return dq, BR, NT
 
     @cuda.jit(**kernel_options)
-    def dkv(q, do, lse, D, k, v, dk, dv, lq, lk, scale, causal):
-        # flat views: q, do (r·lq·e,); k, v, dk, dv (r·lk·e,); lse, D (r·lq,).
-        # Block (key tile J, head r): dV_J = Σ_I Pᵀ dO_I (group 0), dK_J = Σ_I dSᵀ Q_I (group 1)
+    def dkv(q, do, lse, D, k, v, dk, dv, dq_out, lq, lk, scale, causal):
+        # flat views: q, do, dq_out (r·lq·e,); k, v, dk, dv (r·lk·e,); lse, D (r·lq,).
+        # Block (key tile J, head r): dV_J = Σ_I Pᵀ dO_I (group 0), dK_J = Σ_I dSᵀ Q_I (group 1);
+        # dkv_atomic also adds scale · dS K_J into dq_out (zeroed by the caller) per tile I
         sm = cuda.shared.array(SMEM, dtype)
         t = cuda.local.array((RM, RN), dtype)  # group 0: Sᵀ; group 1: dPᵀ
         c_c = cuda.local.array(RN, dtype)  # group 0: lse of my columns (queries); group 1: D
         acc = cuda.local.array((RM, EB), dtype)  # group 0: dV_J, group 1: dK_J; dims tx + TX·c
+        dacc = cuda.local.array((RMD, EB), dtype)  # step D: dQ_I's part, rows yd + TYD·a
         tid = U(cuda.threadIdx.x)
+        yd, xd = tid // U(TX), tid % U(TX)  # step D's grid: TYD x TX
         g = tid // U(G)
         tyi, txi = (cuda.threadIdx.x % G) // TX, cuda.threadIdx.x % TX  # signed, for logic
         ty, tx = U(tyi), U(txi)
@@ -605,6 +655,22 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
                 stage_z(sm, U(Z1), q, q_head + U(i0 + v0) * uE, U(max(0, lq - i0 - v0)))
                 cuda.syncthreads()
                 accumulate(sm, acc, m_row + U(v0), z_col)
+            if ATOMIC:  # D. dQ_I += scale · dS K_J: K_J staged KW keys at a time, then atomics
+                for a in range(RMD):
+                    for c in range(EB):
+                        dacc[a, c] = zero
+                for w0 in range(0, BR, KW):
+                    cuda.syncthreads()  # step C's (or the previous K chunk's) readers are done
+                    stage_k(sm, U(Z0), k, k_head + U(j0 + w0) * uE, U(max(0, lk - j0 - w0)))
+                    cuda.syncthreads()
+                    accumulate_d(sm, dacc, U(DM + w0 * (BC + 1)) + yd, U(Z0) + xd)
+                for a in range(RMD):
+                    i = U(i0 + TYD * a) + yd
+                    if i < U(lq):
+                        for c in range(EB):
+                            col = xd + U(c * TX)
+                            if col < uE:
+                                cuda.atomic.add(dq_out, q_head + i * uE + col, dacc[a, c] * scale)
         for a in range(RM):
             j = j0 + tyi + TY * a
             if j < lk:
@@ -621,21 +687,28 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
 
 def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale):
     """As ``cpu._bwd_cpu``: q, out, g_out (r, lq, e); k, v (r, lk, e); lse, g_lse (r, lq);
-    contiguous, lq >= 1 -> dq (r, lq, e), dk, dv (r, lk, e)."""
+    contiguous, lq >= 1 -> dq (r, lq, e), dk, dv (r, lk, e). dq by the dq kernel, or added by
+    dkv_atomic with atomics when the module's BWD_DQ is "atomic"."""
+    if BWD_DQ not in ("separate", "atomic"):
+        raise ValueError(f"BWD_DQ must be 'separate' or 'atomic', got {BWD_DQ!r}")
+    atomic = BWD_DQ == "atomic"
     rows, lq, e = q.shape
     lk = k.shape[1]
     dtype = numpy_dtype(q.dtype)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if atomic:
+        dq.zero_()  # dkv_atomic adds every key tile's scale · dS K_J into it
     D = torch.empty_like(lse)  # (r, lq): Σ_j P_ij dP_ij - dlse_i
     s = dtype.type(scale)
     q, g_out, lse, g_lse, k, v = (x.view(-1) for x in (q, g_out, lse, g_lse, k, v))
     kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dsum")
     launch(kernel, (-(-lq // BR), rows), threads, q, g_out, lse, g_lse, k, v, D.view(-1), lq,
            lk, s, causal)
-    kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dkv")
+    kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dkv_atomic" if atomic else "dkv")
     launch(kernel, (-(-lk // BR), rows), threads, q, g_out, lse, D.view(-1), k, v, dk.view(-1),
-           dv.view(-1), lq, lk, s, causal)
-    kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dq")
-    launch(kernel, (-(-lq // BR), rows), threads, q, g_out, lse, D.view(-1), k, v, dq.view(-1),
-           lq, lk, s, causal)
+           dv.view(-1), dq.view(-1), lq, lk, s, causal)
+    if not atomic:
+        kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dq")
+        launch(kernel, (-(-lq // BR), rows), threads, q, g_out, lse, D.view(-1), k, v,
+               dq.view(-1), lq, lk, s, causal)
     return dq, dk, dv

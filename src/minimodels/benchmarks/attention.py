@@ -17,6 +17,7 @@ from minimodels.bench import (
     timeit,
 )
 from minimodels.kernels import attention as A
+from minimodels.kernels.attention import cuda as attention_cuda
 
 __all__ = ["FWD_BWD_SHAPE", "GPU_SHAPE", "fwd_bwd_rows", "matmul_rate", "run"]
 
@@ -36,10 +37,10 @@ def run(shape=None, device="cpu", dtype=None) -> str:
     """CPU: kernel vs SDPA vs ref at ``attention.example_inputs``' (1, 8, 4096, 64), causal and
     not; then forward + backward (``fwd_bwd_rows``) at (1, 8, 2048, 64). CUDA: kernel vs SDPA
     float32 and bf16 at (1, 16, 16384, 128), causal and not, each row also in TFLOP/s; then
-    forward + backward, kernel vs SDPA, at (1, 16, 8192, 128). A given ``shape`` is used for
-    both. The floor is 4·b·h·lq·lk·e FLOPs (halved when causal)
-    over the measured matmul rate of the same device and dtype, 3.5 times that for forward +
-    backward (the backward's five products to the forward's two)."""
+    forward + backward, kernel (both ways of making dq: ``fwd_bwd_rows``) vs SDPA, at
+    (1, 16, 8192, 128). A given ``shape`` is used for both. The floor is 4·b·h·lq·lk·e FLOPs
+    (halved when causal) over the measured matmul rate of the same device and dtype, 3.5 times
+    that for forward + backward (the backward's five products to the forward's two)."""
     F = torch.nn.functional
     bwd_shape = FWD_BWD_SHAPE[device] if shape is None else shape
     if shape is None and device == "cuda":
@@ -94,11 +95,25 @@ def _with_threads(n: int, fn):
     return call
 
 
+def _with_bwd_dq(mode: str, fn):
+    """fn with the CUDA backward's dq made the ``mode`` way (``attention_cuda.BWD_DQ``)."""
+    def call():
+        before = attention_cuda.BWD_DQ
+        attention_cuda.BWD_DQ = mode
+        try:
+            fn()
+        finally:
+            attention_cuda.BWD_DQ = before
+    return call
+
+
 def fwd_bwd_rows(ex, device: str, rate: float) -> str:
     """Forward + backward (the gradients of q, k, v for a fixed cotangent of out), causal and
     not: SDPA (on the CPU at its best torch thread count, 1 or 2), the minimodels kernel
-    (FlashAttention-2's backward) and, on the CPU, the reference (materialised scores).
-    Interleaved rounds; each row's median, its spread (min-max) in the note."""
+    (FlashAttention-2's backward; on CUDA both ways of making dq, ``attention_cuda.BWD_DQ``:
+    its own kernel, and atomic adds from the dkv kernel) and, on the CPU, the reference
+    (materialised scores). Interleaved rounds; each row's median, its spread (min-max) in the
+    note."""
     F = torch.nn.functional
     q, k, v = ex.args[:3]
     (b, h, lq, e), lk = q.shape, k.shape[2]
@@ -121,6 +136,9 @@ def fwd_bwd_rows(ex, device: str, rate: float) -> str:
             fns[f"SDPA {n}"] = _with_threads(n, lambda f=sdpa: fwd_bwd(f))
         fns["kernel"] = lambda c=causal: fwd_bwd(
             lambda *x: A.attention(*x, causal=c, backend=kernel))
+        if device == "cuda":  # both ways of making dq, interleaved with the rest
+            fns["atomic"] = _with_bwd_dq("atomic", fns["kernel"])
+            fns["kernel"] = _with_bwd_dq("separate", fns["kernel"])
         if device == "cpu":
             fns["ref"] = lambda c=causal: fwd_bwd(
                 lambda *x: A.attention(*x, causal=c, backend="ref"))
@@ -137,6 +155,10 @@ def fwd_bwd_rows(ex, device: str, rate: float) -> str:
         rows.append(Row(f"minimodels {kernel} kernel fwd+bwd", med["kernel"],
                         f"{med['kernel'] / rows[0].seconds:.2f}x SDPA's time; "
                         + spread("kernel")))
+        if device == "cuda":
+            rows.append(Row("minimodels cuda kernel fwd+bwd (atomic dq)", med["atomic"],
+                            f"{med['atomic'] / rows[0].seconds:.2f}x SDPA's time; "
+                            + spread("atomic")))
         if device == "cpu":
             rows.append(Row("ref fwd+bwd (materialised scores)", med["ref"],
                             f"{med['ref'] / rows[0].seconds:.2f}x SDPA's time; " + spread("ref")))
