@@ -187,3 +187,19 @@ def test_checkpoint_resumes_a_run_cut_short(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="checkpoint"):
         arena.run(["induction_heads"], ["lstm"], [10], 3, scale=TINY, progress=False,
                   checkpoint=path)
+
+
+def test_merge_scores_of_one_run_with_costs_of_another(tmp_path):
+    """--measure splits a run into its scores and its costs (timed on a quiet machine); merge
+    joins them, and refuses a contender's costs measured twice."""
+    rows = arena.run(["selective_copy"], ["s4d"], [12], 1, scale=TINY, progress=False)
+    cost_rows = [{"contender": "s4d", "kind": "time_per_token", "length": n, "value": 1e-6}
+                 for n in (16, 32)]
+    scores = arena.save(TINY, rows, [], 2.0, tmp_path / "scores.json")
+    costs = arena.save(TINY, [], cost_rows, 1.0, tmp_path / "costs.json")
+    data = json.loads(arena.merge([scores, costs], tmp_path / "all.json").read_text())
+    assert data["scores"] == rows and data["costs"] == cost_rows
+    assert data["meta"]["runs"] == 2 and "summed over 2 runs" in (tmp_path / "all.md").read_text()
+    assert "| s4d | - | - |" in costs.with_suffix(".md").read_text()  # costs only: no size
+    with pytest.raises(ValueError, match=r"s4d \(costs\) again"):
+        arena.merge([costs, costs], tmp_path / "twice.json")
