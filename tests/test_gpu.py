@@ -9,8 +9,10 @@ import importlib
 import pytest
 import torch
 
+from minimodels import arena, tasks
 from minimodels.backend import cuda_available, cuda_simulated
 from minimodels.bench import convert
+from minimodels.train import seed_everything
 
 REAL_GPU = cuda_available() and not cuda_simulated()
 pytestmark = [pytest.mark.cuda,
@@ -248,15 +250,11 @@ def test_benchmark_runs_on_the_gpu(kernel, shape, capsys):
 
 # --- the arena's contenders train on the GPU --------------------------------------------------
 
-@pytest.mark.parametrize("name", ["attention", "rwkv", "s4d", "mamba", "hyena", "m2", "lstm",
-                                  "striped_hyena", "jamba", "jamba_dense"])
+@pytest.mark.parametrize("name", list(arena.CONTENDERS))
 def test_arena_contender_on_cuda_matches_cpu_in_float64(name):
     """The same float64 model on the CPU and the GPU: logits, loss and every gradient agree
     (each goes through its mixers' kernels on both), so the arena's GPU scale trains the same
     models as its CPU scale."""
-    from minimodels import arena, tasks
-    from minimodels.train import seed_everything
-
     seed_everything(0)
     d = arena.width_for(name, 20_000, max_len=64)
     cpu = arena.make(name, d, max_len=64).double()

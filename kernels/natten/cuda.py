@@ -30,6 +30,7 @@ MAX_KERNEL = 13  # CUDA: the largest window side (a thread's scores live in its 
 SCORE_REGISTERS = 112  # the scores a thread may hold: QPT is the largest that fits (``_tiles``)
 SHARED_BYTES = 48 * 1024  # static shared memory per block
 BWD_THREADS = 8 if cuda_simulated() else 128  # CUDA backward: queries per block
+INLINE = {} if cuda_simulated() else {"forceinline": True}  # (the simulator has no such option)
 
 
 # =============================================================================================
@@ -124,6 +125,30 @@ def _forward_kernel(dtype: np.dtype, K: int):
     U = np.uint64
     zero, one, ninf = dtype.type(0), dtype.type(1), dtype.type(-np.inf)
 
+    def stager(IT, stride, dst0):
+        """A device function that stages the rows x cols pixels of x from corner (r0, c0) into
+        shared memory at word dst0, ``stride`` pixels per row, head dim dsrc times ``mult``
+        (lane dl keeps it if dl < nd): G rows at a time, the loads (of pixels clamped into the
+        image) all in flight, then the stores (0 outside the image or past e)."""
+        @cuda.jit(device=True, **INLINE)  # inlined: buf stays in registers
+        def stage(sm, buf, x, head, r0, c0, rows, cols, uW, uE, dsrc, slot, dl, nd, mult):
+            for a0 in range(0, rows, G):
+                for g in range(G):
+                    a = min(a0 + g, rows - 1)
+                    for st in range(IT):
+                        c = min(slot + SLOTS * st, cols - 1)
+                        buf[g * IT + st] = x[head + (U(r0 + a) * uW + U(c0 + c)) * uE + dsrc]
+                for g in range(G):
+                    for st in range(IT):
+                        c = slot + SLOTS * st
+                        keep = a0 + g < rows and c < cols and dl < nd
+                        sm[U(dst0 + ((a0 + g) * stride + min(c, stride - 1)) * PS) + U(dl)] = (
+                            mult * buf[g * IT + st] if keep else zero)
+        return stage
+
+    stage_halo = stager(HALO_IT, RS, 0)  # the halo of k or v
+    stage_tile = stager(TILE_IT, TS, TILE0)  # the tile of scale·q
+
     @cuda.jit
     def fwd(q, k, v, out, lse, H, W, e, scale):
         # q, k, v, out: flat (r·H·W·e,) views of (r, H, W, e); lse: (r·H·W,). Signed ints for
@@ -180,32 +205,10 @@ def _forward_kernel(dtype: np.dtype, K: int):
                 nd = min(EC, e - d0)
                 dsrc = U(min(d0 + dl, e - 1))  # (a legal address past e; its value is not kept)
                 cuda.syncthreads()  # the previous chunk is read and written out
-                for a0 in range(0, nr, G):  # the halo of x, G rows at a time: the loads (of
-                    for g in range(G):  # pixels clamped into the image) all in flight, then
-                        a = min(a0 + g, nr - 1)  # the stores (0 outside the image, past e)
-                        for st in range(HALO_IT):
-                            c = min(slot + SLOTS * st, nc - 1)
-                            buf[g * HALO_IT + st] = x[head + (U(hr0 + a) * uW + U(hc0 + c)) * uE
-                                                      + dsrc]
-                    for g in range(G):
-                        for st in range(HALO_IT):
-                            c = slot + SLOTS * st
-                            keep = a0 + g < nr and c < nc and dl < nd
-                            sm[U(((a0 + g) * RS + min(c, RS - 1)) * PS) + udl] = (
-                                buf[g * HALO_IT + st] if keep else zero)
-                for a0 in range(0, nq if phase == 0 else 0, G):  # the tile of scale·q
-                    for g in range(G):
-                        a = min(a0 + g, nq - 1)
-                        for st in range(TILE_IT):
-                            c = min(slot + SLOTS * st, ncq - 1)
-                            buf[g * TILE_IT + st] = q[head + (U(i0 + a) * uW + U(j0 + c)) * uE
-                                                      + dsrc]
-                    for g in range(G):
-                        for st in range(TILE_IT):
-                            c = slot + SLOTS * st
-                            keep = a0 + g < nq and c < ncq and dl < nd
-                            sm[U(TILE0 + ((a0 + g) * TS + min(c, TS - 1)) * PS) + udl] = (
-                                scale * buf[g * TILE_IT + st] if keep else zero)
+                stage_halo(sm, buf, x, head, hr0, hc0, nr, nc, uW, uE, dsrc, slot, dl, nd, one)
+                if phase == 0:  # the tile of scale·q
+                    stage_tile(sm, buf, q, head, i0, j0, nq, ncq, uW, uE, dsrc, slot, dl, nd,
+                               scale)
                 cuda.syncthreads()
                 # [core] natten_cuda
                 if phase == 0:

@@ -210,7 +210,7 @@ class _Recurrent(nn.Module):
             return self._scan(x, state)
         expect_tensor("x", x, "batch, l, input")
         if state is None:
-            zero = torch.zeros(x.shape[0], self.d_hidden, dtype=x.dtype, device=x.device)
+            zero = self._start(x)
             state = (zero, zero) if self.kind == "lstm" else zero
         hx = tuple(s[None] for s in state) if self.kind == "lstm" else state[None]
         params = [w for w in self.weights() if w is not None]
@@ -249,8 +249,9 @@ class _Recurrent(nn.Module):
                     getattr(new, ours).copy_(getattr(module, theirs))
         return new
 
-    def _start(self, x_t):
-        return torch.zeros(x_t.shape[0], self.d_hidden, dtype=x_t.dtype, device=x_t.device)
+    def _start(self, x):
+        """The zero state h (b, d_hidden) for a batch x (b, ...)."""
+        return torch.zeros(x.shape[0], self.d_hidden, dtype=x.dtype, device=x.device)
 
     def forward(self, x, state=None):
         """x: (b, l, d_input) -> y: (b, l, d_hidden), all hidden states (state=None: zeros)."""
