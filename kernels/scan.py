@@ -22,6 +22,7 @@ Backward (the reverse scan), with g = ∂L/∂h:
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -221,6 +222,10 @@ def _bwd_cpu(a, h0, h, g):
 #   2. the block scans those maps across threads (Hillis-Steele, in shared memory), so thread i
 #      learns the map of everything before it in the chunk;
 #   3. it applies that map to the chunk's incoming state and replays its ITEMS steps, writing h.
+# A composed map can overflow where the recurrence does not: a = 1e30 for two steps gives A = inf
+# in float32, and A·0 = nan where the state is 0 (or A·1e-30 = inf where it is 1e10). When the
+# chunk's whole map is not finite (inf and nan are absorbing, so no part of it overflowed
+# otherwise) thread 0 runs the chunk one step at a time instead, as the CPU does.
 # The backward kernel is the same scan run from the end of the row (thread 0 owns the last
 # steps), with coefficients a_{t+1} and inputs g_t.
 # =============================================================================================
@@ -235,6 +240,36 @@ def _load(x, r, first, step, lo, hi, fill, out):
         out[k] = x[r, t] if lo <= t < hi else fill
 
 
+@cuda.jit(device=True)
+def _fwd_in_order(a, b, h, r, t0, carry, i, s_carry):
+    """Thread 0 runs h_t = a_t h_{t-1} + b_t one step at a time over the chunk from t0 (the
+    block's way past an overflowed map); every thread returns the state after the chunk."""
+    l = a.shape[1]
+    if i == 0:
+        for t in range(t0, min(t0 + CHUNK, l)):
+            carry = a[r, t] * carry + b[r, t]
+            h[r, t] = carry
+        s_carry[0] = carry
+    cuda.syncthreads()
+    return s_carry[0]
+
+
+@cuda.jit(device=True)
+def _bwd_in_order(a, h0, h, g, da, db, r, t_end, carry, i, s_carry):
+    """The backward's chunk one step at a time from t_end down (dh_t = a_{t+1} dh_{t+1} + g_t,
+    da_t = dh_t h_{t-1}, db_t = dh_t), by thread 0; every thread returns dh of the chunk's
+    first step."""
+    l = a.shape[1]
+    if i == 0:
+        for t in range(t_end, max(t_end - CHUNK, -1), -1):
+            carry = (a[r, t + 1] * carry if t + 1 < l else carry) + g[r, t]
+            db[r, t] = carry
+            da[r, t] = carry * (h[r, t - 1] if t > 0 else h0[r])
+        s_carry[0] = carry
+    cuda.syncthreads()
+    return s_carry[0]
+
+
 @functools.cache
 def _linear_scan_kernels(dtype: np.dtype):
     """Compile-once (per dtype) forward and backward kernels."""
@@ -245,6 +280,7 @@ def _linear_scan_kernels(dtype: np.dtype):
         # a, b, h: (r, l); h0: (r,). Block = row r, thread i.
         sA = cuda.shared.array((2, THREADS), dtype)
         sB = cuda.shared.array((2, THREADS), dtype)
+        s_carry = cuda.shared.array(1, dtype)  # the state after an in-order chunk
         va = cuda.local.array(ITEMS, dtype)  # this chunk's a, b
         vb = cuda.local.array(ITEMS, dtype)
         na = cuda.local.array(ITEMS, dtype)  # the next chunk's, prefetched
@@ -265,12 +301,15 @@ def _linear_scan_kernels(dtype: np.dtype):
             for k in range(ITEMS):  # compose my steps into h -> A h + B
                 A, B = va[k] * A, va[k] * B + vb[k]
             p = scan_maps(sA, sB, A, B, i)
-            state = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
-            for k in range(ITEMS):
-                state = va[k] * state + vb[k]
-                if first + k < l:
-                    h[r, first + k] = state
-            carry = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
+            if not math.isfinite(sA[p, THREADS - 1]):  # Π a overflowed: step by step
+                carry = _fwd_in_order(a, b, h, r, t0, carry, i, s_carry)
+            else:
+                state = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
+                for k in range(ITEMS):
+                    state = va[k] * state + vb[k]
+                    if first + k < l:
+                        h[r, first + k] = state
+                carry = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
             cuda.syncthreads()  # everyone has read sA, sB before the next chunk writes them
         # [/core]
 
@@ -280,6 +319,7 @@ def _linear_scan_kernels(dtype: np.dtype):
         # thread i owns steps last, last-1, ..., last-ITEMS+1 of each chunk.
         sA = cuda.shared.array((2, THREADS), dtype)
         sB = cuda.shared.array((2, THREADS), dtype)
+        s_carry = cuda.shared.array(1, dtype)
         vc = cuda.local.array(ITEMS, dtype)  # a_{t+1} (a_l is never used: the carry starts at 0)
         vg = cuda.local.array(ITEMS, dtype)  # g_t
         vh = cuda.local.array(ITEMS, dtype)  # h_{t-1}
@@ -303,13 +343,16 @@ def _linear_scan_kernels(dtype: np.dtype):
             for k in range(ITEMS):
                 A, B = vc[k] * A, vc[k] * B + vg[k]
             p = scan_maps(sA, sB, A, B, i)
-            dh = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
-            for k in range(ITEMS):
-                dh = vc[k] * dh + vg[k]
-                if last - k >= 0:
-                    db[r, last - k] = dh
-                    da[r, last - k] = dh * vh[k]
-            carry = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
+            if not math.isfinite(sA[p, THREADS - 1]):  # as in the forward
+                carry = _bwd_in_order(a, h0, h, g, da, db, r, t_end, carry, i, s_carry)
+            else:
+                dh = carry if i == 0 else sA[p, i - 1] * carry + sB[p, i - 1]
+                for k in range(ITEMS):
+                    dh = vc[k] * dh + vg[k]
+                    if last - k >= 0:
+                        db[r, last - k] = dh
+                        da[r, last - k] = dh * vh[k]
+                carry = sA[p, THREADS - 1] * carry + sB[p, THREADS - 1]
             cuda.syncthreads()
         if i == 0:
             dh0[r] = a[r, 0] * carry  # carry = dh_0

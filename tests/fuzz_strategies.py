@@ -487,7 +487,8 @@ def long_conv_cases(draw, backend):
         l = draw(lengths(2 * long_conv_cuda.THREADS + 1, [long_conv_cuda.THREADS]))
     else:
         b, h = draw(st.integers(0, 3)), draw(st.integers(1, 6))
-        l = draw(lengths(2 * long_conv.DIRECT_MAX_TAPS + 3, [long_conv.DIRECT_MAX_TAPS]))
+        l = draw(lengths(2 * long_conv.DIRECT_MAX_TAPS["cpu"] + 3,
+                          [long_conv.DIRECT_MAX_TAPS["cpu"]]))
     lk = draw(st.integers(1, l))
     skip = draw(st.booleans())
     # no inf/nan injected: the Toeplitz reference multiplies the zeros above the diagonal by

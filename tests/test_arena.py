@@ -130,10 +130,17 @@ def test_rankings_and_changes():
                 for m, a in d.items()]
     small = rows({"mqar": {"attention": 1.0, "mamba": 0.5, "lstm": 0.4}, "needle": {"s4d": 0.2}})
     large = rows({"mqar": {"attention": 0.9, "mamba": 0.95, "lstm": 0.4}, "induction": {"x": 1}})
-    assert arena.rankings(small)["mqar"] == ["attention", "mamba", "lstm"]
     assert arena.ranking_changes(small, large) == [("mqar", "attention", 1, 2),
                                                    ("mqar", "mamba", 2, 1)]
     assert arena.ranking_changes(small, small) == []
+    # within `tie` of each other two contenders share a rank: swapping them is no change
+    close = rows({"mqar": {"attention": 0.5, "mamba": 0.51, "lstm": 0.4}})
+    assert arena.ranking_changes(close, rows({"mqar": {"attention": 0.51, "mamba": 0.5,
+                                                       "lstm": 0.4}})) == []
+    assert arena.ranking_changes(close, close, tie=0.0) == []
+    assert arena.ranking_changes(close, rows({"mqar": {"attention": 0.51, "mamba": 0.5,
+                                                       "lstm": 0.4}}), tie=0.0) == [
+        ("mqar", "attention", 2, 1), ("mqar", "mamba", 1, 2)]
 
 
 def test_full_needs_a_gpu(capsys):

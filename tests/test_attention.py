@@ -119,12 +119,12 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=backend == "cuda")
 
 
-@pytest.fixture(params=["cpu", CUDA, pytest.param("cuda atomic dq", marks=CUDA.marks)])
+@pytest.fixture(params=["cpu", CUDA, pytest.param("cuda separate dq", marks=CUDA.marks)])
 def bwd_backend(request, monkeypatch):
-    """The backward's fast paths: "cpu", "cuda" (dq by its own kernel) and "cuda" with dq added
-    by atomics from the dkv kernel (``attention_cuda.BWD_DQ = "atomic"``)."""
-    if request.param == "cuda atomic dq":
-        monkeypatch.setattr(attention_cuda, "BWD_DQ", "atomic")
+    """The backward's fast paths: "cpu", "cuda" (by default dq added by atomics from the dkv
+    kernel) and "cuda" with dq by its own kernel (``attention_cuda.BWD_DQ = "separate"``)."""
+    if request.param == "cuda separate dq":
+        monkeypatch.setattr(attention_cuda, "BWD_DQ", "separate")
         return "cuda"
     return request.param
 
@@ -416,7 +416,7 @@ def test_backward_cuda_gpu_tiles_fit_shared_memory(monkeypatch, itemsize):
     two whole warps and the accumulators cover e; a head dim that cannot fit is a ValueError."""
     monkeypatch.setattr(attention_cuda, "cuda_simulated", lambda: False)
     for e in (1, 2, 3, 17, 64, 100, 128, 255, 256, 512):
-        for kind in ("dsum", "dkv", "dq", "dkv_atomic"):
+        for kind in ("dkv", "dq", "dkv_atomic"):
             T = attention_cuda._bwd_tiles(itemsize, e, kind)
             assert T["SMEM"] * itemsize <= attention_cuda.SHARED_BYTES, (e, kind, T)
             assert T["VK"] >= 1 and T["BC"] % T["VK"] == 0, (e, kind, T)
@@ -431,14 +431,35 @@ def test_backward_cuda_gpu_tiles_fit_shared_memory(monkeypatch, itemsize):
 
 @pytest.mark.skipif("cuda" not in available_backends(), reason="needs the cuda backend")
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_cuda_ddot_is_flash_attention_2s_D(dtype):
+    """ddot, a thread per query row: D_i = dO_i·o_i - dlse_i, for 37 rows (past one block of
+    32 in the simulator, 128 on a GPU: a partial block) of e = 5; against torch in float64."""
+    gen = torch.Generator().manual_seed(3)
+    do, out = (torch.randn(37, 5, dtype=torch.float64, generator=gen) for _ in range(2))
+    dlse = torch.randn(37, dtype=torch.float64, generator=gen)
+    dev = device_for("cuda")
+    args = [x.to(dtype=dtype, device=dev) for x in (do, out, dlse)]
+    D = torch.full((37,), math.nan, dtype=dtype, device=dev)
+    kernel, rows, threads = attention_cuda._attention_bwd_kernel(
+        attention_cuda.numpy_dtype(dtype), 5, "ddot")
+    attention_cuda.launch(kernel, (-(-37 // rows),), threads, *(x.view(-1) for x in args),
+                          D, 37)
+    want = (do * out).sum(-1) - dlse
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(D.cpu().double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif("cuda" not in available_backends(), reason="needs the cuda backend")
+@pytest.mark.cuda
 def test_backward_cuda_dq_switch_picks_the_kernels(monkeypatch):
-    """BWD_DQ = "separate" runs dsum, dkv, dq; "atomic" runs dsum and dkv_atomic only (which
+    """BWD_DQ = "separate" runs ddot, dkv, dq; "atomic" runs ddot and dkv_atomic only (which
     adds dq): both give ref's gradients (float64). Any other value is a ValueError."""
     kinds, compile_kernel = [], attention_cuda._attention_bwd_kernel
     monkeypatch.setattr(attention_cuda, "_attention_bwd_kernel",
                         lambda dtype, e, kind: kinds.append(kind) or compile_kernel(dtype, e, kind))
     want = _grads("ref", (1, 1, 5, 6, 3), torch.float64, True)
-    for mode, launched in (("separate", ["dsum", "dkv", "dq"]), ("atomic", ["dsum", "dkv_atomic"])):
+    for mode, launched in (("separate", ["ddot", "dkv", "dq"]), ("atomic", ["ddot", "dkv_atomic"])):
         monkeypatch.setattr(attention_cuda, "BWD_DQ", mode)
         kinds.clear()
         got = _grads("cuda", (1, 1, 5, 6, 3), torch.float64, True)
@@ -533,17 +554,20 @@ def test_backward_of_non_finite_scores(bwd_backend, dtype, name):
 
 
 # =============================================================================================
-# The CPU backward's D (issue #15): FlashAttention-2's D_i = dO_i·o_i from the saved output for
-# most rows; the exact Σ_j P_ij dP_ij pass only for one-hot rows; lse's rounding (lse_lo).
+# The backward's D (issue #15): FlashAttention-2's D_i = dO_i·o_i from the saved output. The CPU
+# kernel: for most rows, the exact Σ_j P_ij dP_ij pass only for one-hot rows; lse's rounding
+# (lse_lo). The CUDA kernels: for every row, as the chain of FMAs that forms dP_ij.
 # =============================================================================================
 
 
 def _grads_of(backend, q, k, v, dtype, **kwargs):
-    """Gradients of Σ out·G (G standard normal, seeded) w.r.t. q, k, v, inputs cast to dtype."""
+    """Gradients of Σ out·G (G standard normal, seeded) w.r.t. q, k, v, inputs cast to dtype
+    (and moved to ``backend``'s device); float64 on the CPU."""
+    dev = device_for(backend) if isinstance(backend, str) and backend != "ref" else "cpu"
     G = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    xs = [x.to(dtype=dtype, device=dev).requires_grad_() for x in (q, k, v)]
     out = attention(*xs, **kwargs, backend=backend)
-    return [g.double() for g in torch.autograd.grad(out, xs, G.to(dtype))]
+    return [g.double().cpu() for g in torch.autograd.grad(out, xs, G.to(dtype=dtype, device=dev))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -567,15 +591,16 @@ def test_forward_flags_one_hot_rows_and_keeps_lse_rounding(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backward_one_hot_rows_give_exact_zeros_beside_ordinary_rows(dtype):
+def test_backward_one_hot_rows_give_exact_zeros_beside_ordinary_rows(bwd_backend, dtype):
     """In one query tile: rows whose softmax is one-hot (logits ~1e4 apart) and ordinary rows.
     ref's dq of a one-hot row is exactly 0 (every dS_ij is: P = 0, or P = 1 and dP_ij = D_i);
-    the CPU kernel's is exactly 0 too (D from the exact pass for those rows, bit for bit).
+    the kernels' is exactly 0 too: the CPU's D from the exact pass for those rows, bit for bit;
+    CUDA's D = dO_i·o_i by the very chain of FMAs that forms dP_ij, with o_i = v_j to the bit.
     Every gradient matches ref elsewhere (D = dO·o for the ordinary rows)."""
     q, k, v = qkv((1, 1, 9, 9, 3), seed=5)
     q[..., :4, :] *= 1e2
     k[..., :4, :] *= 1e2  # rows 0-3 see keys 0-3 only (causal) at logits ~1e4: one-hot
-    got = _grads_of("cpu", q, k, v, dtype, causal=True)
+    got = _grads_of(bwd_backend, q, k, v, dtype, causal=True)
     want = _grads_of("ref", q, k, v, torch.float64, causal=True)
     zeros = want[0] == 0
     assert zeros[..., :4, :].all()
@@ -585,18 +610,22 @@ def test_backward_one_hot_rows_give_exact_zeros_beside_ordinary_rows(dtype):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol * max(1.0, y.abs().max().item()))
 
 
-def test_backward_large_logits_float32_within_the_fuzzers_tolerance():
+def test_backward_large_logits_float32_within_the_fuzzers_tolerance(bwd_backend):
     """The fuzzer's large-logit float32 case (logits ~1e3, a few rows with two competing keys):
-    the CPU gradients stay within 8x the float32 reference's own error from the float64 truth
-    (its rule). Subtracting lse's rounding lse_lo in the backward took grad q from 1.0x that
-    tolerance (the exact-D kernel, where lse's ulp/2 = 6e-5 scaled each row's P) to 0.24x."""
-    ex = example_inputs((1, 2, 82, 82, 3), dtype=torch.float64, seed=82)
+    the gradients stay within 8x the float32 reference's own error from the float64 truth (its
+    rule), with a margin of 2. CPU: subtracting lse's rounding lse_lo in the backward took grad
+    q from 1.0x that tolerance (the exact-D kernel, where lse's ulp/2 = 6e-5 scaled each row's
+    P) to 0.24x. CUDA (D = dO·o, no lse_lo): the rounding of lse scales a row's dS by e^(-lse_lo)
+    as a whole, so its rows still sum to 0. The simulator takes 2 heads of 24 queries."""
+    backend = bwd_backend
+    n = 82 if backend == "cpu" or not cuda_simulated() else 24
+    ex = example_inputs((1, 2, n, n, 3), dtype=torch.float64, seed=82)
     q, k, v = (x.float().double() for x in ex.args)
     q, k = q * 10.0, k * 10.0
     kwargs = {"causal": True, "scale": 10.0}
     truth = _grads_of("ref", q, k, v, torch.float64, **kwargs)
     ref32 = _grads_of("ref", q, k, v, torch.float32, **kwargs)
-    got = _grads_of("cpu", q, k, v, torch.float32, **kwargs)
+    got = _grads_of(backend, q, k, v, torch.float32, **kwargs)
     for name, x, y, y32 in zip("qkv", got, truth, ref32, strict=True):
         err, err32 = (x - y).abs().max().item(), (y32 - y).abs().max().item()
         assert err <= 0.5 * 8 * err32, (name, err, err32)

@@ -126,14 +126,33 @@ def test_auto_picks_by_the_filter_length():
         calls.append(k.shape[1])
         return LC.causal_conv_ref(u, k, D)
 
-    u = torch.randn(1, 2, 2 * LC.DIRECT_MAX_TAPS + 2)
+    taps = LC.DIRECT_MAX_TAPS["cpu"]
+    u = torch.randn(1, 2, 2 * taps + 2)
     with use_backend(spy):  # a callable backend is used whatever the method
         causal_conv(u, torch.randn(2, 3))
     assert calls == [3]
-    short, long = torch.randn(2, LC.DIRECT_MAX_TAPS), torch.randn(2, LC.DIRECT_MAX_TAPS + 1)
+    short, long = torch.randn(2, taps), torch.randn(2, taps + 1)
     for k in (short, long):  # auto = direct or fft: both equal the reference
         torch.testing.assert_close(causal_conv(u, k), LC.causal_conv_ref(u, k), rtol=1e-4,
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", CUDA])
+def test_auto_switches_at_the_backends_own_crossover(backend, monkeypatch):
+    """method="auto" runs the direct loop up to DIRECT_MAX_TAPS[backend] taps (measured per
+    device: the H200's FFT kernel overtakes its loop far earlier than the CPU's pocketfft)."""
+    taps = LC.DIRECT_MAX_TAPS[backend]
+    ran = []
+    monkeypatch.setitem(LC.IMPLS, backend, lambda *a, f=LC.IMPLS[backend]: ran.append("direct")
+                        or f(*a))
+    monkeypatch.setattr(LC, "causal_fft_conv", lambda *a: ran.append("fft")
+                        or LC.causal_conv_ref(*a))
+    monkeypatch.setattr(LC, "causal_conv_fft_cuda", lambda *a: ran.append("fft")
+                        or LC.causal_conv_ref(*a))
+    u = torch.randn(1, 2, taps + 3, dtype=torch.float64)
+    for lk in (taps, taps + 1):
+        causal_conv(u, torch.randn(2, lk, dtype=torch.float64), backend=backend)
+    assert ran == ["direct", "fft"]
 
 
 def test_example_inputs():

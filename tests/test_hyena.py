@@ -72,7 +72,7 @@ def test_operator_matches_an_independent_reference():
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("l", [1, 9, 150])  # 150 > DIRECT_MAX_TAPS: the FFT path
+@pytest.mark.parametrize("l", [1, 9, 150])  # 150 > DIRECT_MAX_TAPS["cpu"]: the FFT path
 def test_step_equals_forward(order, l):
     torch.manual_seed(order)
     op = HyenaOperator(6, l_max=160, order=order).double()

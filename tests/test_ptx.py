@@ -72,12 +72,15 @@ def _kernels():
         out.append((f"monarch batched product {dt}", bgemm, (a1, a1, a1) + (types.int64,) * 13,
                     False))
         for e in (64, 128):  # flat views: 6 inputs, 1 output (dkv: 3), lq, lk, scale, causal
-            for kind in ("dsum", "dkv", "dq", "dkv_atomic"):
+            for kind in ("dkv", "dq", "dkv_atomic"):
                 outs = 3 if kind.startswith("dkv") else 1
                 out.append((f"attention backward {kind} {dt} e={e}",
                             ac._attention_bwd_kernel(dt, e, kind)[0],
                             (a1,) * (6 + outs) + (types.int64, types.int64, t, types.boolean),
                             False))
+            out.append((f"attention backward ddot {dt} e={e}",  # do, out, dlse, D; rows
+                        ac._attention_bwd_kernel(dt, e, "ddot")[0], (a1,) * 4 + (types.int64,),
+                        False))
     return out
 
 

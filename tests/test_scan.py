@@ -104,6 +104,33 @@ def test_gradcheck_float64(backend, with_h0):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 1e30), (torch.float64, 1e200)])
+def test_a_composed_map_that_overflows(backend, dtype, big):
+    """a = big for 30 steps with a zero state: the recurrence stays at 0, but the map of two
+    steps, a·a, overflows, and a parallel scan's jump A·h = inf·0 would give nan (found by the
+    fuzzer on an H200). Then a tiny input that the big a's carry up to a finite state. Output
+    and gradients equal the reference's step-by-step result, infs and nans included."""
+    dev = device_for(backend)
+    l = 70
+    a = torch.full((2, 1, l), 0.5, dtype=dtype)
+    a[0, 0, :30] = big
+    a[1, 0, 20:50:2] = big  # every other step: a·a overflows, a·0.5 does not
+    b = torch.zeros(2, 1, l, dtype=dtype)
+    b[0, 0, 28], b[1, 0, 47] = 1 / big, 1 / big  # the next big a lifts it to 1
+    b[:, 0, 60] = 1.0
+    a, b = a.to(dev).requires_grad_(), b.to(dev).requires_grad_()
+    g = torch.ones(2, 1, l, dtype=dtype, device=dev)
+    want = linear_scan_ref(a, b)
+    got = linear_scan(a, b, backend=backend)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for name, x, y in zip("ab", torch.autograd.grad(got, (a, b), g),
+                          torch.autograd.grad(want, (a, b), g), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=0, equal_nan=True,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 33, 70)])
 def test_backward_kernel_equals_autograd_of_reference(backend, shape):
     dev = device_for(backend)

@@ -236,12 +236,13 @@ def _fwd_cuda(q, k, v, causal, scale):
 
 # =============================================================================================
 # CUDA backward (numba.cuda): FlashAttention-2's backward (Dao 2023, algorithm 2), register-tiled
-# like the forward. By default (BWD_DQ = "separate") three kernels, so that every output has one
-# writer (no atomics); BWD_DQ = "atomic" runs dsum and ``dkv_atomic`` only (step D below):
-#   - ``dsum``: a block per (query tile I, head r) walks the key tiles J that I sees and sums
-#     D_i = Σ_j P_ij dP_ij - dlse_i, not FlashAttention-2's dO_i·o_i (kernels/attention/cpu.py
-#     says why: a one-hot row's dS must cancel to 0 exactly, as ref's), from the very P and dP,
-#     bit for bit, that the other two kernels form (the same chains of FMAs over the head dims);
+# like the forward. First ``ddot``: a thread per query row i forms FlashAttention-2's
+# D_i = dO_i·o_i - dlse_i from the saved output (O(l·e), no pass over the keys), as one chain of
+# FMAs over the head dims in the order dkv forms each dP_ij = dO_i·v_j: where a row's softmax is
+# one-hot (P_ij = 1 at one key, 0 elsewhere) its o_i is v_j to the bit, so dP_ij - D_i = 0 and dS
+# cancels exactly, as ref's. Then BWD_DQ = "atomic" (the default, measured faster) runs
+# ``dkv_atomic`` only (step D below); BWD_DQ = "separate" runs dkv and dq, so that every output
+# has one writer (no atomics):
 #   - ``dkv``: a block per (key tile J, head r) walks the query tiles I that see J and keeps
 #     dV_J += Pᵀ dO_I and dK_J += dSᵀ Q_I in registers (dk = scale · dK_J at the end);
 #   - ``dq``: a block per (query tile I, head r) walks the key tiles J that I sees and keeps
@@ -255,7 +256,7 @@ def _fwd_cuda(q, k, v, causal, scale):
 #      step; with one product per group a thread holds one RM x RN tile, not two);
 #   B. group 0: P = e^(S - lse) (0 where the key is hidden or past the end) into shared memory;
 #      group 1 reads its own entries of P back and forms dS = P ∘ (dP - D), into shared memory
-#      (dkv: beside P; dq: over P), or in dsum adds P ∘ dP to its rows' partial sums;
+#      (dkv: beside P; dq: over P);
 #   C. acc += M Z over chunks of VK walk rows of Z staged in shared memory (the forward's P V
 #      step): in dkv group 0 keeps dV_J (M = Pᵀ, Z = dO_I), group 1 dK_J (M = dSᵀ, Z = Q_I),
 #      a thread RM keys x EB head dims tx + TX·c; in dq the two groups act as one TY x 2·TX grid
@@ -269,58 +270,83 @@ def _fwd_cuda(q, k, v, causal, scale):
 #      FMAs), then adds scale · its tile into dq with cuda.atomic.add (ptxas makes them REDG:
 #      no round trip; float32's also flush subnormal sums to 0). dq is zeroed first; its sums
 #      then depend on the order the blocks run (not bit-reproducible run to run).
-# A tile pair costs 2 (dsum) + 4 (dkv) + 3 (dq) = 9 products of BR·BC·e FMAs ("separate"), or
-# 2 + 5 = 7 and BC·e atomic adds ("atomic"; the minimal 5 would also drop dsum for D = dO·o).
-# FMAs per shared load at float32's tiles: dsum's A 4 (8 x 8), dkv's and dq's A 2.7 (8 x 4),
-# every C and D 4 (8 x 8); the forward's: 2.7 in its S step, 4 in P V. Reads are free of bank
-# conflicts as in the forward: rows padded by one word, and a warp's lanes share an address
-# (broadcast) or read distinct banks. Indices are unsigned (np.uint64), as the forward's.
-# NOT yet timed on a GPU: kernels/BENCHMARKS.md has the floors and the predicted time.
+# A tile pair costs 4 (dkv) + 3 (dq) = 7 products of BR·BC·e FMAs ("separate"), or 5, the
+# minimum, and BC·e atomic adds ("atomic"). FMAs per shared load at float32's tiles: dkv's and
+# dq's A 2.7 (8 x 4), every C and D 4 (8 x 8); the forward's: 2.7 in its S step, 4 in P V. Reads
+# are free of bank conflicts as in the forward: rows padded by one word, and a warp's lanes share
+# an address (broadcast) or read distinct banks. Indices are unsigned (np.uint64), as the
+# forward's. Why round 1 measured slower than predicted, and round 2's prediction (NOT yet
+# measured): kernels/BENCHMARKS.md, "CUDA backward, round 2".
 # =============================================================================================
 
-# (TY, TX, RM, RN, EC) of a product group by itemsize and kernel. float32: dsum holds one RM x RN
-# tile and no accumulator, so 8 x 8 (4 FMAs per shared load) fits without spilling (ptxas, sm_90);
-# dq and dkv hold an 8 x 8 accumulator too, so their tiles are 8 x 4 (8 x 8 spilled 16-24 bytes
-# at 255 registers). dq is capped at 168 registers (3 blocks per SM, as the forward) by its
-# launch bounds, where it still does not spill; dkv does at 168 (20-68 bytes) and runs at 254.
-# dkv's two accumulators (dV_J, dK_J, one per group) of 8 x 8 take TX = 16, hence BR = 32 keys.
-# float64 halves the tiles. NOT measured on a GPU yet: kernels/BENCHMARKS.md. In the simulator:
-# tiny tiles (BR = BC = 4, 8 threads) so that tiny tests cross every edge.
-# dkv_atomic takes dkv's tiles (ptxas, e = 128: 224 registers float32, 245 float64, no spills).
-CUDA_BWD_TILES = {4: {"dsum": (8, 8, 8, 8, 16), "dkv": (4, 16, 8, 4, 16), "dq": (8, 8, 8, 4, 16)},
-                  8: {"dsum": (8, 8, 4, 4, 16), "dkv": (4, 16, 4, 4, 8), "dq": (8, 8, 4, 4, 16)}}
-# How dq is made: "separate", by the dq kernel (deterministic); "atomic", added by dkv_atomic
-# with atomics (step D; 7 products a tile pair, not 9; dq's float sums then depend on the order
-# the blocks run). Read at every call; NOT yet timed against each other (kernels/BENCHMARKS.md).
-BWD_DQ = "separate"
-CUDA_BWD_BLOCKS_PER_SM = {(4, "dq"): 3}  # launch bounds: (threads, blocks per SM) caps registers
+# (TY, TX, RM, RN, EC) of a product group by itemsize and kernel. float32: dq and dkv hold an
+# 8 x 8 accumulator beside their RM x RN tile, so their tiles are 8 x 4 (8 x 8 spilled 16-24
+# bytes at 255 registers). Launch bounds cap dq and dkv_atomic at 168 registers (3 blocks of 128
+# threads per SM, 12 warps, as the forward), where ptxas (sm_90, e = 128) spills nothing; dkv
+# spills 40 bytes there, so it keeps 254 registers (2 blocks). dkv's two accumulators (dV_J,
+# dK_J, one per group) of 8 x 8 take TX = 16, hence BR = 32 keys. float64 halves the tiles (and
+# runs at 2 blocks: dkv_atomic takes 245 registers). In the simulator: tiny tiles (BR = BC = 4,
+# 8 threads) so that tiny tests cross every edge.
+CUDA_BWD_TILES = {4: {"dkv": (4, 16, 8, 4, 16), "dq": (8, 8, 8, 4, 16)},
+                  8: {"dkv": (4, 16, 4, 4, 8), "dq": (8, 8, 4, 4, 16)}}
+# How dq is made: "atomic", added by dkv_atomic with atomics (step D; 5 products a tile pair, not
+# 7; dq's float sums then depend on the order the blocks run), the default because it measured
+# faster on the H200 (2026-12-05, fwd + bwd at (1, 16, 8192, 128): 136 vs 173 ms, causal 68.7 vs
+# 93.5, both with round 1's dsum kernel); "separate", by the dq kernel (bit-reproducible). Read at
+# every call.
+BWD_DQ = "atomic"
+# launch bounds: (itemsize, kind) -> blocks of 128 threads per SM, which caps the registers
+CUDA_BWD_BLOCKS_PER_SM = {(4, "dq"): 3, (4, "dkv_atomic"): 3}
+DDOT_THREADS = 128  # ddot: query rows (threads) per block; 32 in the simulator
 SIMULATOR_BWD_TILES = (2, 2, 2, 2, 2)
 
 
+@functools.cache
+def _ddot_kernel(dtype: np.dtype, e: int):
+    """Compile-once (per dtype and head dim) ``ddot`` kernel; returns (kernel, rows a block owns,
+    threads): D_i = dO_i·o_i - dlse_i, a thread per query row i."""
+    NT = 32 if cuda_simulated() else DDOT_THREADS
+    U = np.uint64
+    uE = U(e)
+    zero = dtype.type(0)
+
+    @cuda.jit
+    def ddot(do, out, dlse, D, n):
+        # flat views: do, out (n·e,) of (r, lq, e); dlse, D (n,), n = r·lq query rows
+        i = cuda.blockIdx.x * NT + cuda.threadIdx.x
+        if i < n:
+            row = U(i) * uE
+            d = zero
+            for c in range(e):  # the chain of FMAs of dkv's dP_ij = Σ_c v_jc dO_ic, in its order
+                d += do[row + U(c)] * out[row + U(c)]
+            D[U(i)] = d - dlse[U(i)]
+
+    return ddot, NT, NT
+
+
 def _bwd_tiles(itemsize: int, e: int, kind: str, shared_bytes: int = SHARED_BYTES) -> dict:
-    """Tiles and shared-memory layout (in words) of the backward kernel ``kind`` ("dsum", "dkv",
-    "dq", or "dkv_atomic": dkv's tiles, plus step D's) at head dim e; a ValueError when e is
-    too large for ``shared_bytes``."""
+    """Tiles and shared-memory layout (in words) of the backward kernel ``kind`` ("dkv", "dq",
+    or "dkv_atomic": dkv's tiles, plus step D's) at head dim e; a ValueError when e is too large
+    for ``shared_bytes``."""
     dkv = kind in ("dkv", "dkv_atomic")
     TY, TX, RM, RN, EC = (SIMULATOR_BWD_TILES if cuda_simulated()
                           else CUDA_BWD_TILES[itemsize]["dkv" if dkv else kind])
     BR, BC = TY * RM, TX * RN
     TXC = TX if dkv else 2 * TX  # C's grid: dkv, each group's; dq, both as one
     EB = -(-e // TXC)  # accumulator head dims per thread
-    NZ = {"dsum": 0, "dq": 1}.get(kind, 2)  # Z chunks of step C: (dO, Q) or K
+    NZ = 2 if dkv else 1  # Z chunks of step C: (dO, Q) or K
     A_WORDS = 2 * (BR + BC) * (EC + 1)  # step A: own and walk chunks of both products
     M_WORDS = (2 if dkv else 1) * BR * (BC + 1)  # P (and dS in dkv)
-    R_WORDS = BR * (TX + 1) if kind == "dsum" else 0  # the row partials of D
     words = shared_bytes // itemsize
     VK = BC  # walk rows per Z chunk: the most that fits
-    while VK > 1 and max(A_WORDS, NZ * VK * EB * TXC) + M_WORDS + R_WORDS > words:
+    while VK > 1 and max(A_WORDS, NZ * VK * EB * TXC) + M_WORDS > words:
         VK //= 2
     MO = max(A_WORDS, NZ * VK * EB * TXC)
-    if MO + M_WORDS + R_WORDS > words:
+    if MO + M_WORDS > words:
         raise ValueError(f"the CUDA attention backward cannot fit head dim e={e} in "
                          f"{shared_bytes} bytes of shared memory")
     T = dict(TY=TY, TX=TX, RM=RM, RN=RN, EC=EC, BR=BR, BC=BC, TXC=TXC, EB=EB, VK=VK, MO=MO,
-             SMEM=MO + M_WORDS + R_WORDS)
+             SMEM=MO + M_WORDS)
     if kind == "dkv_atomic":  # step D: K_J in chunks of KW keys over step A's buffers [0, MO)
         KW = BR
         while KW > 1 and (BR % KW or KW * EB * TXC > MO):
@@ -335,10 +361,12 @@ def _bwd_tiles(itemsize: int, e: int, kind: str, shared_bytes: int = SHARED_BYTE
 
 @functools.cache
 def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
-    """Compile-once (per dtype, head dim and kind: "dsum", "dkv", "dq" or "dkv_atomic") backward
+    """Compile-once (per dtype, head dim and kind: "ddot", "dkv", "dq" or "dkv_atomic") backward
     kernel; returns (kernel, BR rows a block owns, threads)."""
-    if kind not in ("dsum", "dkv", "dq", "dkv_atomic"):
-        raise ValueError(f"kind must be 'dsum', 'dkv', 'dq' or 'dkv_atomic', got {kind!r}")
+    if kind not in ("ddot", "dkv", "dq", "dkv_atomic"):
+        raise ValueError(f"kind must be 'ddot', 'dkv', 'dq' or 'dkv_atomic', got {kind!r}")
+    if kind == "ddot":
+        return _ddot_kernel(dtype, e)
     T = _bwd_tiles(dtype.itemsize, e, kind)
     TY, TX, RM, RN, EC, BR, BC = (T[x] for x in ("TY", "TX", "RM", "RN", "EC", "BR", "BC"))
     TXC, EB, VK, MO, SMEM = T["TXC"], T["EB"], T["VK"], T["MO"], T["SMEM"]
@@ -350,7 +378,7 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
     A0, B0 = 0, BR * (EC + 1)  # step A chunks: product 0 own (BR, EC + 1), walk (BC, EC + 1)
     A1, B1 = (BR + BC) * (EC + 1), (2 * BR + BC) * (EC + 1)  # ... product 1
     Z0, Z1 = 0, VK * EP  # step C chunks (VK, EP), over step A's
-    PM, DM = MO, MO + BR * (BC + 1)  # P (BR, BC + 1), then dS in dkv, or the row partials in dsum
+    PM, DM = MO, MO + BR * (BC + 1)  # P (BR, BC + 1), then dS (dkv)
     IT_R, IT_C = -(-BR // RSTEP), -(-BC // RSTEP)  # staging passes
     US = min(EC, 1 << max(0, (UNROLL_FMAS // (RM * RN)).bit_length() - 1))  # steps/iteration
     ATOMIC = kind == "dkv_atomic"  # dkv with step D: dQ_I += dS K_J added into dq by atomics
@@ -359,7 +387,7 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
     uE = U(e)
     zero, one = dtype.type(0), dtype.type(1)
     # float32: e^x by ex2.approx (as the forward's fastmath); no other fast-math flag, so that the
-    # chains of FMAs stay in order and dsum's P ∘ dP is the other kernels' to the bit
+    # chains of FMAs stay in order: dP_ij of a one-hot row is ddot's D_i to the bit
     exp = math.exp
     if dtype == np.float32 and not cuda_simulated():
         from numba.cuda import libdevice
@@ -481,64 +509,6 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
     # step D: dS = (dSᵀ)ᵀ, query rows a (stride TYD) by keys (stride BC + 1), KW keys a chunk
     stage_z, accumulate = z_stager(VK), accumulator(RM, TY * (BC + 1), 1, VK)
     stage_k, accumulate_d = z_stager(KW), accumulator(RMD, TYD, BC + 1, KW)
-
-    if kind == "dsum":
-
-        @cuda.jit(**kernel_options)
-        def dsum(q, do, lse, dlse, k, v, D, lq, lk, scale, causal):
-            # flat views: q, do (r·lq·e,); k, v (r·lk·e,); lse, dlse, D (r·lq,).
-            # Block (query tile, head r): D_i = Σ_j P_ij dP_ij - dlse_i
-            sm = cuda.shared.array(SMEM, dtype)
-            t = cuda.local.array((RM, RN), dtype)  # group 0: S; group 1: dP
-            lse_r = cuda.local.array(RM, dtype)  # lse of my rows
-            part = cuda.local.array(RM, dtype)  # group 1: my part of Σ_j P_ij dP_ij
-            tid = U(cuda.threadIdx.x)
-            g = tid // U(G)
-            tyi, txi = (cuda.threadIdx.x % G) // TX, cuda.threadIdx.x % TX  # signed, for logic
-            ty, tx = U(tyi), U(txi)
-            r, i0 = cuda.blockIdx.y, cuda.blockIdx.x * BR
-            q_head, k_head = U(r) * U(lq) * uE, U(r) * U(lk) * uE
-            c_me, s_me = tid % U(EC), tid // U(EC)
-            p_row = U(PM) + ty * U(BC + 1)
-            for a in range(RM):
-                i = i0 + tyi + TY * a
-                lse_r[a] = lse[U(r * lq + i)] if i < lq else zero
-                part[a] = zero
-            j_end = min(lk, min(i0 + BR, lq) + lk - lq) if causal else lk  # keys the last row sees
-            for j0 in range(0, j_end, BC):
-                products(sm, t, q, k, do, v, q_head + (U(i0) + s_me) * uE + c_me,
-                         k_head + (U(j0) + s_me) * uE + c_me, U(lq - i0), U(lk - j0), scale, one)
-                if g == U(0):  # P = e^(S - lse)
-                    for a in range(RM):
-                        i = i0 + tyi + TY * a
-                        for b in range(RN):
-                            j = j0 + txi + TX * b
-                            sm[p_row + U(a * TY * (BC + 1) + b * TX) + tx] = (
-                                exp(t[a, b] - lse_r[a]) if visible(i, j, lq, lk, causal)
-                                else zero)
-                cuda.syncthreads()
-                if g == U(1):  # Σ_j P_ij dP_ij
-                    for a in range(RM):
-                        i = i0 + tyi + TY * a
-                        for b in range(RN):
-                            j = j0 + txi + TX * b
-                            if visible(i, j, lq, lk, causal):
-                                part[a] += sm[p_row + U(a * TY * (BC + 1) + b * TX) + tx] * t[a, b]
-            # D_i = the sum of the TX parts of row i, less dlse_i
-            if g == U(1):
-                for a in range(RM):
-                    sm[U(DM) + (ty + U(TY * a)) * U(TX + 1) + tx] = part[a]
-            cuda.syncthreads()
-            if g == U(1) and tx == U(0):
-                for a in range(RM):
-                    i = i0 + tyi + TY * a
-                    total = zero
-                    for u in range(TX):
-                        total += sm[U(DM) + (ty + U(TY * a)) * U(TX + 1) + U(u)]
-                    if i < lq:
-                        D[U(r * lq + i)] = total - dlse[U(r * lq + i)]
-
-        return dsum, BR, NT
 
     if kind == "dq":
 
@@ -687,8 +657,8 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
 
 def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale):
     """As ``cpu._bwd_cpu``: q, out, g_out (r, lq, e); k, v (r, lk, e); lse, g_lse (r, lq);
-    contiguous, lq >= 1 -> dq (r, lq, e), dk, dv (r, lk, e). dq by the dq kernel, or added by
-    dkv_atomic with atomics when the module's BWD_DQ is "atomic"."""
+    contiguous, lq >= 1 -> dq (r, lq, e), dk, dv (r, lk, e). D by ddot; then dq by the dq
+    kernel, or added by dkv_atomic with atomics when the module's BWD_DQ is "atomic"."""
     if BWD_DQ not in ("separate", "atomic"):
         raise ValueError(f"BWD_DQ must be 'separate' or 'atomic', got {BWD_DQ!r}")
     atomic = BWD_DQ == "atomic"
@@ -698,12 +668,12 @@ def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if atomic:
         dq.zero_()  # dkv_atomic adds every key tile's scale · dS K_J into it
-    D = torch.empty_like(lse)  # (r, lq): Σ_j P_ij dP_ij - dlse_i
+    D = torch.empty_like(lse)  # (r, lq): dO_i·o_i - dlse_i
     s = dtype.type(scale)
     q, g_out, lse, g_lse, k, v = (x.view(-1) for x in (q, g_out, lse, g_lse, k, v))
-    kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dsum")
-    launch(kernel, (-(-lq // BR), rows), threads, q, g_out, lse, g_lse, k, v, D.view(-1), lq,
-           lk, s, causal)
+    kernel, BR, threads = _attention_bwd_kernel(dtype, e, "ddot")
+    launch(kernel, (-(-rows * lq // BR),), threads, g_out, out.reshape(-1), g_lse, D.view(-1),
+           rows * lq)
     kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dkv_atomic" if atomic else "dkv")
     launch(kernel, (-(-lk // BR), rows), threads, q, g_out, lse, D.view(-1), k, v, dk.view(-1),
            dv.view(-1), dq.view(-1), lq, lk, s, causal)

@@ -23,10 +23,10 @@ written once) for rows whose FFT length N fits it (``FFT_MAX_N``: 8192 in float3
 float64) and ``causal_fft_conv`` (torch.fft: cuFFT) for longer rows; on the ``cpu`` backend
 ``causal_fft_conv`` (pocketfft). ``method="direct"`` is the loop of the chosen ``backend``
 (``ref`` the Toeplitz-matrix definition, ``cpu`` Numba, ``cuda`` numba.cuda); ``"auto"`` picks
-the direct loop for filters of at most ``DIRECT_MAX_TAPS`` taps (the crossover the benchmark
-measured) and the FFT above. ``long_conv(u, K, backend=)`` is the full-length convolution
-S4D and M2 use (any batch axes, complex allowed; ``ref`` the direct sum, ``cpu``/``cuda``
-the FFT path).
+the direct loop for filters of at most ``DIRECT_MAX_TAPS[backend]`` taps (the crossover the
+benchmark measured on each backend) and the FFT above. ``long_conv(u, K, backend=)`` is the
+full-length convolution S4D and M2 use (any batch axes, complex allowed; ``ref`` the direct
+sum, ``cpu``/``cuda`` the FFT path).
 
 Backward, with g = ∂L/∂y:
     ∂L/∂u_s = Σ_j k_j g_{s+j} + D g_s   (the same convolution run backwards in time; by FFT, the
@@ -69,11 +69,12 @@ __all__ = ["DIRECT_MAX_TAPS", "FFT_MAX_N", "IMPLS", "causal_conv", "causal_conv_
 # Constants
 # =============================================================================================
 
-# method="auto": the direct loop up to this many taps, the FFT above. Measured crossovers on the
-# 2-core CPU, float32: between 256 and 1024 taps at (8, 768, 4096) with 2 threads (`python -m
-# minimodels.bench long_conv`), ~190 taps at (1, 64, 4096) on one thread (chapter 07); 128 stays
-# below both
-DIRECT_MAX_TAPS = 128
+# method="auto": the direct loop up to this many taps on each backend, the FFT above. Measured
+# crossovers, float32 (`python -m minimodels.bench long_conv [--device cuda]`): on the 2-core CPU
+# between 256 and 1024 taps at (8, 768, 4096) with 2 threads, ~190 taps at (1, 64, 4096) on one
+# thread (chapter 07), and 128 stays below both; on the H200 (2026-12-05) at (8, 768, 4096) the
+# direct loop took 0.83x the fused FFT's time at 4 taps and 1.28x at 16
+DIRECT_MAX_TAPS = {"cpu": 128, "cuda": 4}
 EXAMPLE_SHAPE = (8, 768, 4096, 64)  # (b, h, l, lk): the benchmark's direct-path size
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-10, 1e-10)}  # (rtol, atol)
 METHODS = ("auto", "fft", "direct")
@@ -228,7 +229,7 @@ def causal_conv(u: torch.Tensor, k: torch.Tensor, *, D: torch.Tensor | None = No
         k: (h, lk) with 1 <= lk <= l, u's dtype: one causal filter per channel.
         D: (h,) or None, the skip term.
         method: "fft" (O(l log l)), "direct" (the O(l·lk) loop of ``backend``) or "auto"
-            (direct up to ``DIRECT_MAX_TAPS`` taps, fft above). The FFT is, on the "cuda"
+            (direct up to ``DIRECT_MAX_TAPS[backend]`` taps, fft above). The FFT is, on the "cuda"
             backend, the fused kernel ``causal_conv_fft_cuda`` when the FFT length
             ``fused_fft_length(l, lk)`` is at most ``FFT_MAX_N[dtype]`` (8192 in float32, 4096
             in float64: l + lk <= 8193 or 4097) and torch.fft (cuFFT) for longer rows; on the
@@ -241,8 +242,8 @@ def causal_conv(u: torch.Tensor, k: torch.Tensor, *, D: torch.Tensor | None = No
         y: (b, h, l), u's dtype. Differentiable in u, k and D on every path."""
     _check(u, k, D, method)
     choice = resolve(backend, u, k, D)
-    if method == "auto":
-        method = "direct" if k.shape[1] <= DIRECT_MAX_TAPS else "fft"
+    if method == "auto":  # ("ref" and a callable run their one path whatever the method)
+        method = "direct" if k.shape[1] <= DIRECT_MAX_TAPS.get(choice, 0) else "fft"
     if method == "fft" and not callable(choice) and choice != "ref":
         fused = choice == "cuda" and (fused_fft_length(u.shape[-1], k.shape[1])
                                       <= FFT_MAX_N[numpy_dtype(u.dtype)])

@@ -42,7 +42,7 @@ from minimodels.plots import fit_slope
 from minimodels.train import evaluate, seed_everything, train
 
 __all__ = ["CONTENDERS", "FULL", "QUICK", "Scale", "costs", "exponents", "load", "make",
-           "mean_accuracy", "merge", "ranking_changes", "rankings", "results_dir", "run", "save",
+           "mean_accuracy", "merge", "ranking_changes", "results_dir", "run", "save",
            "summary", "width_for"]
 
 # A contender: LM options. Pure mixers repeat their mixer over ``n_layers``; hybrids give a list
@@ -476,25 +476,20 @@ def mean_accuracy(scores: list[dict], task: str, length: int | None = None) -> d
     return {m: sum(a) / len(a) for m, a in acc.items()}
 
 
-def rankings(scores: list[dict]) -> dict[str, list[str]]:
-    """Each task's contenders, best mean accuracy first."""
-    out = {}
-    for t in dict.fromkeys(r["task"] for r in scores):
-        acc = mean_accuracy(scores, t)
-        out[t] = sorted(acc, key=lambda m: -acc[m])
-    return out
-
-
-def ranking_changes(small: list[dict], large: list[dict]) -> list[tuple[str, str, int, int]]:
+def ranking_changes(small: list[dict], large: list[dict], tie: float = 0.02
+                    ) -> list[tuple[str, str, int, int]]:
     """(task, contender, rank at the small scale, rank at the large scale), 1 = best, for every
-    contender whose rank differs between two runs' scores (tasks and contenders in both)."""
-    a, b = rankings(small), rankings(large)
+    contender whose rank differs between two runs' scores (tasks and contenders in both). A
+    contender's rank is 1 + the number of others more than ``tie`` above its mean accuracy, so
+    near-ties share a rank (and shuffling them is no change)."""
     changes = []
-    for t in a.keys() & b.keys():
-        common = [m for m in a[t] if m in b[t]]
-        rank_b = [m for m in b[t] if m in common]
-        changes += [(t, m, common.index(m) + 1, rank_b.index(m) + 1) for m in common
-                    if common.index(m) != rank_b.index(m)]
+    for t in dict.fromkeys(r["task"] for r in small):
+        a, b = mean_accuracy(small, t), mean_accuracy(large, t)
+        common = [m for m in a if m in b]
+        rank = {run: {m: 1 + sum(acc[o] > acc[m] + tie for o in common) for m in common}
+                for run, acc in (("small", a), ("large", b))}
+        changes += [(t, m, rank["small"][m], rank["large"][m]) for m in common
+                    if rank["small"][m] != rank["large"][m]]
     return sorted(changes)
 
 

@@ -115,7 +115,8 @@ def run(shape=None, device="cpu", dtype=None) -> str:
         lines.append(f"| {lk} | {t['direct'] * 1e3:.3g} | {t['conv1d'] * 1e3:.3g} | "
                      f"{t['fft'] * 1e3:.3g} | {t['direct'] / t['conv1d']:.2f} | "
                      f"{t['direct'] / t['fft']:.2f} |")
-    lines += ["", "target: direct faster than F.conv1d up to 64 taps (direct / conv1d < 1); "
-              f"the FFT path overtakes the direct loop at {crossover or f'> {taps[-1]}'} taps "
-              f"(method='auto' switches above DIRECT_MAX_TAPS = {LC.DIRECT_MAX_TAPS})"]
+    lines += ["", "target (on the CPU): direct faster than F.conv1d up to 64 taps (direct / "
+              f"conv1d < 1); the FFT path overtakes the direct loop at "
+              f"{crossover or f'> {taps[-1]}'} taps (method='auto' switches above "
+              f"DIRECT_MAX_TAPS[{kernel!r}] = {LC.DIRECT_MAX_TAPS[kernel]})"]
     return "\n".join(lines)
