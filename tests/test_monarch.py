@@ -279,13 +279,14 @@ ODD = (7, 3, 5, 3, 5, 3)
 
 
 @pytest.mark.parametrize("backend", [CUDA])
-@pytest.mark.parametrize("tiles", [None, (1, 2, 2, 3, 2, 2), (4, 2, 1, 1, 4, 2)],
-                         ids=["default", "jb1-rm3", "jb4-tx1"])
+@pytest.mark.parametrize("tiles", [None, (1, 2, 3, 3, 2, 2), (4, 2, 1, 1, 4, 2)],
+                         ids=["default", "jb1-rm3-tx3", "jb4-tx1"])
 def test_cuda_tiles_forward_and_gradients(backend, tiles, monkeypatch):
-    """(JB, TY, TX, RM, RN, BK): one group per block with 3 rows per thread, 4 groups per block
-    with one thread column; forward and all three gradients against autograd of ref (float64)."""
+    """(JB, TY, TX, RM, RN, BK) for both launch kinds: odd tiles (3 tokens and 3 threads a row,
+    no 16-byte runs), 4 groups per block with one thread column; forward and all three
+    gradients against autograd of ref (float64)."""
     if tiles is not None:
-        monkeypatch.setattr(MC, "_tiles", lambda itemsize: tiles)
+        monkeypatch.setattr(MC, "_tiles", lambda itemsize, kind: tiles)
     ex = example_inputs(ODD, dtype=torch.float64, device=device_for(backend), seed=5)
     g = torch.randn(ODD[0], ODD[4] * ODD[5], dtype=torch.float64,
                     generator=torch.Generator().manual_seed(6)).to(ex.args[0].device)
@@ -299,10 +300,34 @@ def test_cuda_tiles_forward_and_gradients(backend, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [CUDA])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (9, 2, 6, 3, 4, 5), ODD, (3, 2, 0, 2, 2, 2)])
+def test_cuda_float32_runs_of_four(backend, monkeypatch):
+    """float32 tiles whose threads read 4 numbers (16 bytes) at a time, as on the GPU: tokens in
+    runs of 4, outputs strided by TX and staged next to each other (the weight layout's
+    permutation); 19 tokens, 6 groups and 10 outputs cross every tile edge. Forward and
+    gradients against the float64 reference."""
+    tiles = {"flat": (1, 4, 4, 4, 4, 4), "grouped": (2, 2, 4, 4, 4, 4)}
+    monkeypatch.setattr(MC, "_tiles", lambda itemsize, kind: tiles[kind])
+    shape = (19, 6, 5, 7, 6, 10)
+    ex = example_inputs(shape, dtype=torch.float64, device=device_for(backend), seed=7)
+    g = torch.randn(19, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    leaves = [t.clone().requires_grad_() for t in ex.args]
+    y = monarch_multiply(*leaves, backend="ref")
+    want = (y.detach(), *torch.autograd.grad(y, leaves, g.to(y.device)))
+    leaves = [t.float().requires_grad_() for t in ex.args]
+    y = monarch_multiply(*leaves, backend=backend)
+    got = (y.detach(), *torch.autograd.grad(y, leaves, g.float().to(y.device)))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (9, 2, 6, 3, 4, 5), ODD, (3, 2, 0, 2, 2, 2),
+                                   (5, 3, 2, 1, 2, 3)])
 def test_cuda_writes_every_output(backend, shape):
     """y poisoned with NaN beforehand: every entry written, none past the edges of a tile; with
-    q = 0 the first factor is empty and y = 0."""
+    q = 0 the first factor is empty and y = 0; with p = 1 the first factor's groups are
+    neighbours in x (a "grouped" launch over x)."""
     x, w1, w2 = example_inputs(shape, dtype=torch.float64, device=device_for(backend)).args
     y = torch.full((shape[0], shape[4] * shape[5]), float("nan"), dtype=torch.float64,
                    device=x.device)

@@ -18,9 +18,11 @@ pytestmark = pytest.mark.ch08
 # (b, h, H, W, e, K): one pixel, K = H, rectangles, sizes off the CUDA tile (4 columns in the
 # simulator, 16 on a GPU; its rows depend on K), e off the chunk of head dims (4 in the
 # simulator), borders on every side, and every number of queries per CUDA thread (4 at K <= 3,
-# 2 at K = 5 and 7, 1 at K = 9)
+# 2 at K = 5 and 7, 1 at K = 9); the CUDA chunk of head dims divides e (4 in the simulator):
+# e = 8 stages two whole chunks of 4, e = 6 three of 2, odd e chunks of 1
 SHAPES = [(1, 1, 1, 1, 1, 1), (1, 2, 5, 5, 3, 5), (2, 1, 6, 9, 4, 3), (1, 1, 9, 5, 9, 5),
-          (1, 2, 7, 10, 2, 1), (1, 1, 11, 13, 3, 7), (1, 1, 10, 11, 5, 9)]
+          (1, 2, 7, 10, 2, 1), (1, 1, 11, 13, 3, 7), (1, 1, 10, 11, 5, 9), (1, 1, 6, 7, 8, 3),
+          (1, 1, 5, 9, 6, 5)]
 
 
 def windows_by_loops(q, k, v, K, scale):
@@ -121,6 +123,22 @@ def test_example_inputs_and_flops():
     same = example_inputs((1, 2, 4, 5, 3, 3), dtype=torch.float32, seed=2).args[0]
     torch.testing.assert_close(same.double(), ex.args[0], rtol=1e-7, atol=1e-7)
     assert N.flops(1, 4, 128, 128, 64) / N.flops(1, 4, 128, 128, 64, 7) == 128 * 128 / 49
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_cuda_forward_chunk_divides_e_and_fits_shared_memory(itemsize):
+    """The CUDA forward stages EC head dims at a time with no partial chunk: EC is a power of
+    2 that divides e, at most E_CHUNK, and its buffers fit SHARED_BYTES (every K it accepts)."""
+    from minimodels.kernels.natten import cuda as nc
+    for K in range(1, nc.MAX_KERNEL + 1, 2):
+        for e in (1, 2, 3, 6, 8, 12, 32, 48, 64, 96, 128, 130):
+            T = nc._tiles(K, e, itemsize)
+            EC = T.chunk
+            assert EC & (EC - 1) == 0 and e % EC == 0 and EC <= nc.E_CHUNK, (K, e, EC)
+            pixels = T.shared_words // (EC + 1)  # the largest such chunk
+            assert (2 * EC > nc.E_CHUNK or e % (2 * EC)
+                    or pixels * (2 * EC + 1) * itemsize > nc.SHARED_BYTES), (K, e, EC)
+            assert T.shared_words * itemsize <= nc.SHARED_BYTES, (K, e, T)
 
 
 def test_cuda_rejects_a_window_beyond_its_registers():

@@ -37,6 +37,7 @@ def _kernels():
     import minimodels.kernels.long_conv.cuda as lc
     import minimodels.kernels.monarch.cuda as mc
     import minimodels.kernels.natten.cuda as nc
+    import minimodels.kernels.scan as ls
     import minimodels.kernels.selective_scan.cuda as sc
 
     def arr(t, rank):
@@ -60,17 +61,21 @@ def _kernels():
             if dt == np.float32:
                 out.append((f"selective_scan forward {dt} n={n}",
                             sc._forward_kernel(dt, n, True, True, True, True, False), fwd_sig, fm))
+        fwd, bwd = ls._linear_scan_kernels(dt)
+        out.append((f"linear_scan forward {dt}", fwd, (a2, a2, a1, a2), False))
+        out.append((f"linear_scan backward {dt}", bwd, (a2, a1, a2, a2, a2, a2, a1), False))
         for K in (3, 7, 13):  # K = 7: two queries per thread (the benchmark's); 3: four; 13: one
-            out.append((f"natten forward {dt} K={K}", nc._forward_kernel(dt, K),
-                        (a1,) * 5 + (types.int64,) * 3 + (t,), False))
+            for e in (64, 12):  # compiled per e: 64 (chunks of 8 at K = 7 in float32), 12 (of 4)
+                out.append((f"natten forward {dt} K={K} e={e}", nc._forward_kernel(dt, K, e),
+                            (a1,) * 5 + (types.int64,) * 2 + (t,), False))
         out.append((f"natten backward {dt} K=7", nc._backward_kernel(dt, 7), (a4,) * 7 + (t,),
                     False))
         fwd, grad = lc._conv_kernels(dt)
         out.append((f"causal_conv forward {dt}", fwd, (a3, a2, a1, a3), False))
         out.append((f"causal_conv filter gradient {dt}", grad, (a3, a3, a2), False))
-        bgemm = mc._bgemm_kernel(dt, mc.CUDA_TILES[dt.itemsize])[0]
-        out.append((f"monarch batched product {dt}", bgemm, (a1, a1, a1) + (types.int64,) * 13,
-                    False))
+        for kind, tiles in mc.CUDA_TILES[dt.itemsize].items():  # "flat" and "grouped"
+            out.append((f"monarch batched product {dt} {kind}", mc._bgemm_kernel(dt, tiles)[0],
+                        (a1, a1, a1) + (types.int64,) * 10, False))
         for e in (64, 128):  # flat views: 6 inputs, 1 output (dkv: 3), lq, lk, scale, causal
             for kind in ("dkv", "dq", "dkv_atomic"):
                 outs = 3 if kind.startswith("dkv") else 1

@@ -29,14 +29,18 @@ STAGE_ROWS = 2 if cuda_simulated() else 8  # rows of a halo or tile one staging 
 MAX_KERNEL = 13  # CUDA: the largest window side (a thread's scores live in its registers)
 SCORE_REGISTERS = 112  # the scores a thread may hold: QPT is the largest that fits (``_tiles``)
 SHARED_BYTES = 48 * 1024  # static shared memory per block
+FWD_BLOCKS_PER_SM = {4: 3, 8: 2}  # the forward's launch bound per itemsize: blocks of THREADS
+# per SM that the registers must allow (float32: <= 168 registers; float64: <= 255)
 BWD_THREADS = 8 if cuda_simulated() else 128  # CUDA backward: queries per block
 INLINE = {} if cuda_simulated() else {"forceinline": True}  # (the simulator has no such option)
 
 
 # =============================================================================================
 # CUDA forward (numba.cuda). One block = one head r and a tile of TR x TILE queries; one kernel
-# per (dtype, K), so every loop over the window has a compile-time trip count, LLVM unrolls it,
-# and a thread's scores are registers, never local memory.
+# per (dtype, K, e), so every loop over the window and over the head dims has a compile-time
+# trip count, LLVM unrolls the window loops, a thread's scores are registers (never local
+# memory), and every global or shared address in the staging is a per-lane base plus an
+# immediate offset.
 #   - Thread (tr, tc) owns the QPT queries (i + u, j), u < QPT, of one column: i = i0 + QPT·tr,
 #     j = j0 + tc. Their windows share columns ρ(j) .. ρ(j) + K − 1 and their rows lie within
 #     ρ(i) .. ρ(i) + K + QPT − 2 (a window starts at most one row lower per query row). So per
@@ -47,22 +51,27 @@ INLINE = {} if cuda_simulated() else {"forceinline": True}  # (the simulator has
 #     before the softmax, so their weights are exactly 0: no branch on δ_u in the inner loops.
 #   - The windows of the tile lie inside one halo of (TR + K − 1) x (TILE + K − 1) pixels. The
 #     block stages the halo of k (then of v) and the tile of scale·q in shared memory, EC head
-#     dims at a time, coalesced: lane dl = tid % EC copies head dim dl of pixel columns
-#     slot + SLOTS·st, STAGE_ROWS rows per step, all the step's loads in flight before its
-#     stores (addresses clamped into the image, values outside it replaced by 0 with a select,
-#     not a branch). Halo rows past the image are zeroed once, so every value a thread may read
-#     is finite and a weight of 0 contributes exactly 0.
+#     dims at a time (EC divides e: no partial chunk), coalesced: lane dl = tid % EC copies head
+#     dim dl of pixel columns slot + SLOTS·st, STAGE_ROWS rows per step, all the step's loads in
+#     flight before its stores. A lane's global address is its base (computed once) + row·W·e
+#     + a compile-time offset; loads outside the image are not made (predicated) and store 0,
+#     so every halo value a thread may read is written each chunk and finite, and a weight of 0
+#     contributes exactly 0.
 #   - S = (scale·q) kᵀ accumulates over the chunks in registers; the softmax runs in registers;
 #     then O = P v, EC dims at a time: each thread's outputs go through the tile buffer, which
 #     the block writes out coalesced.
 # Bank conflicts: a pixel takes EC + 1 words (odd) and a halo row RS pixels with QPT·RS ≡ 16
 # (mod 32): the 16 lanes of a thread row read 16 banks and the next thread row the other 16.
 # Every index into an array is unsigned (np.uint64): Numba guards signed indices with a
-# negative-index test. Why it should be fast: the shared-memory pipe, not the FMAs, bounds it
-# (1.8 FMAs per shared access); at (8, 4, 128, 128, 64), K = 7 that predicts 0.27 ms at a full
-# pipe. ptxas (sm_90, float32, K = 7): 255 registers, no spills, no stack, 34.6 KB of shared
-# memory. NOT yet timed on a GPU: kernels/BENCHMARKS.md (natten) has the floors, the predicted
-# time and what to measure first.
+# negative-index test. Launch bound: FWD_BLOCKS_PER_SM blocks per SM, so that ptxas keeps the
+# registers within 65536 / (3·THREADS) = 168 in float32 (3 blocks, 12 warps per SM).
+# Why (round 2, kernels/BENCHMARKS.md, natten): round 1 measured 1.52 ms against a predicted
+# 0.35-0.45. Its SASS spent ~22 instructions per staged word (clamped 64-bit addresses), so
+# staging and write-out issued as many instructions as the FMA loops (~47 K per warp in all),
+# at 254 registers (8 warps per SM): ~1 instruction per clock per SM, latency-bound. Now e is a
+# compile-time constant, addresses are a per-lane base + immediates (~12 instructions per
+# staged word, ~37 K per warp) and ptxas (sm_90, float32, K = 7, e = 64) reports 168
+# registers, no spills, no stack, 34.6 KB of shared memory. NOT yet timed on a GPU.
 # =============================================================================================
 
 
@@ -73,7 +82,7 @@ class _Tiles(NamedTuple):
     halo_cols: int  # HC = TILE + K − 1
     halo_stride: int  # RS: pixels per halo row in shared memory (> HC: padded)
     tile_stride: int  # TS: pixels per row of the tile buffer (> TILE: padded)
-    chunk: int  # EC: head dims staged at a time
+    chunk: int  # EC: head dims staged at a time (a power of 2 that divides e)
     shared_words: int
 
 
@@ -87,9 +96,10 @@ def _padded(n: int, qpt: int) -> int:
 
 
 @functools.cache
-def _tiles(K: int, itemsize: int) -> _Tiles:
-    """The forward's tiles for window side K: QPT as large as SCORE_REGISTERS allows (query u
-    of a thread holds (K + u)·K scores), then the largest chunk EC that fits SHARED_BYTES."""
+def _tiles(K: int, e: int, itemsize: int) -> _Tiles:
+    """The forward's tiles for window side K and head dim e: QPT as large as SCORE_REGISTERS
+    allows (query u of a thread holds (K + u)·K scores), then the largest chunk EC that divides
+    e, is at most E_CHUNK and fits SHARED_BYTES."""
     qpt = next(n for n in (4, 2, 1)
                if n * K * K + K * n * (n - 1) // 2 <= SCORE_REGISTERS or n == 1)
     rows = THREAD_ROWS * qpt
@@ -97,7 +107,7 @@ def _tiles(K: int, itemsize: int) -> _Tiles:
     rs, ts = _padded(halo_cols, qpt), _padded(TILE, qpt)
     pixels = _rounded(halo_rows) * rs + _rounded(rows) * ts  # (room for whole staging steps)
     chunk = E_CHUNK
-    while chunk > 1 and pixels * (chunk + 1) * itemsize > SHARED_BYTES:
+    while chunk > 1 and (e % chunk or pixels * (chunk + 1) * itemsize > SHARED_BYTES):
         chunk //= 2
     return _Tiles(qpt, rows, halo_rows, halo_cols, rs, ts, chunk, pixels * (chunk + 1))
 
@@ -108,49 +118,52 @@ def _rounded(rows: int) -> int:
 
 
 @functools.cache
-def _forward_kernel(dtype: np.dtype, K: int):
-    """Compile-once (per dtype and window side K) forward kernel."""
-    QPT, TR, HR, HC, RS, TS, EC, SMEM = _tiles(K, dtype.itemsize)
+def _forward_kernel(dtype: np.dtype, K: int, e: int):
+    """Compile-once (per dtype, window side K and head dim e) forward kernel."""
+    QPT, TR, HR, HC, RS, TS, EC, SMEM = _tiles(K, e, dtype.itemsize)
     G = STAGE_ROWS
     PS = EC + 1  # words per pixel in shared memory (odd: no bank conflicts)
     KR = K + QPT - 1  # key rows a thread reads
     NS = QPT * KR * K  # score slots: query u, key row t, column c at (u·KR + t)·K + c
     HALF = K // 2
-    HALO_WORDS = _rounded(HR) * RS * PS
-    TILE0 = HALO_WORDS  # where the tile buffer (scale·q, then the output) starts
+    TILE0 = _rounded(HR) * RS * PS  # where the tile buffer (scale·q, then the output) starts
     SLOTS = THREADS // EC  # staging: lane dl = tid % EC copies head dim dl of pixel columns
     HALO_IT = -(-HC // SLOTS)  # slot + SLOTS·st, st < HALO_IT (halo) or TILE_IT (tile)
     TILE_IT = -(-TILE // SLOTS)
     BUF = G * max(HALO_IT, TILE_IT)  # values one staging step has in flight
+    nd = EC  # head dims per chunk (every chunk is whole)
     U = np.uint64
     zero, one, ninf = dtype.type(0), dtype.type(1), dtype.type(-np.inf)
 
-    def stager(IT, stride, dst0):
-        """A device function that stages the rows x cols pixels of x from corner (r0, c0) into
-        shared memory at word dst0, ``stride`` pixels per row, head dim dsrc times ``mult``
-        (lane dl keeps it if dl < nd): G rows at a time, the loads (of pixels clamped into the
-        image) all in flight, then the stores (0 outside the image or past e)."""
+    def stager(ROWS, COLS, IT, stride):
+        """A device function that stages the ROWS x COLS pixels of x whose (0, 0) is at src
+        (lane's head dim, column slot) into shared memory at dst (the same lane's word),
+        ``stride`` pixels per row, times ``mult``: G rows at a time, the step's loads all in
+        flight, then its stores; 0 for pixels past the image (rows >= rows, cols >= cols)."""
+        STEPS = _rounded(ROWS)
         @cuda.jit(device=True, **INLINE)  # inlined: buf stays in registers
-        def stage(sm, buf, x, head, r0, c0, rows, cols, uW, uE, dsrc, slot, dl, nd, mult):
-            for a0 in range(0, rows, G):
+        def stage(sm, buf, x, src, dst, rows, cols, uWE, slot, mult):
+            for a0 in range(0, STEPS, G):
                 for g in range(G):
-                    a = min(a0 + g, rows - 1)
+                    row = src + U(a0 + g) * uWE
                     for st in range(IT):
-                        c = min(slot + SLOTS * st, cols - 1)
-                        buf[g * IT + st] = x[head + (U(r0 + a) * uW + U(c0 + c)) * uE + dsrc]
+                        inside = a0 + g < rows and slot + SLOTS * st < cols
+                        buf[g * IT + st] = x[row + U(SLOTS * st * e)] if inside else zero
                 for g in range(G):
                     for st in range(IT):
-                        c = slot + SLOTS * st
-                        keep = a0 + g < rows and c < cols and dl < nd
-                        sm[U(dst0 + ((a0 + g) * stride + min(c, stride - 1)) * PS) + U(dl)] = (
-                            mult * buf[g * IT + st] if keep else zero)
+                        if slot + SLOTS * st < COLS:  # (columns past COLS: never read)
+                            sm[dst + U(((a0 + g) * stride + SLOTS * st) * PS)] = (
+                                mult * buf[g * IT + st])
         return stage
 
-    stage_halo = stager(HALO_IT, RS, 0)  # the halo of k or v
-    stage_tile = stager(TILE_IT, TS, TILE0)  # the tile of scale·q
+    stage_halo = stager(HR, HC, HALO_IT, RS)  # the halo of k or v
+    stage_tile = stager(TR, TILE, TILE_IT, TS)  # the tile of scale·q
 
-    @cuda.jit
-    def fwd(q, k, v, out, lse, H, W, e, scale):
+    options = {} if cuda_simulated() else {  # (the simulator has no launch bounds)
+        "launch_bounds": (THREADS, FWD_BLOCKS_PER_SM[dtype.itemsize])}
+
+    @cuda.jit(**options)
+    def fwd(q, k, v, out, lse, H, W, scale):
         # q, k, v, out: flat (r·H·W·e,) views of (r, H, W, e); lse: (r·H·W,). Signed ints for
         # the logic, unsigned (U) for indices.
         sm = cuda.shared.array(SMEM, dtype)  # the halo of k or v, then the tile buffer
@@ -164,14 +177,15 @@ def _forward_kernel(dtype: np.dtype, K: int):
         i0, j0 = (tile // n_j) * TR, (tile % n_j) * TILE
         tid = cuda.threadIdx.x
         slot, dl = tid // EC, tid % EC  # staging: head dim dl of pixel columns slot + SLOTS·st
-        udl, uW, uE = U(dl), U(W), U(e)
-        head = U(r) * U(H) * uW * uE
-        for n in range(tid, HALO_WORDS, THREADS):  # halo rows and columns past the image: 0
-            sm[U(n)] = zero
+        uW, uWE = U(W), U(W) * U(e)
+        head = U(r) * U(H) * uWE + U(slot * e + dl)  # + my staging lane's column and dim
         hr0 = min(max(i0 - HALF, 0), H - K)  # the halo: the first window's corner ...
         hc0 = min(max(j0 - HALF, 0), W - K)
         nr, nc = min(HR, H - hr0), min(HC, W - hc0)  # ... and its size inside the image
         nq, ncq = min(TR, H - i0), min(TILE, W - j0)  # the tile's size inside the image
+        halo_src = head + (U(hr0) * uW + U(hc0)) * U(e)  # my staging lane's (row 0, col slot)
+        tile_src = head + (U(i0) * uW + U(j0)) * U(e)  # ... of the tile (q, then the output)
+        lane = U(slot * PS + dl)  # my staging lane's word in a staged row
         i, j = i0 + QPT * (tid // TILE), j0 + tid % TILE  # my queries: (i + u, j), u < QPT
         ri = min(max(min(i, H - 1) - HALF, 0), H - K) - hr0  # my windows' first row and
         ci = min(max(min(j, W - 1) - HALF, 0), W - K) - hc0  # column, in the halo
@@ -202,13 +216,11 @@ def _forward_kernel(dtype: np.dtype, K: int):
                         lse[U(r) * U(H) * uW + U(i + u) * uW + U(j)] = (
                             m + math.log(total) if total > zero else ninf)
             for d0 in range(0, e, EC):  # EC head dims at a time
-                nd = min(EC, e - d0)
-                dsrc = U(min(d0 + dl, e - 1))  # (a legal address past e; its value is not kept)
                 cuda.syncthreads()  # the previous chunk is read and written out
-                stage_halo(sm, buf, x, head, hr0, hc0, nr, nc, uW, uE, dsrc, slot, dl, nd, one)
+                stage_halo(sm, buf, x, halo_src + U(d0), lane, nr, nc, uWE, slot, one)
                 if phase == 0:  # the tile of scale·q
-                    stage_tile(sm, buf, q, head, i0, j0, nq, ncq, uW, uE, dsrc, slot, dl, nd,
-                               scale)
+                    stage_tile(sm, buf, q, tile_src + U(d0), U(TILE0) + lane, nq, ncq, uWE,
+                               slot, scale)
                 cuda.syncthreads()
                 # [core] natten_cuda
                 if phase == 0:
@@ -235,12 +247,11 @@ def _forward_kernel(dtype: np.dtype, K: int):
                             sm[mine + U(u * TS * PS + d)] = acc[u] * inv[u]
                 # [/core]
                     cuda.syncthreads()
-                    for a in range(nq):  # written out coalesced
+                    for a in range(TR):  # written out coalesced
                         for st in range(TILE_IT):
-                            c = slot + SLOTS * st
-                            if c < ncq and dl < nd:
-                                out[head + (U(i0 + a) * uW + U(j0 + c)) * uE + U(d0) + udl] = (
-                                    sm[U(TILE0 + (a * TS + c) * PS) + udl])
+                            if a < nq and slot + SLOTS * st < ncq:
+                                out[tile_src + U(d0) + U(a) * uWE + U(SLOTS * st * e)] = (
+                                    sm[U(TILE0) + lane + U((a * TS + SLOTS * st) * PS)])
 
     return fwd
 
@@ -319,11 +330,11 @@ def _fwd_cuda(q, k, v, kernel_size, scale):
     lse = q.new_empty(q.shape[:-1])
     if q.numel():
         dtype = numpy_dtype(q.dtype)
-        fwd = _forward_kernel(dtype, kernel_size)
-        rows = _tiles(kernel_size, dtype.itemsize).rows
+        fwd = _forward_kernel(dtype, kernel_size, e)
+        rows = _tiles(kernel_size, e, dtype.itemsize).rows
         grid = R * ((H + rows - 1) // rows) * ((W + TILE - 1) // TILE)
         flat = (x.view(-1) for x in (q, k, v, out, lse))
-        launch(fwd, grid, THREADS, *flat, H, W, e, dtype.type(scale))
+        launch(fwd, grid, THREADS, *flat, H, W, dtype.type(scale))
     return out, lse
 
 
