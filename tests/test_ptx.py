@@ -51,10 +51,12 @@ def _kernels():
             fwd_sig = (a3, a3, a2, a3, a3, a1, a3, a1, a3, a3, a4, a4, a3, types.int64)
             bwd_sig = (a3, a3, a2, a3, a3, a1, a3, a1, a3, a3, a4, a4, a3, types.int64,
                        a3, a3, a3, a4, a4, a4, a4, a4, a3, a3)
-            for first in (False, True):
-                out.append((f"selective_scan backward {dt} n={n} first={first}",
-                            sc._backward_kernel(dt, n, True, True, True, True, first), bwd_sig,
-                            fm))
+            # pass 2 with input-dependent and with fixed B, C; pass 1 as launched (reads no B)
+            for name, flags in (("var B/C", (True, True, True, True, False)),
+                                ("fixed B/C", (False, False, True, True, False)),
+                                ("pass 1", (False, True, True, True, True))):
+                out.append((f"selective_scan backward {dt} n={n} {name}",
+                            sc._backward_kernel(dt, n, *flags), bwd_sig, fm))
             # not the float64 forward: this ptxas (12.9) rejects its 51 KB of static shared
             # memory (over 48 KB), yet the H200's toolchain ran it in the float64 tests
             # (kernels/BENCHMARKS.md, selective_scan): unresolved, so not asserted either way

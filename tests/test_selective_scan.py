@@ -436,3 +436,35 @@ def test_cuda_forward_segments_equal_one_pass(l, monkeypatch):
     torch.testing.assert_close(results[1][1], want_last)
     for one, many in zip(*results, strict=True):
         torch.testing.assert_close(many, one)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("var_B, var_C", [(True, True), (False, False)])
+def test_cuda_backward_with_fewer_channels_per_block(var_B, var_C, monkeypatch):
+    """The backward's plan halves a block's channels while its shared arrays do not fit (on the
+    GPU: float64 at n = 64): blocks of fewer channels than the forward's (so a grid of its own
+    for each pass) and ∂B_t, ∂C_t summed over more blocks still give the gradients of the
+    reference. (A spare channel in the last block: test_cuda_forward_tiles_and_lanes.)"""
+    import numpy as np
+
+    from minimodels.backend import cuda_available
+
+    if not cuda_available():
+        pytest.skip("no cuda backend")
+    caches = (ss_cuda._bwd_plan, ss_cuda._backward_kernel, ss_cuda._forward_kernel)
+    for cache in caches:
+        cache.cache_clear()
+    words = ss_cuda._bwd_words(5, ss_cuda.CHANNELS, 8, var_B, var_C, True, True)
+    monkeypatch.setattr(ss_cuda, "SMEM_BYTES", (words - 1) * 8)  # no tile of CHANNELS fits
+    try:
+        BT, CH = ss_cuda._bwd_plan(np.dtype(np.float64), 5, var_B, var_C, True, True)
+        assert CH < ss_cuda.CHANNELS and BT <= ss_cuda.TILE
+        args = inputs(1, 3, 21, 5, var_B=var_B, var_C=var_C, device=device_for("cuda"), seed=5)
+        opts = OPTIONS[-1]
+        got = grads(lambda *a, **k: selective_scan(*a, **k, backend="cuda"), args, opts)
+        want = grads(selective_scan_ref, args, opts)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=lambda m, n=name: f"∂{n}: {m}")
+    finally:
+        for cache in caches:
+            cache.cache_clear()

@@ -66,7 +66,8 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
     ``first_pass``: the segments' pass 1 (only x from zero and ΣΔ; no outputs)."""
     zero, one = dtype.type(0), dtype.type(1)
     STATES = -(-n // LANES)  # states per lane
-    CKPT = _bwd_tile(dtype, n)  # the backward's tile: x_{t-1} is saved at each of its starts
+    CKPT = _bwd_plan(dtype, n, var_B, var_C, has_z, softplus)[0]  # the backward's tile: x_{t-1}
+    # is saved at each of its starts
     BC_LOADS = -(-n * TILE // BLOCK)  # staging loads per thread of an (n, TILE) tile
     BC_TILE = (n, TILE1)  # B, C tiles; rows padded against bank conflicts
 
@@ -226,24 +227,31 @@ def _forward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: bo
 
 
 # =============================================================================================
-# CUDA backward (numba.cuda), laid out like the forward: a block of CHANNELS channels × LANES
-# lanes, thread (channel, lane) owns the states k = lane, lane + LANES, ..., and the block walks
-# the sequence from the end in tiles of BT steps (the forward saved x entering each tile, so no
-# (b, d, l, n) tensor is ever stored). Per tile:
-#   1. stage Δ_t, u_t, dy_t = g_t · silu(z_t) and z_t of its channels, and B_t, C_t, in shared
-#      memory (coalesced);
-#   2. recompute the tile's states from its checkpoint, x_t = Ā_t x_{t-1} + Δ_t B_t u_t, keeping
-#      x_t and Ā_t in registers (with the gate: y_t = Σ_k C_t x_t summed over the lanes);
+# CUDA backward (numba.cuda), laid out like the forward: a block of CH channels × LANES lanes,
+# thread (channel, lane) owns the states k = lane, lane + LANES, ..., and the block walks the
+# sequence from the end in tiles of BT steps (the forward saved x entering each tile, so no
+# (b, d, l, n) tensor is ever stored). Per tile, three barriers:
+#   1. write the tile that is in registers into shared memory: Δ_t, Δ_t u_t, u_t, dy_t =
+#      g_t · silu(z_t), the gate's factor for ∂z_t, softplus'(Δ raw) and B_t, C_t (all computed
+#      once per (channel, step), not once per state); barrier; then issue the global loads of
+#      the next tile (and of its checkpoint), which fly while 2-3 compute;
+#   2. recompute the tile's states from its checkpoint, x_t = Ā_t x_{t-1} + Δ_t u_t B_t, keeping
+#      x_t and Ā_t in registers (2·BT per state);
 #   3. the reversed recurrence, one multiply-add per step: dx_t = C_t dy_t + ρ_t,
-#      ρ_{t-1} = Ā_t dx_t (ρ enters the sequence's end as ∂L/∂x_L), and per step the lane's
-#      shares of S1_t = Σ_k dx_t B_t and S2_t = Σ_k dx_t x_{t-1} Ā_t A (shared memory);
-#   4. per (channel, step), the lanes' shares summed: ∂u_t = Δ_t S1_t + D dy_t,
-#      ∂Δ_t = S2_t + u_t S1_t (times softplus'), ∂z_t;
-#   5. input-dependent ∂B_t = Σ_d dx_t Δ_t u_t and ∂C_t = Σ_d dy_t x_t summed over the block's
-#      channels in shared memory, one partial per block (summed over blocks by the host: no
-#      atomics on addresses that all d channels share). ∂A, ∂D, ∂bias, fixed ∂B, ∂C stay in
-#      registers and go out as one partial per block at the end. No atomics anywhere: the
-#      gradients are deterministic.
+#      ρ_{t-1} = Ā_t dx_t (ρ enters the sequence's end as ∂L/∂x_L); per step the lane's shares
+#      of S1_t = Σ_k dx_t B_t, S2_t = Σ_k dx_t x_{t-1} Ā_t A and y_t = Σ_k C_t x_t, and the
+#      channel's ∂B_t[k] = dx_t Δ_t u_t, ∂C_t[k] = dy_t x_t go to shared memory; barrier;
+#   4. per (channel, step) the lanes' shares summed: ∂u_t = Δ_t S1_t + D dy_t,
+#      ∂Δ_t = (S2_t + u_t S1_t) softplus', ∂z_t; per (state, step) the block's channels summed:
+#      one partial ∂B_t, ∂C_t per block (summed over blocks by the host: no atomics on
+#      addresses that all d channels share); barrier (the next tile overwrites shared memory).
+# ∂A, ∂D, ∂bias, fixed ∂B, ∂C stay in registers and go out as one partial per block at the end.
+# No atomics anywhere: the gradients are deterministic.
+# Why this layout (round 2, 2026-12-05): the round-1 backward kept dx_t in registers for a fifth
+# pass over the tile (∂B, ∂C) and summed y in a pass of its own: 6 barriers a tile, ~69 SASS
+# instructions per state-step, 255 registers (8 warps per SM), and each tile's loads issued
+# only after the previous tile's last barrier. Here: 3 barriers, ~56 instructions, the next
+# tile in flight, 159 registers (3 blocks, 12 warps per SM; kernels/BENCHMARKS.md).
 # Segments as in the forward, mirrored: pass 1 runs every segment but the first from ρ = 0 at its
 # end and keeps ρ at its start, h_r, and ΣΔ_r; pass 2 enters segment s with
 # ρ <- exp(A ΣΔ_r) ρ + h_r composed over the later segments r, starting from ∂L/∂x_L.
@@ -260,16 +268,31 @@ def _delta(delta, bias, bi, di, t, softplus):
     return dt
 
 
+def _bwd_words(n: int, ch: int, bt: int, var_B: bool, var_C: bool, has_z: bool,
+               softplus: bool) -> int:
+    """Words of the backward's shared arrays for CH = ch channels and BT = bt steps."""
+    cols = -(-n // LANES) * LANES + 1  # ∂B, ∂C shares: every state, padded
+    return ((4 + has_z + softplus) * ch * bt  # Δ, Δu, u, dy (+ ∂z factor, softplus')
+            + (var_B + var_C) * n * (bt + 1)  # B, C
+            + (2 + has_z) * ch * bt * SP_COLS  # the lanes' shares of S1, S2 (+ y)
+            + (var_B + var_C) * ch * bt * cols)  # the channels' shares of ∂B, ∂C
+
+
 @functools.cache
-def _bwd_tile(dtype: np.dtype, n: int) -> int:
-    """The backward's tile BT (steps): the largest of 32, 16, 8 (at most the forward's TILE,
-    which it divides) whose shared arrays fit in a block's static shared memory."""
-    for bt in (32, 16, 8):
-        words = (5 * CHANNELS * bt  # Δ, u, dy, z, y of the tile
-                 + 2 * n * (bt + 1)  # B, C
-                 + 2 * CHANNELS * bt * SP_COLS)  # the lanes' shares of S1, S2 (or ∂B, ∂C)
-        if bt <= TILE and words * dtype.itemsize <= SMEM_BYTES:
-            return bt
+def _bwd_plan(dtype: np.dtype, n: int, var_B: bool = True, var_C: bool = True,
+              has_z: bool = True, softplus: bool = True) -> tuple[int, int]:
+    """(BT, CH): the backward's tile of steps and channels per block. The most channels (the
+    forward's CHANNELS, halved while nothing fits), then the longest tile of 32, 16, 8 steps (at
+    most the forward's TILE, which it divides, and a multiple of UNROLL: the forward writes a
+    checkpoint every BT steps) whose shared arrays fit a block's static shared memory. float32
+    at n = 16 with every option: (16, 8)."""
+    ch = CHANNELS
+    while ch >= 1:
+        for bt in (32, 16, 8):
+            words = _bwd_words(n, ch, bt, var_B, var_C, has_z, softplus)
+            if bt <= TILE and words * dtype.itemsize <= SMEM_BYTES:
+                return bt, ch
+        ch //= 2
     raise ValueError(f"selective_scan cuda: no backward tile fits n = {n} in {dtype}")
 
 
@@ -288,11 +311,22 @@ def _backward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: b
     options. ``first_pass``: the segments' pass 1 (only ρ from zero and ΣΔ; no gradients)."""
     zero, one = dtype.type(0), dtype.type(1)
     STATES = -(-n // LANES)  # states per lane
-    BT = _bwd_tile(dtype, n)
-    BT1 = BT + 1  # padded rows of the B and C tiles
-    ROWS = -(-CHANNELS * BT // BLOCK)  # (channel, step) pairs per thread
-    COLS = -(-LANES * BT // BLOCK)  # (lane, step) pairs per thread, in step 5
-    BC_LOADS = -(-n * BT // BLOCK)
+    BT, CH = _bwd_plan(dtype, n, var_B, var_C, has_z, softplus)
+    NT = CH * LANES  # threads per block
+    ROWS = -(-CH * BT // NT)  # (channel, step) pairs per thread
+    COLS = -(-n * BT // NT)  # (state, step) pairs per thread, for ∂B, ∂C
+    BC_LOADS = -(-n * BT // NT)
+    PREFETCH_BC = BC_LOADS <= 4  # B_t, C_t of the next tile in registers (else loaded in step 1)
+    # shapes as constants (the GPU compiler needs them; an array unused for these options is 1x1)
+    ROW_TILE = (CH, BT)
+    Z_TILE = (CH, BT) if has_z else (1, 1)
+    SP_TILE = (CH, BT) if softplus else (1, 1)
+    B_TILE = (n, BT + 1) if var_B else (1, 1)  # rows padded against bank conflicts
+    C_TILE = (n, BT + 1) if var_C else (1, 1)
+    SHARES = (2 + has_z, CH, BT, SP_COLS)
+    DBC = (var_B + var_C, CH, BT, STATES * LANES + 1) if var_B or var_C else (1, 1, 1, 1)
+    XB = (STATES, BT)
+    iC = 1 if var_B else 0  # ∂C's index in the ∂B, ∂C shares
     options = {} if cuda_simulated() else {"fastmath": dtype == np.float32}
     U = np.uint64  # unsigned indices: no negative-index wraparound tests (see the forward)
 
@@ -303,33 +337,41 @@ def _backward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: b
         # n); ckpt: (b, d, ⌈l / BT⌉, n), x entering each tile; seg_h: (b, d, segments, n) and
         # seg_dsum: (b, d, segments): pass 1's ρ at each segment's start and its ΣΔ; per-block
         # partials: dA, dBf, dCf (b, segments, d, n) (fixed B, C); dD, dbias (b, segments, d);
-        # dBp, dCp: (b, ⌈d / CHANNELS⌉, n, l) (input-dependent B, C);
-        # grid (⌈d / CHANNELS⌉, b, segments [- 1 in pass 1])
-        sdt = cuda.shared.array((CHANNELS, BT), dtype)  # Δ_t
-        su = cuda.shared.array((CHANNELS, BT), dtype)  # u_t
-        sdy = cuda.shared.array((CHANNELS, BT), dtype)  # dy_t
-        sz = cuda.shared.array((CHANNELS, BT), dtype)  # z_t
-        sy = cuda.shared.array((CHANNELS, BT), dtype)  # Σ_k C_t x_t (for ∂z)
-        sB = cuda.shared.array((n, BT1), dtype)
-        sC = cuda.shared.array((n, BT1), dtype)
-        sP = cuda.shared.array((2, CHANNELS, BT, SP_COLS), dtype)  # the lanes' shares
-        X = cuda.local.array((STATES, BT), dtype)  # x_t of the tile
-        Ab = cuda.local.array((STATES, BT), dtype)  # Ā_t of the tile
-        dX = cuda.local.array((STATES, BT), dtype)  # dx_t of the tile
+        # dBp, dCp: (b, ⌈d / CH⌉, n, l) (input-dependent B, C);
+        # grid (⌈d / CH⌉, b, segments [- 1 in pass 1])
+        sdt = cuda.shared.array(ROW_TILE, dtype)  # Δ_t
+        sdu = cuda.shared.array(ROW_TILE, dtype)  # Δ_t u_t
+        su = cuda.shared.array(ROW_TILE, dtype)  # u_t
+        sdy = cuda.shared.array(ROW_TILE, dtype)  # dy_t
+        sgz = cuda.shared.array(Z_TILE, dtype)  # ∂z_t / (y_t + D u_t)
+        ssp = cuda.shared.array(SP_TILE, dtype)  # softplus'(delta_t + bias)
+        sB = cuda.shared.array(B_TILE, dtype)
+        sC = cuda.shared.array(C_TILE, dtype)
+        sP = cuda.shared.array(SHARES, dtype)  # the lanes' shares of S1, S2, y
+        sQ = cuda.shared.array(DBC, dtype)  # the channels' shares of ∂B, ∂C
+        X = cuda.local.array(XB, dtype)  # x_t of the tile
+        Ab = cuda.local.array(XB, dtype)  # Ā_t of the tile
         x_in = cuda.local.array(STATES, dtype)  # x entering the tile
+        rX = cuda.local.array(STATES, dtype)  # x entering the next tile, in flight
         rho = cuda.local.array(STATES, dtype)  # ρ entering the tile from its end
         lA = cuda.local.array(STATES, dtype)  # my sums of ∂A, fixed ∂B, ∂C
         lB = cuda.local.array(STATES, dtype)
         lC = cuda.local.array(STATES, dtype)
         lD = cuda.local.array(ROWS, dtype)  # my sums of ∂D, ∂bias
         lbias = cuda.local.array(ROWS, dtype)
+        rdt = cuda.local.array(ROWS, dtype)  # the next tile, in flight
+        ru = cuda.local.array(ROWS, dtype)
+        rg = cuda.local.array(ROWS, dtype)
+        rz = cuda.local.array(ROWS, dtype)
+        rB = cuda.local.array(BC_LOADS, dtype)
+        rC = cuda.local.array(BC_LOADS, dtype)
         batch, d, l = u.shape
         tid = cuda.threadIdx.x
         lane, gi = tid % LANES, tid // LANES  # my lane, my channel in the block
         blk, bi = cuda.blockIdx.x, cuda.blockIdx.y
         seg = cuda.blockIdx.z + 1 if first_pass else cuda.blockIdx.z
         segments = seg_dsum.shape[2]
-        c0 = blk * CHANNELS
+        c0 = blk * CH
         di = c0 + gi
         mine = di < d  # spare channels of the last block compute copies of channel d - 1
         dc = min(di, d - 1)
@@ -348,34 +390,73 @@ def _backward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: b
             lD[q], lbias[q] = zero, zero
         dsum = zero
         t_last = t_start + ((t_end - 1 - t_start) // BT) * BT
-        for t0 in range(t_last, t_start - 1, -BT):
-            # 1. stage the tile
-            for q in range(ROWS):
-                e = tid + q * BLOCK
-                if e < CHANNELS * BT:
-                    gq, j = e // BT, e % BT
-                    cq, t = min(c0 + gq, d - 1), t0 + e % BT
-                    dt, uu, dy, zt = zero, zero, zero, zero
-                    if t < l:
-                        dt = delta[U(bi), U(cq), U(t)] + bias[U(cq)]
-                        if softplus and dt <= SOFTPLUS_THRESHOLD:
-                            dt = math.log1p(math.exp(dt))
-                        uu = u[U(bi), U(cq), U(t)]
-                        dy = g[U(bi), U(cq), U(t)]
+        for t0 in range(t_last + BT, t_start - 1, -BT):  # the first t0 only issues loads
+            if t0 <= t_last:  # 1. the tile in flight into shared memory
+                for q in range(ROWS):
+                    e = tid + q * NT
+                    if e < CH * BT:
+                        gq, j = e // BT, e % BT
+                        dt, uu, dy, sp, gz = zero, zero, zero, one, zero
+                        if t0 + j < l:  # past the end: Δ = 0 (the identity map), dy = 0
+                            dt, uu, dy = rdt[q], ru[q], rg[q]
+                            if softplus and dt <= SOFTPLUS_THRESHOLD:
+                                ex = math.exp(dt)
+                                dt, sp = math.log1p(ex), ex / (one + ex)
+                            if has_z:
+                                zt = rz[q]
+                                sg = one / (one + math.exp(-zt))
+                                gz = dy * sg * (one + zt * (one - sg))
+                                dy *= zt * sg
+                        sdt[U(gq), U(j)], sdu[U(gq), U(j)] = dt, dt * uu
+                        su[U(gq), U(j)], sdy[U(gq), U(j)] = uu, dy
                         if has_z:
-                            zt = z[U(bi), U(cq), U(t)]
-                            dy *= zt / (one + math.exp(-zt))
-                    sdt[U(gq), U(j)], su[U(gq), U(j)], sdy[U(gq), U(j)] = dt, uu, dy
-                    sz[U(gq), U(j)] = zt
-            for q in range(BC_LOADS):
-                e = tid + q * BLOCK
-                if e < n * BT:
-                    t = min(t0 + e % BT, l - 1)
-                    if var_B and not first_pass:
-                        sB[U(e // BT), U(e % BT)] = B[U(bi), U(e // BT), U(t)]
-                    if var_C:
-                        sC[U(e // BT), U(e % BT)] = C[U(bi), U(e // BT), U(t)]
-            cuda.syncthreads()
+                            sgz[U(gq), U(j)] = gz
+                        if softplus:
+                            ssp[U(gq), U(j)] = sp
+                for m in range(STATES):
+                    x_in[m] = rX[m]
+                for q in range(BC_LOADS):
+                    e = tid + q * NT
+                    if e < n * BT:
+                        if not PREFETCH_BC:
+                            t = min(t0 + e % BT, l - 1)
+                            if var_B and not first_pass:
+                                rB[q] = B[U(bi), U(e // BT), U(t)]
+                            if var_C:
+                                rC[q] = C[U(bi), U(e // BT), U(t)]
+                        if var_B and not first_pass:
+                            sB[U(e // BT), U(e % BT)] = rB[q]
+                        if var_C:
+                            sC[U(e // BT), U(e % BT)] = rC[q]
+                cuda.syncthreads()
+            t1 = t0 - BT  # 2. issue the loads of the next tile (and its checkpoint)
+            if t1 >= t_start:
+                for q in range(ROWS):
+                    e = tid + q * NT
+                    if e < CH * BT:
+                        cq, t = min(c0 + e // BT, d - 1), min(t1 + e % BT, l - 1)
+                        rdt[q] = delta[U(bi), U(cq), U(t)] + bias[U(cq)]
+                        ru[q] = u[U(bi), U(cq), U(t)]
+                        rg[q] = g[U(bi), U(cq), U(t)]
+                        if has_z:
+                            rz[q] = z[U(bi), U(cq), U(t)]
+                        if c0 + e // BT >= d:  # a spare channel: u = dy = 0, so its ∂B, ∂C
+                            ru[q], rg[q] = zero, zero  # shares (summed over channels) are 0
+                for q in range(BC_LOADS if PREFETCH_BC else 0):
+                    e = tid + q * NT
+                    if e < n * BT:
+                        t = min(t1 + e % BT, l - 1)
+                        if var_B and not first_pass:
+                            rB[q] = B[U(bi), U(e // BT), U(t)]
+                        if var_C:
+                            rC[q] = C[U(bi), U(e // BT), U(t)]
+                if not first_pass:
+                    for m in range(STATES):
+                        k = lane + m * LANES
+                        if k < n:
+                            rX[m] = ckpt[U(bi), U(dc), U(t1 // BT), U(k)]
+            if t0 > t_last:
+                continue
             if first_pass:  # ρ only, and ΣΔ
                 for m in range(STATES):
                     k = lane + m * LANES
@@ -392,131 +473,97 @@ def _backward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: b
                         dsum += sdt[U(gi), U(j)]
                 cuda.syncthreads()
                 continue
-            # 2. recompute the tile's states from its checkpoint
-            for m in range(STATES):
+            for m in range(STATES):  # 2-3. recompute the tile's states, then walk it back
                 k = lane + m * LANES
                 if k < n:
-                    Ak = A[U(dc), U(k)]
+                    Ak, r0, xk = A[U(dc), U(k)], rho[m], x_in[m]
                     Bk = zero if var_B else B[U(dc), U(k), 0]
                     Ck = zero if var_C else C[U(dc), U(k), 0]
-                    xk = ckpt[U(bi), U(dc), U(t0 // BT), U(k)]
-                    x_in[m] = xk
                     for j in range(BT):
                         a = one  # Ā_0 multiplies x_{-1} = 0 (and e^{Δ_0 A} may be inf)
-                        if t0 + j > 0:
+                        if j > 0 or t0 > 0:
                             a = math.exp(sdt[U(gi), U(j)] * Ak)
-                        xk = a * xk + sdt[U(gi), U(j)] * su[U(gi), U(j)] * (
-                            sB[U(k), U(j)] if var_B else Bk)
+                        xk = a * xk + sdu[U(gi), U(j)] * (sB[U(k), U(j)] if var_B else Bk)
                         X[m, j], Ab[m, j] = xk, a
-                        if has_z:
-                            p = (sC[U(k), U(j)] if var_C else Ck) * xk
-                            if m == 0:
-                                sP[0, U(gi), U(j), U(lane)] = p
-                            else:
-                                sP[0, U(gi), U(j), U(lane)] += p
-                elif m == 0 and has_z:
-                    for j in range(BT):
-                        sP[0, U(gi), U(j), U(lane)] = zero
-            if has_z:
-                cuda.syncthreads()
-                for q in range(ROWS):
-                    e = tid + q * BLOCK
-                    if e < CHANNELS * BT:
-                        gq, j = e // BT, e % BT
-                        y = zero
-                        for r in range(LANES):
-                            y += sP[0, U(gq), U(j), U(r)]
-                        sy[U(gq), U(j)] = y
-                cuda.syncthreads()
-            # 3. the reversed recurrence
-            for m in range(STATES):
-                k = lane + m * LANES
-                if k < n:
                     # [core] selective_scan_cuda_backward
-                    Ak, r0 = A[U(dc), U(k)], rho[m]
-                    Bk = zero if var_B else B[U(dc), U(k), 0]
-                    Ck = zero if var_C else C[U(dc), U(k), 0]
                     for jj in range(BT):  # from the tile's end: dx_t = C_t dy_t + ρ_t
                         j = BT - 1 - jj
-                        dt, dy = sdt[U(gi), U(j)], sdy[U(gi), U(j)]
-                        dx = (sC[U(k), U(j)] if var_C else Ck) * dy + r0
+                        dy, Ct = sdy[U(gi), U(j)], sC[U(k), U(j)] if var_C else Ck
+                        dx = Ct * dy + r0
                         x_prev = X[m, j - 1] if j > 0 else x_in[m]
                         dAbar = dx * x_prev * Ab[m, j]  # ∂L/∂Ā_t · Ā_t
-                        lA[m] += dAbar * dt
-                        Bt = sB[U(k), U(j)] if var_B else Bk
-                        s1, s2 = dx * Bt, dAbar * Ak  # shares of S1_t, S2_t
+                        lA[m] += dAbar * sdt[U(gi), U(j)]
+                        s1 = dx * (sB[U(k), U(j)] if var_B else Bk)  # my share of S1_t
+                        s2, dBk = dAbar * Ak, dx * sdu[U(gi), U(j)]  # of S2_t; ∂B_t[k]
                         if m == 0:
                             sP[0, U(gi), U(j), U(lane)] = s1
                             sP[1, U(gi), U(j), U(lane)] = s2
                         else:
                             sP[0, U(gi), U(j), U(lane)] += s1
                             sP[1, U(gi), U(j), U(lane)] += s2
-                        if not var_B:
-                            lB[m] += dx * dt * su[U(gi), U(j)]
-                        if not var_C:
+                        if has_z:  # my share of y_t = Σ_k C_t x_t, for ∂z_t
+                            if m == 0:
+                                sP[2, U(gi), U(j), U(lane)] = Ct * X[m, j]
+                            else:
+                                sP[2, U(gi), U(j), U(lane)] += Ct * X[m, j]
+                        if var_B:
+                            sQ[0, U(gi), U(j), U(k)] = dBk
+                        else:
+                            lB[m] += dBk
+                        if var_C:
+                            sQ[iC, U(gi), U(j), U(k)] = dy * X[m, j]
+                        else:
                             lC[m] += dy * X[m, j]
-                        dX[m, j] = dx
                         r0 = Ab[m, j] * dx  # ρ_{t-1} = Ā_t dx_t
                     rho[m] = r0
                     # [/core]
-                elif m == 0:
+                elif m == 0:  # no state (n < LANES): zero shares
                     for j in range(BT):
-                        sP[0, U(gi), U(j), U(lane)] = zero
-                        sP[1, U(gi), U(j), U(lane)] = zero
+                        for s in range(SHARES[0]):
+                            sP[s, U(gi), U(j), U(lane)] = zero
             cuda.syncthreads()
             # 4. per (channel, step): the lanes' shares summed
             for q in range(ROWS):
-                e = tid + q * BLOCK
-                if e < CHANNELS * BT:
+                e = tid + q * NT
+                if e < CH * BT:
                     gq, j = e // BT, e % BT
-                    cq, t = c0 + gq, t0 + e % BT
+                    cq, t = c0 + gq, t0 + j
                     if cq < d and t < l:
-                        S1, S2 = zero, zero
+                        S1, S2, y = zero, zero, zero
                         for r in range(LANES):
                             S1 += sP[0, U(gq), U(j), U(r)]
                             S2 += sP[1, U(gq), U(j), U(r)]
+                            if has_z:
+                                y += sP[2, U(gq), U(j), U(r)]
                         dt, uu, dy = sdt[U(gq), U(j)], su[U(gq), U(j)], sdy[U(gq), U(j)]
                         Dc = D[U(cq)]
                         du[U(bi), U(cq), U(t)] = dt * S1 + Dc * dy
                         ddt = S2 + uu * S1
-                        raw = delta[U(bi), U(cq), U(t)] + bias[U(cq)]
-                        if softplus and raw <= SOFTPLUS_THRESHOLD:
-                            ddt *= one / (one + math.exp(-raw))
+                        if softplus:
+                            ddt *= ssp[U(gq), U(j)]
                         ddelta[U(bi), U(cq), U(t)] = ddt
                         lD[q] += dy * uu
                         lbias[q] += ddt
                         if has_z:
-                            zt = sz[U(gq), U(j)]
-                            sg = one / (one + math.exp(-zt))
-                            dz[U(bi), U(cq), U(t)] = g[U(bi), U(cq), U(t)] * (
-                                sy[U(gq), U(j)] + Dc * uu) * sg * (one + zt * (one - sg))
-            cuda.syncthreads()
-            # 5. input-dependent ∂B_t, ∂C_t: summed over the block's channels
+                            dz[U(bi), U(cq), U(t)] = sgz[U(gq), U(j)] * (y + Dc * uu)
+            # ... and per (state, step): the block's channels summed, ∂B_t, ∂C_t
             if var_B or var_C:
-                for m in range(STATES):
-                    k = lane + m * LANES
-                    for j in range(BT):
+                for q in range(COLS):
+                    e = tid + q * NT
+                    kq, j = e // BT, e % BT
+                    t = t0 + j
+                    if e < n * BT and t < l:
                         vb, vc = zero, zero
-                        if mine and k < n:
-                            vb = dX[m, j] * sdt[U(gi), U(j)] * su[U(gi), U(j)]
-                            vc = sdy[U(gi), U(j)] * X[m, j]
-                        sP[0, U(gi), U(j), U(lane)] = vb
-                        sP[1, U(gi), U(j), U(lane)] = vc
-                    cuda.syncthreads()
-                    for q in range(COLS):
-                        e = tid + q * BLOCK
-                        lq, j = e // BT, e % BT
-                        kq, t = lq + m * LANES, t0 + e % BT
-                        if e < LANES * BT and kq < n and t < l:
-                            vb, vc = zero, zero
-                            for r in range(CHANNELS):
-                                vb += sP[0, U(r), U(j), U(lq)]
-                                vc += sP[1, U(r), U(j), U(lq)]
+                        for r in range(CH):
                             if var_B:
-                                dBp[U(bi), U(blk), U(kq), U(t)] = vb
+                                vb += sQ[0, U(r), U(j), U(kq)]
                             if var_C:
-                                dCp[U(bi), U(blk), U(kq), U(t)] = vc
-                    cuda.syncthreads()
+                                vc += sQ[iC, U(r), U(j), U(kq)]
+                        if var_B:
+                            dBp[U(bi), U(blk), U(kq), U(t)] = vb
+                        if var_C:
+                            dCp[U(bi), U(blk), U(kq), U(t)] = vc
+            cuda.syncthreads()
         if first_pass:
             if mine:
                 for m in range(STATES):
@@ -537,12 +584,12 @@ def _backward_kernel(dtype: np.dtype, n: int, var_B: bool, var_C: bool, has_z: b
                     if not var_C:
                         dCf[U(bi), U(seg), U(di), U(k)] = lC[m]
         for q in range(ROWS):  # ∂D, ∂bias: the block's BT shares per channel, summed
-            e = tid + q * BLOCK
-            if e < CHANNELS * BT:
+            e = tid + q * NT
+            if e < CH * BT:
                 sP[0, U(e // BT), U(e % BT), 0] = lD[q]
                 sP[1, U(e // BT), U(e % BT), 0] = lbias[q]
         cuda.syncthreads()
-        if tid < CHANNELS and c0 + tid < d:
+        if tid < CH and c0 + tid < d:
             sD, sbias = zero, zero
             for j in range(BT):
                 sD += sP[0, U(tid), U(j), 0]
@@ -561,7 +608,7 @@ def _fwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags):
     dtype = numpy_dtype(u.dtype)
     out = torch.empty_like(u)
     last = u.new_empty(batch, d, A.shape[1])
-    ckpt = u.new_empty(batch, d, -(-l // _bwd_tile(dtype, A.shape[1])), A.shape[1])
+    ckpt = u.new_empty(batch, d, -(-l // _bwd_plan(dtype, A.shape[1], *flags)[0]), A.shape[1])
     B = B3 if var_B else B2[:, :, None]  # (d, n, 1): one kernel signature for both layouts
     C = C3 if var_C else C2[:, :, None]
     blocks = -(-d // CHANNELS)
@@ -582,9 +629,11 @@ def _bwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags, ckpt, g, dlast):
     n = A.shape[1]
     var_B, var_C = flags[:2]
     dtype = numpy_dtype(u.dtype)
-    du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
-    blocks = -(-d // CHANNELS)
-    seg_len, segments = _segments(l, blocks * batch)
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+    # the same segments as the forward; the backward's block holds CH channels (its plan)
+    seg_len, segments = _segments(l, -(-d // CHANNELS) * batch)
+    first_flags = (False, var_C, flags[2], flags[3])  # pass 1 reads no B
+    blocks = -(-d // _bwd_plan(dtype, n, *flags)[1])
     # per-block partials, summed below in a fixed order (no atomics: deterministic gradients)
     dA, dB2, dC2 = (u.new_empty(batch, segments, d, n) for _ in range(3))
     dD, dbias = u.new_empty(batch, segments, d), u.new_empty(batch, segments, d)
@@ -598,9 +647,11 @@ def _bwd_cuda(u, delta, A, B3, B2, C3, C2, D, z, bias, flags, ckpt, g, dlast):
     args = (u, delta, A, B, C, D, z if flags[2] else u, bias, g, dlast, ckpt, seg_h, seg_dsum,
             seg_len, du, ddelta, dz, dA, dB2, dC2, dBp, dCp, dD, dbias)
     if segments > 1:  # pass 1: each segment but the first, from ρ = 0 at its end
-        first = _backward_kernel(dtype, n, False, var_C, flags[2], flags[3], True)
-        launch(first, (blocks, batch, segments - 1), BLOCK, *args)
-    launch(_backward_kernel(dtype, n, *flags), (blocks, batch, segments), BLOCK, *args)
+        ch = _bwd_plan(dtype, n, *first_flags)[1]
+        launch(_backward_kernel(dtype, n, *first_flags, True), (-(-d // ch), batch, segments - 1),
+               ch * LANES, *args)
+    launch(_backward_kernel(dtype, n, *flags), (blocks, batch, segments),
+           _bwd_plan(dtype, n, *flags)[1] * LANES, *args)
     dB3 = dBp.sum(1) if var_B else B3.new_zeros(B3.shape)
     dC3 = dCp.sum(1) if var_C else C3.new_zeros(C3.shape)
     dB2 = B2.new_zeros(B2.shape) if var_B else dB2.sum((0, 1))
