@@ -210,3 +210,44 @@ def test_merge_scores_of_one_run_with_costs_of_another(tmp_path):
     assert "| s4d | - | - |" in costs.with_suffix(".md").read_text()  # costs only: no size
     with pytest.raises(ValueError, match=r"s4d \(costs\) again"):
         arena.merge([costs, costs], tmp_path / "twice.json")
+
+
+class _Answers(torch.nn.Module):
+    """Logits that put one token on top everywhere."""
+
+    def __init__(self, token):
+        super().__init__()
+        self.token = token
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full(x.shape, self.token),
+                                           tasks.VOCAB_SIZE).float()
+
+
+def test_constant_guesses_finds_a_collapsed_contender_and_only_it():
+    from minimodels.train import evaluate
+
+    scale = replace(TINY, eval_batch=64, depths=(0.0, 0.5, 1.0))
+    word = tasks.WORDS.index("seven")
+    rows = []
+    for length in scale.lengths["needle_in_haystack"]:
+        for setting, batch in arena._evaluations("needle_in_haystack", length, scale).items():
+            acc = round(evaluate(_Answers(word), batch)["accuracy"], 4)
+            assert 0 < acc < 0.5
+            for m, a in (("collapsed", acc), ("noisy", acc), ("single", acc)):
+                rows.append({"task": "needle_in_haystack", "length": length, "contender": m,
+                             "setting": setting, "accuracy": a})
+    rows[-2]["accuracy"] = 0.3333  # one cell that no single answer scores
+    rows = [r for r in rows if r["contender"] != "single"] + [rows[2]]  # "single": one cell
+    assert len([r for r in rows if r["contender"] == "collapsed"]) == 9
+    found = arena.constant_guesses(rows, scale)
+    assert found == {("needle_in_haystack", "collapsed"): word}
+    assert arena.constant_guesses(rows, scale, min_cells=1)[("needle_in_haystack", "single")] \
+        == word
+
+
+def test_scale_of_rebuilds_the_scale_a_results_file_was_measured_at():
+    from dataclasses import asdict
+
+    for scale in (arena.QUICK, arena.FULL, TINY):
+        assert arena.scale_of(json.loads(json.dumps({"scale": asdict(scale)}))) == scale

@@ -19,7 +19,9 @@ Two profiles (tests/conftest.py): "quick" runs in ``make test`` (derandomized: t
 every run); "long" (thousands of cases) runs with ``pytest -m fuzz tests/test_fuzz.py``, and on
 a GPU without NUMBA_ENABLE_CUDASIM for the real kernels. ``HYPOTHESIS_PROFILE`` overrides both.
 A failure prints a script that reproduces it (``Case.reproducer``) and hypothesis'
-``@reproduce_failure`` blob.
+``@reproduce_failure`` blob, after shrinking; with ``FUZZ_LOG=path`` every failing case's
+reproducer is also appended to that file the moment it fails, so a run stopped by a time limit
+while hypothesis shrinks still leaves one.
 """
 
 import importlib
@@ -193,8 +195,13 @@ def check(case: Case):
         event("simulator: math.exp raised OverflowError where a GPU gives inf")
         reject()
     except Exception as err:
-        raise AssertionError(f"{type(err).__name__}: {err}\n\nReproducer (from the repository "
-                             f"root):\n\n{case.reproducer()}") from err
+        message = (f"{type(err).__name__}: {err}\n\nReproducer (from the repository root):\n\n"
+                   f"{case.reproducer()}")
+        log = os.environ.get("FUZZ_LOG")
+        if log:  # written at once: hypothesis prints only after shrinking, which a time limit
+            with open(log, "a") as f:  # may cut short (a long profile on a lent GPU)
+                f.write(f"# {case.op} on {case.backend} in {case.dtype}\n{message}\n\n")
+        raise AssertionError(message) from err
 
 
 def fuzz(op, backend, profile):
@@ -250,6 +257,24 @@ def test_a_failure_prints_a_reproducer_that_reproduces_it(monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])
     with pytest.raises(AssertionError, match="h: error"):
         exec(script, {})  # noqa: S102 -- the reproducer, as a user pastes it
+
+
+def test_fuzz_log_gets_the_reproducer_the_moment_a_case_fails(monkeypatch, tmp_path):
+    import minimodels.kernels.scan as scan
+
+    case = Case(op="linear_scan", backend="cpu", dtype="float32", shape=(2, 3, 4), seed=1,
+                edits=(), layout=(), split=None)
+    log = tmp_path / "fuzz.log"
+    monkeypatch.setenv("FUZZ_LOG", str(log))
+    check(case)
+    assert not log.exists()  # a passing case writes nothing
+    monkeypatch.setitem(scan.IMPLS, "cpu", lambda a, b, h0=None: scan.linear_scan_ref(a, b, h0) + 1)
+    for _ in range(2):
+        with pytest.raises(AssertionError):
+            check(case)
+    text = log.read_text()
+    assert text.count("# linear_scan on cpu in float32") == 2
+    assert text.count(case.reproducer()) == 2
 
 
 def test_compare_judges_non_finite_values_by_position():

@@ -1,6 +1,7 @@
 """Synthetic tasks have the documented shapes and targets; the training loop learns."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -102,3 +103,19 @@ def test_train_with_a_recurrent_model_on_adding_learns_something():
     assert history.evals[-1][1]["loss"] < 0.1  # always answering 1 scores ≈ 0.167
     with pytest.raises(ValueError, match="steps must be >= 1"):
         train(model, _toy, 0)
+
+
+def test_train_raises_when_the_loss_becomes_non_finite():
+    seed_everything(0)
+    model = _Last()
+
+    def poisoned(generator):  # the third batch holds an inf: the loss, then the weights, break
+        batch = _toy(generator=generator)
+        poisoned.calls += 1
+        if poisoned.calls == 3:
+            batch.x[0, -1, 0] = math.inf
+        return batch
+
+    poisoned.calls = 0
+    with pytest.raises(FloatingPointError, match="loss became (nan|inf) at step 3 of 5"):
+        train(model, poisoned, 5, lr=5e-2, progress=False)

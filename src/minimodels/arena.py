@@ -41,9 +41,9 @@ from minimodels.nn import MLP
 from minimodels.plots import fit_slope
 from minimodels.train import evaluate, seed_everything, train
 
-__all__ = ["CONTENDERS", "FULL", "QUICK", "Scale", "costs", "exponents", "load", "make",
-           "mean_accuracy", "merge", "ranking_changes", "results_dir", "run", "save",
-           "summary", "width_for"]
+__all__ = ["CONTENDERS", "FULL", "QUICK", "Scale", "constant_guesses", "costs", "exponents",
+           "load", "make", "mean_accuracy", "merge", "ranking_changes", "results_dir", "run",
+           "save", "scale_of", "summary", "width_for"]
 
 # A contender: LM options. Pure mixers repeat their mixer over ``n_layers``; hybrids give a list
 # (whose length is their depth). Jamba: 1 attention layer per 3 Mamba layers (the paper's 1:7 at
@@ -465,6 +465,44 @@ def load(name: str = "quick") -> dict | None:
     """The committed results of one scale ("quick", "full"), or None when they do not exist."""
     path = results_dir() / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def scale_of(meta: Mapping) -> Scale:
+    """The ``Scale`` a results file was measured at, rebuilt from its ``meta``."""
+    sc = dict(meta["scale"])
+    sc["lengths"] = {t: tuple(v) for t, v in sc["lengths"].items()}
+    for key in ("pairs", "depths", "cost_lengths", "decode_marks", "contenders"):
+        sc[key] = tuple(sc[key])
+    return Scale(**sc)
+
+
+def constant_guesses(scores: list[dict], scale: Scale, *, min_cells: int = 5
+                     ) -> dict[tuple[str, str], int]:
+    """{(task, contender): token} for every contender whose accuracy, in every scored cell of a
+    task (length x setting), is what answering that one token at every scored position scores
+    on the same held-out batches: a collapsed model, which learned what the answers look like
+    but not which one is right. "At chance" can hide this; a noisy model matches no single
+    token in every cell. Accuracies are compared at the 4 decimals the results keep; a task
+    scored in fewer than ``min_cells`` cells is skipped (one cell can match by chance)."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in scores:
+        cells.setdefault((r["task"], r["contender"]), []).append(r)
+    rates: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # share of each token's answers
+    found = {}
+    for (t, m), rows in cells.items():
+        if len(rows) < min_cells:
+            continue
+        match = torch.ones(tasks.VOCAB_SIZE, dtype=torch.bool)
+        for r in rows:
+            if (t, r["length"]) not in rates:
+                rates[t, r["length"]] = {
+                    k: torch.bincount(b.y[b.mask], minlength=tasks.VOCAB_SIZE) / b.mask.sum()
+                    for k, b in _evaluations(t, r["length"], scale).items()}
+            match &= (rates[t, r["length"]][r["setting"]].round(decimals=4)
+                      - r["accuracy"]).abs() < 1e-6
+        if match.sum() == 1:
+            found[t, m] = int(match.nonzero())
+    return found
 
 
 def mean_accuracy(scores: list[dict], task: str, length: int | None = None) -> dict[str, float]:

@@ -9,6 +9,7 @@ the task loss only, so curves compare with dense models.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ def train(
     clipped to norm ``clip`` (None: no clipping). ``eval_batch`` (held out) is scored every
     ``eval_every`` steps and at the end. When the model holds a ``MoE`` the loss minimised is
     task loss + ``aux_weight`` · ``aux_loss(model)``; ``History.loss`` keeps the task loss.
+    A loss that becomes inf or nan is a FloatingPointError, not a silently broken model.
     Returns a ``History``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -113,4 +115,9 @@ def train(
             history.evals.append((i + 1, evaluate(model, eval_batch)))
             bar.set_postfix({k: round(v, 3) for k, v in history.final.items()})
     history.loss = torch.stack(losses).tolist()
+    bad = [i for i, v in enumerate(history.loss) if not math.isfinite(v)]
+    if bad:  # checked once at the end: on a GPU, a check per step would wait at every step
+        raise FloatingPointError(f"the training loss became {history.loss[bad[0]]} at step "
+                                 f"{bad[0] + 1} of {steps}: the model's parameters are garbage "
+                                 "(lower lr, or look for an overflow in a layer)")
     return history
