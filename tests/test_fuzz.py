@@ -9,7 +9,7 @@ linear function of them, and on the op resumed from its state (two calls = one c
 
 - float64: within 1e-9 of the output's scale (plus the ill-conditioning that the float32
   reference reveals, scaled down to float64's epsilon);
-- float32: within 8 times the float32 reference's own error on the same inputs (plus 4 eps of
+- float32: within 8 times the float32 reference's own error on the same inputs (plus 16 eps of
   the scale): the kernel may not be much worse than the definition computed in float32;
 - non-finite values (inf or nan) where, and only where, the truth has them.
 
@@ -42,7 +42,12 @@ CUDA_SHARE = 4 if SIMULATED else 1  # the simulator is slow: a quarter of the ca
 EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 RTOL64 = 1e-9  # float64: error / the output's largest finite magnitude
 REF_FACTOR = 8  # float32: error / the float32 reference's own error
-FLOOR32 = 4 * EPS32  # float32: relative to the output's largest finite magnitude
+# float32: relative to the output's largest finite magnitude. The float32 reference's error is
+# one sample of rounding luck: on a 10-step selective scan it was 0.97 eps where, on the same
+# inputs with u 1e30 times larger, it was 5.6 eps and the kernels 10-12 eps (cpu and cuda alike,
+# 2026-12-05). A 4-eps floor failed the kernels at their usual error whenever the reference was
+# lucky; 16 eps (2e-6) does not, and still catches every defect issue #13 listed (>= 1e-3).
+FLOOR32 = 16 * EPS32
 G_SCALE = 4.0  # the cotangents G are standard normal: |G| rarely exceeds 4
 
 
@@ -275,6 +280,17 @@ def test_fuzz_log_gets_the_reproducer_the_moment_a_case_fails(monkeypatch, tmp_p
     text = log.read_text()
     assert text.count("# linear_scan on cpu in float32") == 2
     assert text.count(case.reproducer()) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lucky_float32_reference_does_not_fail_a_kernel_at_its_usual_error(backend):
+    # the long profile's case (2026-12-05): the float32 ref erred 0.97 eps, the kernels 9-12 eps
+    case = Case(op="selective_scan", backend=backend, dtype="float32", shape=(1, 1, 1, 10), seed=0,
+                example=(("var_B", False), ("var_C", False)),
+                edits=("delta = delta * 1e-30", "u = u * 1e-30", "B = B * 60.0", "D = None",
+                       "z = None", "delta_bias = None"),
+                kwargs=(("delta_softplus", True), ("return_last_state", False)))
+    check(case)
 
 
 def test_compare_judges_non_finite_values_by_position():

@@ -4,13 +4,16 @@ of a ZOH-discretised system), long-L accuracy of the power recurrence, the backw
 against finite differences (gradcheck) and autograd of the reference, the edge cases of issue
 #13 (tiny |A|, conjugate views, negative dt), example_inputs, and bad input."""
 
+import cmath
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import ALL, KERNELS, device_for
+from helpers import ALL, CUDA, KERNELS, device_for
 
+from minimodels.backend import cuda_simulated
 from minimodels.kernels.ssm_kernel import example_inputs, s4d_kernel, s4d_kernel_ref
 from minimodels.models.ssm import discretize, s4d_inv, s4d_lin, ssm_kernel
 
@@ -284,3 +287,22 @@ def test_bad_input_names_the_argument():
     for L in (0, 2.5, True):
         with pytest.raises(ValueError, match="L must be"):
             s4d_kernel(A, C, dt, L)
+
+
+@pytest.mark.parametrize("backend", ["ref", "cpu", CUDA])
+def test_a_growing_kernel_is_finite_until_its_value_overflows(backend):
+    # Re(Δ·A) > 0 (Δ < 0): e^{Δ·A·l} alone overflows from l = 905, the kernel only after 909
+    # (|2·C·B̄| < 1); the truth from logarithms, Re exp(log w + Δ·A·l), w = 2·C·B̄. Found by the fuzzer.
+    A = torch.tensor([[-30.0 + 0.0j]], dtype=torch.complex128)
+    C = torch.tensor([[0.2774 - 0.1581j]], dtype=torch.complex128)
+    dt = torch.tensor([-0.02615], dtype=torch.float64)
+    z = complex(dt[0] * A[0, 0])
+    w = 2 * complex(C[0, 0]) * (cmath.exp(z) - 1) / complex(A[0, 0])
+    assert math.ceil(math.log(sys.float_info.max) / z.real) == 905
+    if backend == "cuda" and cuda_simulated():
+        pytest.skip("the simulator's math.exp raises OverflowError where a GPU gives inf")
+    K = s4d_kernel(A, C, dt, 1000, backend=backend)[0]
+    for l in (900, 905, 909):
+        want = cmath.exp(cmath.log(w) + z * l).real
+        assert abs(K[l].item() - want) <= 1e-12 * abs(want), (l, K[l].item(), want)
+    assert torch.isinf(K[910:]).all() and (K[910:] < 0).all()
