@@ -69,6 +69,12 @@ KNOWN_ISSUES = [
      lambda case, a, kw: case.op == "s4d_kernel" and case.backend == "cuda"
      and case.dtype == "float32" and bool((a["dt"].detach().double()[:, None]
                                            * a["A"].detach().real.double() > 0).any())),
+    ("#13 follow-up, s4d_kernel cpu/cuda: a growing kernel that overflows gets NaN instead of "
+     "±inf at an exact re-anchor (l0 = BLOCK·REANCHOR = 1024 on cpu): e·sin(0) with e = inf. "
+     "Fix: ((w·phasor)·h)·h with h = exp(Re(Δ·A)·l0/2), as s4d_kernel_ref does",
+     lambda case, a, kw: case.op == "s4d_kernel" and case.backend != "ref" and a["L"] > 1024
+     and bool((a["dt"].detach().double()[:, None] * a["A"].detach().real.double() * a["L"]
+               > 709).any())),
 ]
 
 

@@ -301,6 +301,8 @@ def test_a_growing_kernel_is_finite_until_its_value_overflows(backend):
     assert math.ceil(math.log(sys.float_info.max) / z.real) == 905
     if backend == "cuda" and cuda_simulated():
         pytest.skip("the simulator's math.exp raises OverflowError where a GPU gives inf")
+    # L = 1000 stops before the cpu kernel's re-anchor at 1024, where it gives NaN for -inf (a
+    # known issue, tests/test_fuzz.py KNOWN_ISSUES)
     K = s4d_kernel(A, C, dt, 1000, backend=backend)[0]
     for l in (900, 905, 909):
         want = cmath.exp(cmath.log(w) + z * l).real
