@@ -46,7 +46,8 @@ REF_FACTOR = 8  # float32: error / the float32 reference's own error
 # one sample of rounding luck: on a 10-step selective scan it was 0.97 eps where, on the same
 # inputs with u 1e30 times larger, it was 5.6 eps and the kernels 10-12 eps (cpu and cuda alike,
 # 2026-12-05). A 4-eps floor failed the kernels at their usual error whenever the reference was
-# lucky; 16 eps (2e-6) does not, and still catches every defect issue #13 listed (>= 1e-3).
+# lucky; 16 eps (1.9e-6 of the scale) does not. Defects of a few eps have their own tests
+# (test_wkv.py's float32 dw of issue #13), not this floor.
 FLOOR32 = 16 * EPS32
 G_SCALE = 4.0  # the cotangents G are standard normal: |G| rarely exceeds 4
 
@@ -69,9 +70,10 @@ KNOWN_ISSUES = [
      lambda case, a, kw: case.op == "s4d_kernel" and case.backend == "cuda"
      and case.dtype == "float32" and bool((a["dt"].detach().double()[:, None]
                                            * a["A"].detach().real.double() > 0).any())),
-    ("#13 follow-up, s4d_kernel cpu/cuda: a growing kernel that overflows gets NaN instead of "
-     "±inf at an exact re-anchor (l0 = BLOCK·REANCHOR = 1024 on cpu): e·sin(0) with e = inf. "
-     "Fix: ((w·phasor)·h)·h with h = exp(Re(Δ·A)·l0/2), as s4d_kernel_ref does",
+    ("#13 follow-up, s4d_kernel cpu: a growing kernel that overflows gets NaN instead of ±inf "
+     "at an exact re-anchor (l0 = BLOCK·REANCHOR = 1024): e·sin(0) with e = inf. Fix: "
+     "((w·phasor)·h)·h with h = exp(Re(Δ·A)·l0/2), halving the exponent as s4d_kernel_ref "
+     "does. The cuda kernel forms its anchors the same way (not yet seen failing): both skipped",
      lambda case, a, kw: case.op == "s4d_kernel" and case.backend != "ref" and a["L"] > 1024
      and bool((a["dt"].detach().double()[:, None] * a["A"].detach().real.double() * a["L"]
                > 709).any())),
