@@ -216,7 +216,7 @@ def scan_cases(draw, backend):
         l = draw(lengths(70, [], lo=0))
     a_mode = draw(st.sampled_from(["decay", "decay", "one", "grow", "signed", "zero"]))
     edits = {"decay": [], "one": ["a = torch.ones_like(a)"], "grow": ["a = a * 2.0"],
-             "signed": ["a = a * (1 - 2 * (torch.arange(a.shape[-1]) % 2))"],
+             "signed": ["a = a * (1 - 2 * (torch.arange(a.shape[-1], device=a.device) % 2))"],
              "zero": ["a = torch.zeros_like(a)"]}[a_mode]
     edits += _scaled(draw, ["b", "h0"])
     if draw(st.booleans()):

@@ -251,3 +251,51 @@ def test_scale_of_rebuilds_the_scale_a_results_file_was_measured_at():
 
     for scale in (arena.QUICK, arena.FULL, TINY):
         assert arena.scale_of(json.loads(json.dumps({"scale": asdict(scale)}))) == scale
+
+
+def test_length_probe_trains_on_each_length_alone_and_on_all_and_keeps_loss_per_length():
+    from minimodels.train import train
+
+    scale = replace(TINY, budget={**TINY.budget, "needle_in_haystack": 12})
+    found = arena.length_probe(["attention"], (32, 64), scale=scale, every=5)
+    max_len = max(max(v) for v in scale.lengths.values())  # the whole scale's model
+    d = arena.width_for("attention", scale.params, n_layers=scale.n_layers, max_len=max_len)
+    trainings = [[32], [64], [32, 64]]
+    assert sorted({tuple(r["trained_on"]) for r in found["scores"]}) == sorted(map(tuple, trainings))
+    for r in found["scores"]:
+        assert r["length"] in r["trained_on"] and r["d_model"] == d and r["steps"] == 12
+    assert len([r for r in found["scores"] if r["trained_on"] == [32]]) == len(scale.depths)
+    # the curves against one training replayed here: its losses and the length of each batch
+    for on in trainings:
+        lengths_drawn = []
+        batch_fn = arena._batches("needle_in_haystack", on, scale)
+
+        def recorded(generator, batch_fn=batch_fn, lengths_drawn=lengths_drawn):
+            batch = batch_fn(generator=generator)
+            lengths_drawn.append(batch.x.shape[1])
+            return batch
+
+        arena.seed_everything(0)
+        model = arena.make("attention", d, n_layers=scale.n_layers, max_len=max_len)
+        losses = train(model, recorded, 12, lr=scale.lr, seed=0, progress=False).loss
+        for n in on:
+            curve = [(r["step"], r["loss"]) for r in found["curves"]
+                     if r["trained_on"] == on and r["length"] == n]
+            want = []
+            for start in (0, 5, 10):
+                w = [x for x, m in zip(losses[start:start + 5], lengths_drawn[start:start + 5],
+                                       strict=True) if m == n]
+                if w:
+                    want.append((min(start + 5, 12), round(sum(w) / len(w), 4)))
+            assert [s for s, _ in curve] == [s for s, _ in want], (on, n)
+            assert [x for _, x in curve] == pytest.approx([x for _, x in want], abs=2e-4)
+        if len(on) > 1:
+            assert set(lengths_drawn) == set(on)  # both lengths were drawn
+
+
+def test_length_probe_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown contender"):
+        arena.length_probe(["transformer"], (32,), scale=TINY)
+    for lengths in ((), (0,), (32.0,)):
+        with pytest.raises(ValueError, match="lengths must be"):
+            arena.length_probe(["attention"], lengths, scale=TINY)

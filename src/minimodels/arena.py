@@ -13,7 +13,9 @@ its width chosen so that its parameter count is as close as possible to a common
 ``budget`` steps on fresh seeded batches and scores it on held-out batches; ``costs`` times a
 forward pass and decoding, and counts memory and state, against the sequence length. Rows are
 plain dicts, saved as JSON under ``results/arena/`` by ``python -m minimodels.arena --quick``
-(2-core CPU, minutes) or ``--full`` (a GPU, the CUDA kernels, larger everything).
+(2-core CPU, minutes) or ``--full`` (a GPU, the CUDA kernels, larger everything);
+``length_probe`` (``--probe``) trains a contender on each length alone and on all of them, to
+tell a length it cannot learn from one that spoils another.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from minimodels.nn import MLP
 from minimodels.plots import fit_slope
 from minimodels.train import evaluate, seed_everything, train
 
-__all__ = ["CONTENDERS", "FULL", "QUICK", "Scale", "constant_guesses", "costs", "exponents",
-           "load", "make", "mean_accuracy", "merge", "ranking_changes", "results_dir", "run",
-           "save", "scale_of", "summary", "width_for"]
+__all__ = ["CONTENDERS", "FULL", "PROBE", "QUICK", "Scale", "constant_guesses", "costs",
+           "exponents", "length_probe", "load", "make", "mean_accuracy", "merge",
+           "ranking_changes", "results_dir", "run", "save", "scale_of", "summary", "width_for"]
 
 # A contender: LM options. Pure mixers repeat their mixer over ``n_layers``; hybrids give a list
 # (whose length is their depth). Jamba: 1 attention layer per 3 Mamba layers (the paper's 1:7 at
@@ -310,16 +312,18 @@ def _job(t: str, m: str, d_model: int, lengths: Sequence[int], steps: int, max_l
     """Train contender m on task t, then score it at every length (on a CPU, on one thread:
     these models are tiny, and two threads wait for each other at every op)."""
     with lab.single_thread() if scale.device == "cpu" else contextlib.nullcontext():
-        return _train_and_score(t, m, d_model, lengths, steps, max_len, scale, seed)
+        return _train_and_score(t, m, d_model, lengths, steps, max_len, scale, seed)[0]
 
 
-def _train_and_score(t, m, d_model, lengths, steps, max_len, scale, seed) -> list[dict]:
+def _train_and_score(t, m, d_model, lengths, steps, max_len, scale, seed, batch_fn=None):
+    """-> (score rows, training History); ``batch_fn`` defaults to ``_batches``."""
     rows = []
     seed_everything(seed)
     model = make(m, d_model, n_layers=scale.n_layers, max_len=max_len).to(scale.device)
     counts = parameter_counts(model)
     start = time.perf_counter()
-    train(model, _batches(t, lengths, scale), steps, lr=scale.lr, seed=seed, progress=False)
+    history = train(model, batch_fn or _batches(t, lengths, scale), steps, lr=scale.lr,
+                    seed=seed, progress=False)
     seconds = time.perf_counter() - start
     for length in lengths:
         for setting, batch in _evaluations(t, length, scale).items():
@@ -327,7 +331,7 @@ def _train_and_score(t, m, d_model, lengths, steps, max_len, scale, seed) -> lis
             rows.append({"task": t, "length": length, "contender": m, "setting": setting,
                          "accuracy": round(acc, 4), "d_model": d_model, **counts,
                          "steps": steps, "seconds": round(seconds, 1)})
-    return rows
+    return rows, history
 
 
 @torch.no_grad()
@@ -340,6 +344,70 @@ def _state_sizes(model: LM, marks: Sequence[int]) -> dict[int, int]:
         if t + 1 in marks:
             sizes[t + 1] = state_numel(state)
     return sizes
+
+
+# =============================================================================================
+# A length probe: can a contender learn a task at each length, alone and mixed?
+# =============================================================================================
+
+# The full needle's contenders at the full width, learning rate and steps, on a CPU at batch 16:
+# chapter 10 asks why Hyena answers one fixed word at every length of the full scale.
+PROBE = replace(FULL, name="probe", batch=16, device="cpu", contenders=("hyena", "attention"))
+
+
+def length_probe(contenders: Iterable[str], lengths: Sequence[int], *, scale: Scale = PROBE,
+                 task: str = "needle_in_haystack", every: int = 25, seed: int = 0,
+                 workers: int = 1) -> dict[str, list[dict]]:
+    """Train each contender on each of ``lengths`` alone and on all of them (a length drawn per
+    batch, as ``run`` does), with the same seed, width, steps and learning rate as ``scale``'s
+    ``task`` and the model size of the whole scale (``max_len``: its longest length), then
+    score it at every length it trained on. Tells "cannot learn the task at this length" from
+    "one length spoils another". -> {"scores": rows of ``run`` plus "trained_on" (a list),
+    "curves": rows {contender, trained_on, length, step, loss}: the training loss at each
+    length, averaged over the batches of that length in each window of ``every`` steps}."""
+    contenders, lengths = list(contenders), tuple(lengths)
+    for m in contenders:
+        if m not in CONTENDERS:
+            raise ValueError(f"unknown contender {m!r}: expected one of {', '.join(CONTENDERS)}")
+    if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be positive ints, got {lengths!r}")
+    max_len = max(max(v) for v in scale.lengths.values())
+    trainings = [(n,) for n in lengths] + ([lengths] if len(lengths) > 1 else [])
+    jobs = [(task, m, width_for(m, scale.params, n_layers=scale.n_layers, max_len=max_len), on,
+             scale.budget[task], max_len, scale, seed, every)
+            for m in contenders for on in trainings]
+    if workers == 1:
+        parts = [_probe_job(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_probe_job, *zip(*jobs, strict=True)))
+    return {"scores": [r for scores, _ in parts for r in scores],
+            "curves": [r for _, curves in parts for r in curves]}
+
+
+def _probe_job(t, m, d_model, on, steps, max_len, scale, seed, every):
+    with lab.single_thread() if scale.device == "cpu" else contextlib.nullcontext():
+        drawn: list[int] = []  # the length of each training batch, in order
+        batch_fn = _batches(t, on, scale)
+
+        def recorded(generator):
+            batch = batch_fn(generator=generator)
+            drawn.append(batch.x.shape[1])
+            return batch
+
+        rows, history = _train_and_score(t, m, d_model, on, steps, max_len, scale, seed,
+                                         batch_fn=recorded)
+    curves = []
+    for length in on:
+        for start in range(0, steps, every):
+            window = [loss for loss, n in zip(history.loss[start:start + every],
+                                              drawn[start:start + every], strict=True)
+                      if n == length]
+            if window:
+                curves.append({"contender": m, "trained_on": list(on), "length": length,
+                               "step": min(start + every, steps),
+                               "loss": round(sum(window) / len(window), 4)})
+    return [{**r, "trained_on": list(on)} for r in rows], curves
 
 
 # =============================================================================================
@@ -419,13 +487,16 @@ def results_dir() -> Path:
 def save(scale: Scale, scores: list[dict], cost_rows: list[dict], seconds: float,
          path: Path | None = None) -> Path:
     path = path or results_dir() / f"{scale.name}.json"
-    meta = {"scale": asdict(scale),
+    return _write(path, _meta(scale, seconds), scores, cost_rows)
+
+
+def _meta(scale: Scale, seconds: float) -> dict:
+    return {"scale": asdict(scale),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                        f"{platform.processor() or platform.system()}",
             "device": (torch.cuda.get_device_name() if scale.device == "cuda" else "cpu"),
             "date": time.strftime("%Y-%m-%d"), "seconds": round(seconds),
             "torch": torch.__version__}
-    return _write(path, meta, scores, cost_rows)
 
 
 def _write(path: Path, meta: dict, scores: list[dict], cost_rows: list[dict]) -> Path:
@@ -590,6 +661,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--full", action="store_true", help="a CUDA GPU, larger everything")
     which.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                        help="join results files of split runs into --out")
+    which.add_argument("--probe", nargs="+", choices=list(CONTENDERS), metavar="CONTENDER",
+                       help="the full needle's model on a CPU, trained on each of --lengths "
+                            "alone and on all of them (results/arena/probe.json; minutes)")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[128, 512],
+                        help="--probe's training lengths (default 128 512)")
     parser.add_argument("--contenders", nargs="+", default=None, choices=list(CONTENDERS))
     parser.add_argument("--tasks", nargs="+", default=None, choices=list(tasks.TASKS))
     parser.add_argument("--budget", type=int, default=None, help="training steps per model")
@@ -604,6 +680,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out is None:
             parser.error("--merge needs --out (the joined file)")
         print(f"wrote {merge(args.merge, args.out)}")
+        return 0
+    if args.probe:
+        start = time.perf_counter()
+        out = args.out or results_dir() / "probe.json"
+        found = length_probe(args.probe, args.lengths, workers=args.workers or 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": _meta(PROBE, time.perf_counter() - start), **found},
+                                  indent=1))
+        print(f"wrote {out}")
         return 0
     scale = QUICK if args.quick else FULL
     if scale.device == "cuda" and not torch.cuda.is_available():
