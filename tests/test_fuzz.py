@@ -70,13 +70,6 @@ KNOWN_ISSUES = [
      lambda case, a, kw: case.op == "s4d_kernel" and case.backend == "cuda"
      and case.dtype == "float32" and bool((a["dt"].detach().double()[:, None]
                                            * a["A"].detach().real.double() > 0).any())),
-    ("#13 follow-up, s4d_kernel cpu: a growing kernel that overflows gets NaN instead of ±inf "
-     "at an exact re-anchor (l0 = BLOCK·REANCHOR = 1024): e·sin(0) with e = inf. Fix: "
-     "((w·phasor)·h)·h with h = exp(Re(Δ·A)·l0/2), halving the exponent as s4d_kernel_ref "
-     "does. The cuda kernel forms its anchors the same way (not yet seen failing): both skipped",
-     lambda case, a, kw: case.op == "s4d_kernel" and case.backend != "ref" and a["L"] > 1024
-     and bool((a["dt"].detach().double()[:, None] * a["A"].detach().real.double() * a["L"]
-               > 709).any())),
 ]
 
 

@@ -301,10 +301,29 @@ def test_a_growing_kernel_is_finite_until_its_value_overflows(backend):
     assert math.ceil(math.log(sys.float_info.max) / z.real) == 905
     if backend == "cuda" and cuda_simulated():
         pytest.skip("the simulator's math.exp raises OverflowError where a GPU gives inf")
-    # L = 1000 stops before the cpu kernel's re-anchor at 1024, where it gives NaN for -inf (a
-    # known issue, tests/test_fuzz.py KNOWN_ISSUES)
     K = s4d_kernel(A, C, dt, 1000, backend=backend)[0]
     for l in (900, 905, 909):
         want = cmath.exp(cmath.log(w) + z * l).real
         assert abs(K[l].item() - want) <= 1e-12 * abs(want), (l, K[l].item(), want)
     assert torch.isinf(K[910:]).all() and (K[910:] < 0).all()
+
+
+@pytest.mark.parametrize("backend", ["ref", "cpu", CUDA])
+def test_a_tiny_growing_kernel_stays_finite_across_an_exact_re_anchor(backend):
+    # |w| ~ 1e-300: w·e^{Δ·A·l} is finite up to l ~ 1780 while e^{Δ·A·l} alone overflows from
+    # l = 905. An anchor formed as w·(e^{Δ·A·l}) gave NaN at the cpu kernel's exact re-anchor
+    # (l = 1024; e·sin(0) with e = inf); formed as ((w·e^{i·Im(Δ·A)·l})·h)·h with
+    # h = e^{Re(Δ·A)·l/2}, it is the value. Found by the fuzzer.
+    A = torch.tensor([[-30.0 + 0.0j, -30.0 + 0.5j]], dtype=torch.complex128)
+    C = torch.tensor([[1e-300 * (0.2774 - 0.1581j), 1e-300 * (0.1 + 0.3j)]],
+                     dtype=torch.complex128)
+    dt = torch.tensor([-0.02615], dtype=torch.float64)
+    K = s4d_kernel(A, C, dt, 1300, backend=backend)[0]
+    assert torch.isfinite(K).all()
+    for l in (0, 1, 905, 1023, 1024, 1025, 1100, 1299):
+        want = 0.0
+        for a, c in zip(A[0].tolist(), C[0].tolist(), strict=True):
+            z = complex(dt[0]) * a
+            w = 2 * c * (cmath.exp(z) - 1) / a
+            want += cmath.exp(cmath.log(w) + z * l).real  # the truth from logarithms
+        assert abs(K[l].item() - want) <= 1e-11 * abs(want), (l, K[l].item(), want)

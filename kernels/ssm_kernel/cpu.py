@@ -140,10 +140,11 @@ def _s4d_kernel_loop(A, C, dt, K):
             l0 = b * R
             m = min(R, L - l0)
             for k in range(n):
-                if b % REANCHOR == 0:  # exact: w·exp(Δ·A·l0)
-                    e = math.exp(xr[k] * l0)
-                    cr, ci = e * math.cos(xi[k] * l0), e * math.sin(xi[k] * l0)
-                    vr[k], vi[k] = wr[k] * cr - wi[k] * ci, wr[k] * ci + wi[k] * cr
+                if b % REANCHOR == 0:  # exact: ((w·e^{iIm(Δ·A)·l0})·h)·h, h = e^{Re(Δ·A)·l0/2}
+                    h = math.exp(xr[k] * (0.5 * l0))  # halved: the anchor is finite where
+                    cr, ci = math.cos(xi[k] * l0), math.sin(xi[k] * l0)  # e^{Δ·A·l0} is not
+                    vr[k] = (wr[k] * cr - wi[k] * ci) * h * h
+                    vi[k] = (wr[k] * ci + wi[k] * cr) * h * h
                 ar[k], ai[k] = vr[k], vi[k]
                 vr[k], vi[k] = vr[k] * Zr[k] - vi[k] * Zi[k], vr[k] * Zi[k] + vi[k] * Zr[k]
             for k in range(n):

@@ -101,10 +101,10 @@ def _s4d_cuda_kernel(dtype: np.dtype):
             cuda.syncthreads()
             # [core] s4d_cuda
             for k in range(m):
-                e = math.exp(s_ar[k] * lf)  # the exact anchor w·z^first
-                cr, ci = e * math.cos(s_ai[k] * lf), e * math.sin(s_ai[k] * lf)
-                pr = s_wr[k] * cr - s_wi[k] * ci
-                pi = s_wr[k] * ci + s_wi[k] * cr
+                h = math.exp(s_ar[k] * (half * lf))  # the exact anchor w·z^first as
+                cr, ci = math.cos(s_ai[k] * lf), math.sin(s_ai[k] * lf)  # ((w·phase)·h)·h,
+                pr = (s_wr[k] * cr - s_wi[k] * ci) * h * h  # finite where the value is
+                pi = (s_wr[k] * ci + s_wi[k] * cr) * h * h
                 zr, zi = s_zr[k], s_zi[k]
                 for j in range(ITEMS):  # z^{l + THREADS} = z^l · z^THREADS
                     acc[j] += pr
