@@ -299,3 +299,20 @@ def test_length_probe_rejects_bad_arguments():
     for lengths in ((), (0,), (32.0,)):
         with pytest.raises(ValueError, match="lengths must be"):
             arena.length_probe(["attention"], lengths, scale=TINY)
+
+
+def test_probe_command_writes_its_results_with_the_scale(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(contenders, lengths, *, workers):  # the training itself is tested above
+        seen.update(contenders=contenders, lengths=lengths, workers=workers)
+        return {"scores": [{"contender": "hyena"}], "curves": [{"step": 25}]}
+
+    monkeypatch.setattr(arena, "length_probe", fake)
+    out = tmp_path / "probe.json"
+    assert arena.main(["--probe", "hyena", "--lengths", "32", "64", "--workers", "1",
+                       "--out", str(out)]) == 0
+    assert seen == {"contenders": ["hyena"], "lengths": [32, 64], "workers": 1}
+    data = json.loads(out.read_text())
+    assert arena.scale_of(data["meta"]) == arena.PROBE
+    assert data["scores"] == [{"contender": "hyena"}] and data["curves"] == [{"step": 25}]

@@ -684,7 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.probe:
         start = time.perf_counter()
         out = args.out or results_dir() / "probe.json"
-        found = length_probe(args.probe, args.lengths, workers=args.workers or 1)
+        found = length_probe(args.probe, args.lengths,
+                             workers=args.workers or min(2, os.cpu_count() or 1))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": _meta(PROBE, time.perf_counter() - start), **found},
                                   indent=1))
