@@ -296,6 +296,8 @@ def test_length_probe_trains_on_each_length_alone_and_on_all_and_keeps_loss_per_
 def test_length_probe_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown contender"):
         arena.length_probe(["transformer"], (32,), scale=TINY)
+    with pytest.raises(ValueError, match="workers must be"):
+        arena.length_probe(["attention"], (32,), scale=TINY, workers=0)
     for lengths in ((), (0,), (32.0,)):
         with pytest.raises(ValueError, match="lengths must be"):
             arena.length_probe(["attention"], lengths, scale=TINY)

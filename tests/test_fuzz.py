@@ -89,7 +89,7 @@ KNOWN_ISSUES = [
 
 
 def _logit_bound(a, kw):
-    """max |scale·q·k| over the elements (a bound on the attention logits' size)."""
+    """max|q|·max|k|·|scale|·e: a bound on the size of the attention logits scale·q·kᵀ."""
     e = a["q"].shape[-1]
     scale = kw.get("scale")
     scale = abs(scale) if scale is not None else 1 / math.sqrt(max(e, 1))

@@ -242,11 +242,7 @@ def run(tasks_: Iterable[str], mixers: Iterable[str], lengths: Mapping[str, Sequ
     for t in tasks_:
         if t not in tasks.TASKS:
             raise ValueError(f"unknown task {t!r}: expected one of {', '.join(tasks.TASKS)}")
-    for m in mixers:
-        if m not in CONTENDERS:
-            raise ValueError(f"unknown contender {m!r}: expected one of {', '.join(CONTENDERS)}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    _check_contenders(mixers, workers)
     steps = budget if isinstance(budget, Mapping) else {t: budget for t in tasks_}
     for t in tasks_:
         if not isinstance(steps.get(t), int) or steps[t] < 1:
@@ -286,6 +282,14 @@ def run(tasks_: Iterable[str], mixers: Iterable[str], lengths: Mapping[str, Sequ
                 finished(futures[future], future.result())
     return [{**r, "state": states[r["contender"], r["length"]]} for job in jobs
             for r in done[job[:2]]]
+
+
+def _check_contenders(mixers: Sequence[str], workers: int) -> None:
+    for m in mixers:
+        if m not in CONTENDERS:
+            raise ValueError(f"unknown contender {m!r}: expected one of {', '.join(CONTENDERS)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
 
 
 def _load_checkpoint(path: Path | None, want: Mapping[tuple[str, str], tuple[int, int]]
@@ -366,9 +370,7 @@ def length_probe(contenders: Iterable[str], lengths: Sequence[int], *, scale: Sc
     "curves": rows {contender, trained_on, length, step, loss}: the training loss at each
     length, averaged over the batches of that length in each window of ``every`` steps}."""
     contenders, lengths = list(contenders), tuple(lengths)
-    for m in contenders:
-        if m not in CONTENDERS:
-            raise ValueError(f"unknown contender {m!r}: expected one of {', '.join(CONTENDERS)}")
+    _check_contenders(contenders, workers)
     if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
         raise ValueError(f"lengths must be positive ints, got {lengths!r}")
     max_len = max(max(v) for v in scale.lengths.values())
