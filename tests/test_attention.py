@@ -610,6 +610,34 @@ def test_backward_one_hot_rows_give_exact_zeros_beside_ordinary_rows(bwd_backend
         torch.testing.assert_close(x, y, rtol=tol, atol=tol * max(1.0, y.abs().max().item()))
 
 
+def test_backward_near_one_hot_row_with_large_values_matches_float32_ref(bwd_backend):
+    """The long fuzz's finding (2026-12-05), made by hand: one query, two keys 18.5 apart in
+    logit (P = 1 - 9e-9, 9e-9: ℓ rounds to 1 in float32), |v| = 1000 and dO ⟂ v_ref, so that
+    dP_ref = 0 and the whole D = Σ_j P_j dP_j = 2e-5 is the far key's term. In float32 o rounds
+    to v_ref, so FlashAttention-2's D = dO·o is 0: CUDA's dq and dk were wrong by 100% before
+    the forward flagged the row (ℓ = 1) and ``dfix`` formed its D from the keys (the CPU's
+    exact pass does the same). Every backend now within 4x the float32 reference's own error
+    from the float64 truth (the fuzzer allows 8x)."""
+    q = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
+    k = torch.tensor([[[[20.0, 0.0], [1.5, 0.0]]]], dtype=torch.float64)
+    v = torch.tensor([[[[1000.0, 1000.0], [1000.0, -1000.0]]]], dtype=torch.float64)
+    G = torch.tensor([[[[1.0, -1.0]]]], dtype=torch.float64)
+
+    def grads(backend, dtype):
+        dev = device_for(backend) if backend != "ref" else "cpu"
+        xs = [x.to(dtype=dtype, device=dev).requires_grad_() for x in (q, k, v)]
+        out = attention(*xs, scale=1.0, backend=backend)
+        return [g.double().cpu() for g in torch.autograd.grad(out, xs, G.to(dtype=dtype,
+                                                                            device=dev))]
+
+    truth, ref32 = grads("ref", torch.float64), grads("ref", torch.float32)
+    got = grads(bwd_backend, torch.float32)
+    assert truth[0].abs().max() > 1e-4  # dq = Σ_j dS_j k_j is ~3e-4, all of it from D
+    for name, x, y, y32 in zip("qkv", got, truth, ref32, strict=True):
+        err, err32 = (x - y).abs().max().item(), (y32 - y).abs().max().item()
+        assert err <= 4 * err32, (name, err, err32)
+
+
 def test_backward_large_logits_float32_within_the_fuzzers_tolerance(bwd_backend):
     """The fuzzer's large-logit float32 case (logits ~1e3, a few rows with two competing keys):
     the gradients stay within 8x the float32 reference's own error from the float64 truth (its

@@ -70,15 +70,6 @@ KNOWN_ISSUES = [
      lambda case, a, kw: case.op == "s4d_kernel" and case.backend == "cuda"
      and case.dtype == "float32" and bool((a["dt"].detach().double()[:, None]
                                            * a["A"].detach().real.double() > 0).any())),
-    ("#13 follow-up (2026-12-05, long profile; seen in the simulator, follows from the design "
-     "on a GPU too), attention cuda float32 gradients of a near one-hot row with large |v| (q, "
-     "k x 10, scale 10, v x 1000; seed 604, shape (2, 1, 14, 8, 2)): P = 1 - 2e-8 at its argmax "
-     "key, so o rounds to v there and FlashAttention-2's D = dO.o (round 2) loses the "
-     "2e-8.dO.(v_j - v_argmax) term and carries o's rounding: dK 0.007 and dQ 0.004 off where "
-     "the scale is 302. The cpu kernel, whose exact sum(P.dP) pass covers one-hot tiles, is "
-     "right. Fix: that pass for near one-hot rows on cuda too",
-     lambda case, a, kw: case.op == "attention" and case.backend == "cuda"
-     and case.dtype == "float32" and _logit_bound(a, kw) > 100),
     ("#13 follow-up (2026-12-05, long profile), natten float32 at large logits (q, k x 60): "
      "cpu 8.6x the float32 reference's error at e = 15, cuda (simulator) 12x at e = 3 (the "
      "tolerance is 8x), well inside the softmax's conditioning (eps·|logit|·|v|): the "

@@ -286,7 +286,7 @@ def test_cuda_tiles_forward_and_gradients(backend, tiles, monkeypatch):
     no 16-byte runs), 4 groups per block with one thread column; forward and all three
     gradients against autograd of ref (float64)."""
     if tiles is not None:
-        monkeypatch.setattr(MC, "_tiles", lambda itemsize, kind: tiles)
+        monkeypatch.setattr(MC, "_tiles", lambda itemsize, kind: (tiles, 1))
     ex = example_inputs(ODD, dtype=torch.float64, device=device_for(backend), seed=5)
     g = torch.randn(ODD[0], ODD[4] * ODD[5], dtype=torch.float64,
                     generator=torch.Generator().manual_seed(6)).to(ex.args[0].device)
@@ -306,7 +306,7 @@ def test_cuda_float32_runs_of_four(backend, monkeypatch):
     permutation); 19 tokens, 6 groups and 10 outputs cross every tile edge. Forward and
     gradients against the float64 reference."""
     tiles = {"flat": (1, 4, 4, 4, 4, 4), "grouped": (2, 2, 4, 4, 4, 4)}
-    monkeypatch.setattr(MC, "_tiles", lambda itemsize, kind: tiles[kind])
+    monkeypatch.setattr(MC, "_tiles", lambda itemsize, kind: (tiles[kind], 1))
     shape = (19, 6, 5, 7, 6, 10)
     ex = example_inputs(shape, dtype=torch.float64, device=device_for(backend), seed=7)
     g = torch.randn(19, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(8))

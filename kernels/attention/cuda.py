@@ -80,8 +80,9 @@ def _attention_kernel(dtype: np.dtype, e: int):
     options = {} if cuda_simulated() else {"fastmath": dtype == np.float32}
 
     @cuda.jit(**options)
-    def kernel(q, k, v, out, lse, lq, lk, scale, causal):
-        # q, out: (r·lq·e,) and k, v: (r·lk·e,) flat views of (r, l, e); lse: (r·lq,).
+    def kernel(q, k, v, out, lse, onehot, lq, lk, scale, causal):
+        # q, out: (r·lq·e,) and k, v: (r·lk·e,) flat views of (r, l, e); lse, onehot: (r·lq,)
+        # (onehot = 1 where ℓ = 1 exactly: the backward's ``dfix`` takes those rows).
         # Block (query tile, head r); signed ints for the logic, unsigned (U) for indices.
         sm = cuda.shared.array(SMEM, dtype)
         s = cuda.local.array(S_TILE, dtype)  # S, then P: rows ty + TY·a, keys j0 + tx + TX·b
@@ -216,8 +217,10 @@ def _attention_kernel(dtype: np.dtype, e: int):
                     if txi + TX * c < e:
                         out[q_head + U(i) * uE + tx + U(c * TX)] = acc[a, c] * inv
                 if txi == 0:  # m = ±inf (no finite max): ℓ = 0 or nan, lse = m as ref's
+                    finite = m[a] - m[a] == zero
                     lse[U(cuda.blockIdx.y) * U(lq) + U(i)] = (
-                        m[a] + math.log(total) if m[a] - m[a] == zero else m[a])
+                        m[a] + math.log(total) if finite else m[a])
+                    onehot[U(cuda.blockIdx.y) * U(lq) + U(i)] = 1 if finite and total == one else 0
 
     return kernel, BM, NT
 
@@ -226,12 +229,13 @@ def _fwd_cuda(q, k, v, causal, scale):
     rows, lq, e = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(rows, lq, dtype=q.dtype, device=q.device)
+    onehot = torch.empty(rows, lq, dtype=torch.uint8, device=q.device)
     dtype = numpy_dtype(q.dtype)
     kernel, BM, threads = _attention_kernel(dtype, e)
     grid = ((lq + BM - 1) // BM, rows)
-    flat = (x.view(-1) for x in (q, k, v, out, lse))
+    flat = (x.view(-1) for x in (q, k, v, out, lse, onehot))
     launch(kernel, grid, threads, *flat, lq, k.shape[1], dtype.type(scale), causal)
-    return out, lse
+    return out, lse, onehot
 
 
 # =============================================================================================
@@ -240,9 +244,10 @@ def _fwd_cuda(q, k, v, causal, scale):
 # D_i = dO_i·o_i - dlse_i from the saved output (O(l·e), no pass over the keys), as one chain of
 # FMAs over the head dims in the order dkv forms each dP_ij = dO_i·v_j: where a row's softmax is
 # one-hot (P_ij = 1 at one key, 0 elsewhere) its o_i is v_j to the bit, so dP_ij - D_i = 0 and dS
-# cancels exactly, as ref's. Then BWD_DQ = "atomic" (the default, measured faster) runs
-# ``dkv_atomic`` only (step D below); BWD_DQ = "separate" runs dkv and dq, so that every output
-# has one writer (no atomics):
+# cancels exactly, as ref's. Then ``dfix`` re-forms D from the keys for the rows the forward
+# flagged (ℓ = 1: the other weights round away in ℓ, but not in dS; ``_dfix_kernel``). Then
+# BWD_DQ = "atomic" (the default, measured faster) runs ``dkv_atomic`` only (step D below);
+# BWD_DQ = "separate" runs dkv and dq, so that every output has one writer (no atomics):
 #   - ``dkv``: a block per (key tile J, head r) walks the query tiles I that see J and keeps
 #     dV_J += Pᵀ dO_I and dK_J += dSᵀ Q_I in registers (dk = scale · dK_J at the end);
 #   - ``dq``: a block per (query tile I, head r) walks the key tiles J that I sees and keeps
@@ -322,6 +327,64 @@ def _ddot_kernel(dtype: np.dtype, e: int):
             D[U(i)] = d - dlse[U(i)]
 
     return ddot, NT, NT
+
+
+@functools.cache
+def _dfix_kernel(dtype: np.dtype, e: int):
+    """Compile-once (per dtype and head dim) ``dfix`` kernel; returns (kernel, rows a block owns,
+    threads): D_i of the rows the forward flagged one-hot (ℓ = 1), from the keys.
+
+    There o_i rounds to v_ref (ref = the row's argmax key) although P_i,ref = 1 - δ, δ > 0: D =
+    dO·o then drops Σ_j P_ij (dP_ij - dP_i,ref), the very term dS_i,ref = -P (that sum) is made
+    of (and carries o's rounding, eps·|dO||v|, into dK and dQ). As Σ_j P_ij = 1,
+
+        D_i = Σ_j P_ij dP_ij - dlse_i = dP_i,ref + Σ_j P_ij (dP_ij - dP_i,ref) - dlse_i
+
+    for any key ref: dP_i,ref by ddot's chain of FMAs (dkv's own bits, so that an exactly
+    one-hot row keeps dS = 0 to the bit), the small sum as it stands. A thread per flagged row,
+    two passes over the keys it sees (O(lk·e)); other rows return at once."""
+    NT = 32 if cuda_simulated() else DDOT_THREADS
+    U = np.uint64
+    uE = U(e)
+    zero, neg_inf = dtype.type(0), dtype.type(-np.inf)
+
+    @cuda.jit(device=True)
+    def score(q, k, qrow, krow, scale):
+        s = zero
+        for c in range(e):
+            s += (q[qrow + U(c)] * scale) * k[krow + U(c)]
+        return s
+
+    @cuda.jit(device=True)
+    def dot(do, v, qrow, krow):  # dP_ij = Σ_c dO_ic v_jc: ddot's chain, in its order
+        d = zero
+        for c in range(e):
+            d += do[qrow + U(c)] * v[krow + U(c)]
+        return d
+
+    @cuda.jit
+    def dfix(q, k, v, do, lse, dlse, onehot, D, n, lq, lk, scale, causal):
+        # flat views: q, do (n·e,) of (r, lq, e); k, v (r·lk·e,); lse, dlse, onehot, D (n,)
+        i = cuda.blockIdx.x * NT + cuda.threadIdx.x
+        if i >= n or onehot[U(i)] == 0:
+            return
+        r, qi = i // lq, i % lq
+        seen = min(lk, qi + lk - lq + 1) if causal else lk  # keys j < seen are visible
+        qrow, head = U(i) * uE, U(r) * U(lk) * uE
+        ref, best = 0, neg_inf
+        for j in range(seen):
+            s = score(q, k, qrow, head + U(j) * uE, scale)
+            if s > best:
+                ref, best = j, s
+        dref = dot(do, v, qrow, head + U(ref) * uE)
+        small = zero
+        for j in range(seen):
+            if j != ref:
+                p = math.exp(score(q, k, qrow, head + U(j) * uE, scale) - lse[U(i)])
+                small += p * (dot(do, v, qrow, head + U(j) * uE) - dref)
+        D[U(i)] = (dref + small) - dlse[U(i)]
+
+    return dfix, NT, NT
 
 
 def _bwd_tiles(itemsize: int, e: int, kind: str, shared_bytes: int = SHARED_BYTES) -> dict:
@@ -655,10 +718,11 @@ def _attention_bwd_kernel(dtype: np.dtype, e: int, kind: str):
     return dkv, BR, NT
 
 
-def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale):
-    """As ``cpu._bwd_cpu``: q, out, g_out (r, lq, e); k, v (r, lk, e); lse, g_lse (r, lq);
-    contiguous, lq >= 1 -> dq (r, lq, e), dk, dv (r, lk, e). D by ddot; then dq by the dq
-    kernel, or added by dkv_atomic with atomics when the module's BWD_DQ is "atomic"."""
+def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale, onehot):
+    """As ``cpu._bwd_cpu``: q, out, g_out (r, lq, e); k, v (r, lk, e); lse, g_lse, onehot (the
+    forward's flags) (r, lq); contiguous, lq >= 1 -> dq (r, lq, e), dk, dv (r, lk, e). D by ddot,
+    and by dfix for the one-hot rows; then dq by the dq kernel, or added by dkv_atomic with
+    atomics when the module's BWD_DQ is "atomic"."""
     if BWD_DQ not in ("separate", "atomic"):
         raise ValueError(f"BWD_DQ must be 'separate' or 'atomic', got {BWD_DQ!r}")
     atomic = BWD_DQ == "atomic"
@@ -674,6 +738,9 @@ def _bwd_cuda(q, k, v, out, lse, g_out, g_lse, causal, scale):
     kernel, BR, threads = _attention_bwd_kernel(dtype, e, "ddot")
     launch(kernel, (-(-rows * lq // BR),), threads, g_out, out.reshape(-1), g_lse, D.view(-1),
            rows * lq)
+    kernel, BR, threads = _dfix_kernel(dtype, e)
+    launch(kernel, (-(-rows * lq // BR),), threads, q, k, v, g_out, lse, g_lse, onehot.view(-1),
+           D.view(-1), rows * lq, lq, lk, s, causal)
     kernel, BR, threads = _attention_bwd_kernel(dtype, e, "dkv_atomic" if atomic else "dkv")
     launch(kernel, (-(-lk // BR), rows), threads, q, g_out, lse, D.view(-1), k, v, dk.view(-1),
            dv.view(-1), dq.view(-1), lq, lk, s, causal)

@@ -19,16 +19,17 @@ from minimodels.kernels._common import numpy_dtype
 # Constants
 # =============================================================================================
 
-# (JB, TY, TX, RM, RN, BK) by itemsize and by launch kind, on a GPU; in the simulator small
-# tiles so that tiny tests cross every tile edge (kernel below). "flat": the groups' inputs and
-# outputs are contiguous runs (x -> z, gz -> gx): one group per block, 256 tokens x 64 outputs.
-# "grouped": neighbouring groups are neighbouring numbers in memory (z -> y, g -> gz): 8 groups
-# per block (4 in float64), so that every 32-byte sector is used whole. float32: 256 threads,
-# an 8 x 8 register tile each; "grouped" walks c 4 at a time (at 8 its 24 prefetch registers
-# spill 60 bytes under the 128-register bound). NOT yet measured on a GPU (kernels/BENCHMARKS.md).
-CUDA_TILES = {4: {"flat": (1, 32, 8, 8, 8, 8), "grouped": (8, 4, 8, 8, 8, 4)},
-              8: {"flat": (1, 32, 8, 4, 8, 8), "grouped": (4, 8, 8, 4, 8, 8)}}
-SIMULATOR_TILES = {"flat": (1, 4, 2, 2, 2, 4), "grouped": (2, 2, 2, 2, 2, 4)}
+# ((JB, TY, TX, RM, RN, BK), blocks per SM) by itemsize and by launch kind, on a GPU; in the
+# simulator small tiles so that tiny tests cross every tile edge (kernel below). "flat": the
+# groups' inputs and outputs are contiguous runs (x -> z, gz -> gx): one group per block, 128
+# tokens x 64 outputs. "grouped": neighbouring groups are neighbouring numbers in memory (z -> y,
+# g -> gz): 8 groups per block (4 in float64), so that every 32-byte sector is used whole, and
+# the grid runs groups first, so that the blocks in flight share whole cache lines.
+# float32: an 8 x 8 register tile per thread; "grouped" walks c 4 at a time (at 8 its 24
+# prefetch registers spill). Chosen by a sweep on an H100 (kernels/BENCHMARKS.md, round 3).
+CUDA_TILES = {4: {"flat": ((1, 16, 8, 8, 8, 8), 4), "grouped": ((8, 4, 8, 8, 8, 4), 2)},
+              8: {"flat": ((1, 32, 8, 4, 8, 8), 2), "grouped": ((4, 8, 8, 4, 8, 8), 2)}}
+SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 4), 1)}
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
 
@@ -69,7 +70,7 @@ VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 # =============================================================================================
 
 
-def _tiles(itemsize: int, kind: str) -> tuple[int, ...]:
+def _tiles(itemsize: int, kind: str) -> tuple[tuple[int, ...], int]:
     return SIMULATOR_TILES[kind] if cuda_simulated() else CUDA_TILES[itemsize][kind]
 
 
@@ -83,9 +84,10 @@ def _pad(words: int, itemsize: int, V: int, target: int) -> int:
 
 
 @functools.cache
-def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...]):
-    """Compile-once (per dtype and tiles) batched strided matrix product; returns (kernel, BM,
-    JB, BN, threads)."""
+def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 2,
+                  groups_first: bool = False):
+    """Compile-once (per dtype, tiles and launch bound) batched strided matrix product; returns
+    (kernel, BM, JB, BN, threads)."""
     JB, TY, TX, RM, RN, BK = tiles
     NT, BM, BN = JB * TY * TX, TY * RM, TX * RN
     V = math.gcd(VECTOR_BYTES // dtype.itemsize, RM, RN)  # numbers per 16-byte run
@@ -109,8 +111,8 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...]):
     ACC = (RM, RN)
     U = np.uint64
     zero = dtype.type(0)
-    # at most 128 registers, so that 2 blocks (16 warps) share an SM
-    options = {} if cuda_simulated() else {"launch_bounds": (NT, 2)}
+    # registers bounded so that blocks_per_sm blocks share an SM (2: 16 warps at 256 threads)
+    options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
 
     @cuda.jit(**options)
     def kernel(inp, wt, out, batch, G, O, C, ir, ig, ic, orow, og, oo):
@@ -125,8 +127,15 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...]):
         wn = cuda.local.array(WU, dtype)
         tid = U(cuda.threadIdx.x)
         jj, tx, ty = tid % U(JB), (tid // U(JB)) % U(TX), tid // U(JB * TX)
-        b0, g0, o0 = (U(cuda.blockIdx.x) * U(BM), U(cuda.blockIdx.y) * U(JB),
-                      U(cuda.blockIdx.z) * U(BN))
+        # a 1-D grid: blocks that run at the same time share token rows (groups_first: their
+        # 32-byte runs of neighbouring groups fill whole cache lines) or weights (tokens first)
+        nbt, nbg = (U(batch) + U(BM - 1)) // U(BM), (U(G) + U(JB - 1)) // U(JB)
+        bid = U(cuda.blockIdx.x)
+        if groups_first:
+            gb, tb = bid % nbg, (bid // nbg) % nbt
+        else:
+            tb, gb = bid % nbt, (bid // nbt) % nbg
+        b0, g0, o0 = tb * U(BM), gb * U(JB), bid // (nbt * nbg) * U(BN)
         uB, uG, uO, uC = U(batch), U(G), U(O), U(C)
         interior = b0 + U(BM) <= uB and g0 + U(JB) <= uG and o0 + U(BN) <= uO  # no edge
         uir, uig, uic = U(ir), U(ig), U(ic)
@@ -216,9 +225,10 @@ def _bgemm(inp, wt, out, sizes, in_strides, out_strides):
         return
     # "grouped" when neighbouring groups are neighbouring numbers of the input or the output
     kind = "grouped" if G > 1 and 1 in (in_strides[1], out_strides[1]) else "flat"
-    kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype),
-                                                _tiles(inp.element_size(), kind))
-    grid = (-(-batch // BM), -(-G // JB), -(-O // BN))
+    tiles, blocks_per_sm = _tiles(inp.element_size(), kind)
+    kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype), tiles, blocks_per_sm,
+                                                kind == "grouped")
+    grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
     launch(kernel, grid, threads, inp.view(-1), wt.view(-1), out.view(-1), batch, G, O, C,
            *in_strides, *out_strides)
 

@@ -22,7 +22,7 @@ from minimodels.kernels._common import numpy_dtype
 # QPT vertically adjacent query rows (``_tiles``). In the simulator: small blocks, so that tiny
 # tests cross every tile edge.
 TILE = 4 if cuda_simulated() else 16  # the tile's width: one column of queries per lane
-THREAD_ROWS = 2 if cuda_simulated() else 8
+THREAD_ROWS = 2 if cuda_simulated() else 4
 THREADS = TILE * THREAD_ROWS
 E_CHUNK = 4 if cuda_simulated() else 16  # head dims staged at a time, at most (a power of 2)
 STAGE_ROWS = 2 if cuda_simulated() else 8  # rows of a halo or tile one staging step copies

@@ -23,8 +23,10 @@ from minimodels.bench import (
     Row,
     copy_bandwidth,
     format_table,
+    gpu_time,
     interleaved,
     machine,
+    real_gpu,
     tensor_device,
 )
 from minimodels.kernels import monarch as M
@@ -73,16 +75,22 @@ def run(shape=None, device="cpu", dtype=None) -> str:
         secs = {name: statistics.median(t)
                 for name, t in interleaved(fns, rounds=7, device=dev).items()}
         errs = {name: (fn().double() - truth).abs().max().item() for name, fn in fns.items()}
+        gpu_secs = {name: gpu_time(fn) for name, fn in fns.items()} if real_gpu() and gpu else {}
     flops = 2 * b * (w1.numel() + w2.numel())
     nbytes = (x.numel() + b * l * s) * x.element_size()
     bw = copy_bandwidth(dev)
     floor = nbytes / bw
-    rows = [Row(name, t, f"max err {errs[name]:.1e}") for name, t in secs.items()]
+    rows = [Row(name, t, f"max err {errs[name]:.1e}", gpu_secs.get(name))
+            for name, t in secs.items()]
     ours = secs[ours_name]
-    if gpu:
-        bf16 = secs["torch.bmm formulation, bf16"]
-        verdict = (f"GPU targets: kernel < 1 ms: {ours * 1e3:.3g} ms; kernel faster than bf16 "
-                   f"bmm: bf16 bmm / kernel = {bf16 / ours:.2f} (target > 1)")
+    if gpu:  # judged on the GPU time where there is one (the kernels alone), else the wall
+        t = gpu_secs or secs
+        ours, bf16 = t[ours_name], t["torch.bmm formulation, bf16"]
+        kind = "GPU time" if gpu_secs else "wall"
+        verdict = (f"GPU targets, by {kind}: kernel < 1 ms: {ours * 1e3:.3g} ms "
+                   f"({'met' if ours < 1e-3 else 'missed'}); kernel faster than bf16 bmm: bf16 "
+                   f"bmm / kernel = {bf16 / ours:.2f} (target > 1: "
+                   f"{'met' if bf16 > ours else 'missed'})")
     else:
         verdict = (f"kernel / torch.bmm: {ours / secs['torch.bmm formulation']:.2f} (target <= "
                    f"1.5); dense F.linear / kernel: "
