@@ -30,7 +30,7 @@ MAX_KERNEL = 13  # CUDA: the largest window side (a thread's scores live in its 
 SCORE_REGISTERS = 112  # the scores a thread may hold: QPT is the largest that fits (``_tiles``)
 SHARED_BYTES = 48 * 1024  # static shared memory per block
 FWD_BLOCKS_PER_SM = {4: 3, 8: 2}  # the forward's launch bound per itemsize: blocks of THREADS
-# per SM that the registers must allow (float32: <= 168 registers; float64: <= 255)
+# per SM that the registers must allow (at 64 threads both leave ptxas its 255 registers)
 BWD_THREADS = 8 if cuda_simulated() else 128  # CUDA backward: queries per block
 INLINE = {} if cuda_simulated() else {"forceinline": True}  # (the simulator has no such option)
 
@@ -63,15 +63,19 @@ INLINE = {} if cuda_simulated() else {"forceinline": True}  # (the simulator has
 # Bank conflicts: a pixel takes EC + 1 words (odd) and a halo row RS pixels with QPT·RS ≡ 16
 # (mod 32): the 16 lanes of a thread row read 16 banks and the next thread row the other 16.
 # Every index into an array is unsigned (np.uint64): Numba guards signed indices with a
-# negative-index test. Launch bound: FWD_BLOCKS_PER_SM blocks per SM, so that ptxas keeps the
-# registers within 65536 / (3·THREADS) = 168 in float32 (3 blocks, 12 warps per SM).
+# negative-index test. Tiles of 8 x 16 queries, 64 threads (THREAD_ROWS = 4): ptxas takes 249
+# registers in float32 (K = 7, e = 64) and no local memory, so 4 blocks = 8 warps share an SM
+# (registers), and none of the staging's instructions spill.
 # Why (round 2, kernels/BENCHMARKS.md, natten): round 1 measured 1.52 ms against a predicted
 # 0.35-0.45. Its SASS spent ~22 instructions per staged word (clamped 64-bit addresses), so
 # staging and write-out issued as many instructions as the FMA loops (~47 K per warp in all),
 # at 254 registers (8 warps per SM): ~1 instruction per clock per SM, latency-bound. Now e is a
 # compile-time constant, addresses are a per-lane base + immediates (~12 instructions per
-# staged word, ~37 K per warp) and ptxas (sm_90, float32, K = 7, e = 64) reports 168
-# registers, no spills, no stack, 34.6 KB of shared memory. NOT yet timed on a GPU.
+# staged word, ~37 K per warp); timed at 0.553 ms on an H100 (16 x 16 tiles, 168 registers, 12
+# warps per SM). Round 3 (a sweep of tiles, launch bounds and chunks on an H100): 8 x 16 tiles
+# of 64 threads at 249 registers, 0.478 ms: fewer queries per block stage a halo that is
+# larger per query (22 x 14 pixels per 128 queries, not 22 x 22 per 256), but a block's
+# barriers then stall 2 warps, not 4, and 4 blocks per SM overlap each other's staging.
 # =============================================================================================
 
 
