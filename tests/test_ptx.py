@@ -86,6 +86,12 @@ def _kernels():
                             ac._attention_bwd_kernel(dt, e, kind)[0],
                             (a1,) * (6 + outs) + (types.int64, types.int64, t, types.boolean),
                             False))
+            u8 = arr(types.uint8, 1)  # the forward's one-hot flags
+            out.append((f"attention forward {dt} e={e}", ac._attention_kernel(dt, e)[0],
+                        (a1,) * 5 + (u8, types.int64, types.int64, t, types.boolean), fm))
+            out.append((f"attention backward dfix {dt} e={e}",  # q, k, v, do, lse, dlse,
+                        ac._dfix_kernel(dt, e)[0],  # onehot, D; n, lq, lk, scale, causal
+                        (a1,) * 6 + (u8, a1) + (types.int64,) * 3 + (t, types.boolean), False))
             out.append((f"attention backward ddot {dt} e={e}",  # do, out, dlse, D; rows
                         ac._attention_bwd_kernel(dt, e, "ddot")[0], (a1,) * 4 + (types.int64,),
                         False))
