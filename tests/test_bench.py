@@ -240,3 +240,15 @@ def test_readme_gpu_table_quotes_the_saved_results():
                 f"{GPU_TABLES[op]}.md")
             checked += 1
     assert checked >= 8
+
+
+def test_plot_redraws_the_saved_tables_without_the_device(tmp_path, monkeypatch, capsys):
+    """``python -m minimodels.bench plot --device cuda`` only reads the saved tables: it runs on
+    a machine without a GPU (the tables come back from a lent one)."""
+    (tmp_path / "cuda").mkdir()
+    (tmp_path / "cuda" / "natten.md").write_text((bench.RESULTS / "cuda" / "natten.md").read_text())
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "cuda_available", lambda: False)
+    assert bench.main(["plot", "--device", "cuda"]) == 0
+    assert (tmp_path / "cuda.png").read_bytes()[:4] == b"\x89PNG"
+    assert "cuda.png" in capsys.readouterr().out

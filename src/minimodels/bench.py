@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"write each table to {RESULTS.name}/DEVICE/KERNEL.md under kernels/"
                              " and redraw kernels/results/DEVICE.png")
     args = parser.parse_args(argv)
+    if args.kernel == "plot":  # only the saved tables: no device needed
+        print("wrote", plot_results(args.device, RESULTS))
+        return 0
     if args.device == "cuda" and not cuda_available():
         from minimodels.backend import BackendUnavailable, resolve
 
@@ -336,9 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and args.save and cuda_simulated():
         parser.error("--save with --device cuda under the CUDA simulator would overwrite the GPU's"
                      " results with simulated times: unset NUMBA_ENABLE_CUDASIM on a real GPU")
-    if args.kernel == "plot":
-        print("wrote", plot_results(args.device, RESULTS))
-        return 0
     shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     for name in names if args.kernel == "all" else [args.kernel]:
