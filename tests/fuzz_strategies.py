@@ -467,9 +467,12 @@ def natten_cases(draw, backend):
     top = min(H, W, natten_cuda.MAX_KERNEL if backend == "cuda" else 99)
     K = draw(st.sampled_from([x for x in range(1, top + 1, 2)]))
     kwargs, edits = _scores_and_values(draw)
-    # not into v: the reference (masked full attention) multiplies a masked-out inf value by
-    # its weight 0 and gets nan where the windowed kernels, correctly, never read it
-    edits += _inject(draw, ["q", "k"], e > 0)
+    # non-finite values only in q: the reference (masked full attention) multiplies a value
+    # outside a query's window by its weight 0 (or its score's gradient 0) and gets nan where
+    # the windowed kernels, correctly, never read it: an inf in v reached the outputs, one in
+    # k reached dq of every query (and one in q dk of every key, but an inf in q makes its own
+    # output non-finite, and the fuzzer compares gradients only when the outputs are finite)
+    edits += _inject(draw, ["q"], e > 0)
     names = ["q", "k", "v"]
     return Case(op="natten", shape=(*heads, H, W, e, K), edits=tuple(edits),
                 layout=tuple(_layout(draw, names, broadcast=names)), kwargs=tuple(kwargs),
