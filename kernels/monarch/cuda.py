@@ -86,8 +86,8 @@ def _pad(words: int, itemsize: int, V: int, target: int) -> int:
 @functools.cache
 def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 2,
                   groups_first: bool = False):
-    """Compile-once (per dtype, tiles and launch bound) batched strided matrix product; returns
-    (kernel, BM, JB, BN, threads)."""
+    """Compile-once (per dtype, tiles, launch bound and grid order) batched strided matrix
+    product; returns (kernel, BM, JB, BN, threads)."""
     JB, TY, TX, RM, RN, BK = tiles
     NT, BM, BN = JB * TY * TX, TY * RM, TX * RN
     V = math.gcd(VECTOR_BYTES // dtype.itemsize, RM, RN)  # numbers per 16-byte run
