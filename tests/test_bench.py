@@ -252,3 +252,11 @@ def test_plot_redraws_the_saved_tables_without_the_device(tmp_path, monkeypatch,
     assert bench.main(["plot", "--device", "cuda"]) == 0
     assert (tmp_path / "cuda.png").read_bytes()[:4] == b"\x89PNG"
     assert "cuda.png" in capsys.readouterr().out
+
+
+def test_spread_and_verdict_say_when_noise_could_flip_a_target():
+    runs = [0.49e-3, 0.47e-3, 0.48e-3]
+    assert bench.spread(runs) == "0.48 ms (median of 3, 0.47-0.49)"
+    assert bench.verdict(runs, 0.5e-3) == "met"
+    assert bench.verdict(runs, 0.46e-3) == "missed"
+    assert bench.verdict(runs, 0.485e-3) == "within the spread"

@@ -9,8 +9,10 @@ linear function of them, and on the op resumed from its state (two calls = one c
 
 - float64: within 1e-9 of the output's scale (plus the ill-conditioning that the float32
   reference reveals, scaled down to float64's epsilon);
-- float32: within 8 times the float32 reference's own error on the same inputs (plus 16 eps of
-  the scale): the kernel may not be much worse than the definition computed in float32;
+- float32: within 8 times the float32 reference's own error on the same inputs, or the float64
+  reference's change when the inputs move by float32's rounding, whichever is larger (plus 16
+  eps of the scale): the kernel may not be much worse than the definition computed in float32,
+  nor than the inputs' own precision allows;
 - non-finite values (inf or nan) where, and only where, the truth has them.
 
 A gradient's errors count relative to its own scale and to the outputs' (``check_inputs``).
@@ -49,44 +51,42 @@ REF_FACTOR = 8  # float32: error / the float32 reference's own error
 # lucky; 16 eps (1.9e-6 of the scale) does not. Defects of a few eps have their own tests
 # (test_wkv.py's float32 dw of issue #13), not this floor.
 FLOOR32 = 16 * EPS32
+# float32: the yardstick is also the truth's change under NEARBY perturbations of the inputs by
+# float32's rounding (``_perturbed``). Where a few ill-conditioned numbers dominate the error
+# (attention's large logits, exp of large keys), the float32 reference's error alone varies by
+# 10x from one draw to the next (natten, 2026-12-06: 0.1x to 2.6x the cpu kernel's over six
+# seeds), and a lucky draw failed kernels that were as accurate as the inputs allow.
+NEARBY = 2
 G_SCALE = 4.0  # the cotangents G are standard normal: |G| rarely exceeds 4
 
 
 # =============================================================================================
-# Known issues (issue #13's list, being fixed): cases in these regions are rejected until the
-# fix lands. The lead deletes an entry when its fix lands; ``applies(case, args, kwargs)`` sees
-# the case and its float64 arguments by name.
+# Known issues: ``(name, judge(case, args, kwargs))``; ``judge`` sees the case and its float64
+# arguments by name and returns None where the issue does not apply, "reject" to skip the
+# case, or {output: floor} to judge those outputs with a floor of that many eps of their scale
+# instead of FLOOR32's 16. A hypothesis event counts every case it applies to. The lead deletes
+# an entry when its fix lands. Since 2026-12-06 the yardstick includes ``_perturbed``, and two
+# former entries (s4d cuda float32 gradients of growing kernels; natten float32 at large
+# logits) are gone: those kernels are as accurate as float32 inputs allow.
 # =============================================================================================
 
 KNOWN_ISSUES = [
-    ("#13 follow-up, wkv float32 gradients at large |k| or |u| (dw's cancellation is fixed; "
-     "dv at |k| = 60-1000 and du at |u| = 60 stay ~10 eps of the scale, 30-40x the float32 "
-     "ref's own error: exp of a difference of two large float32 numbers)",
-     lambda case, a, kw: case.op == "wkv" and case.dtype == "float32"
-     and max(_largest(a["k"]), _largest(a["u"])) > 20),
-    ("#13 follow-up, s4d_kernel cuda float32 gradients of a growing kernel (Re(Δ·A) > 0, from "
-     "Δ < 0 or Re A > 0): up to ~10x the float32 ref's own error (6e-5 vs 6e-6 relative at "
-     "|Δ·A| ~ 30, L = 31; the CPU kernel's float64 setup gives 3e-8)",
-     lambda case, a, kw: case.op == "s4d_kernel" and case.backend == "cuda"
-     and case.dtype == "float32" and bool((a["dt"].detach().double()[:, None]
-                                           * a["A"].detach().real.double() > 0).any())),
-    ("#13 follow-up (2026-12-05, long profile), natten float32 at large logits: the kernels "
-     "12-16x the float32 reference's error where the tolerance is 8x (cpu: seed 279, shape "
-     "(1, 2, 5, 13, 16, 3), q, k x 10, scale -1: out 3.6e-5 vs 2.3e-6, and 3.2e-6 / 8.6e-6 for "
-     "ref in float32 with its head dims reversed / rolled; cuda in the simulator: seed 3, "
-     "(1, 2, 9, 9, 3, 3), q, k x 60: grad q 5.7e-4 vs 4.7e-5), inside the softmax's "
-     "conditioning (eps·|logit|·|v|) but not explained",
-     lambda case, a, kw: case.op == "natten" and case.backend != "ref"
-     and case.dtype == "float32" and _logit_bound(a, kw) > 1000),
+    ("#13 follow-up, wkv float32 gradients at large |k| or |u|: the backward carries the "
+     "normaliser of each softmax as one log, q + log(den), so a weight exp(k_t - log D) is off "
+     "by up to an ulp of |k| in its exponent even where the token dominates and the float32 "
+     "reference's weight is exactly 1 (e.g. example_inputs((1, 6, 5), seed=0), k x 1000: dv "
+     "340 eps of its value, 24 eps of dv's scale). Judged to 16 + K/2 eps of the scale, K = "
+     "max|k| + max|u|. Fix: carry (q, log den) as a pair into the weights",
+     lambda case, a, kw: _wkv_exponents(case, a)),
 ]
 
 
-def _logit_bound(a, kw):
-    """max|q|·max|k|·|scale|·e: a bound on the size of the attention logits scale·q·kᵀ."""
-    e = a["q"].shape[-1]
-    scale = kw.get("scale")
-    scale = abs(scale) if scale is not None else 1 / math.sqrt(max(e, 1))
-    return _largest(a["q"]) * _largest(a["k"]) * scale * e
+def _wkv_exponents(case, a):
+    """The wkv entry's judge: floors of 16 + K/2 eps for the gradients, where K >= 2."""
+    K = _largest(a["k"]) + _largest(a["u"]) if case.op == "wkv" else 0.0
+    if case.dtype != "float32" or K < 2:
+        return None
+    return dict.fromkeys(("grad w", "grad u", "grad k", "grad v"), 16 + K / 2)
 
 
 # =============================================================================================
@@ -115,11 +115,14 @@ def _run(fn, spec, args, kwargs, backend, dtype, grads):
     return result
 
 
-def compare(what, got, want, want32, dtype, scale=0.0):
+def compare(what, got, want, want32, dtype, scale=0.0, nearby=(), floor=FLOOR32 / EPS32):
     """None when ``got`` matches the float64 truth ``want``, else a line saying how it does not.
     ``want32``: the reference's result in float32 on the same inputs (its error sets the
-    float32 tolerance and reveals ill-conditioning); ``scale``: the least magnitude that errors
-    are relative to (for a gradient, see ``check_inputs``)."""
+    float32 tolerance and reveals ill-conditioning); ``nearby``: the float64 reference's results
+    on inputs perturbed by float32's rounding (``_perturbed``): their distance from ``want``
+    is the problem's own sensitivity at float32's precision, a second sample of the yardstick;
+    ``scale``: the least magnitude that errors are relative to (for a gradient, see
+    ``check_inputs``); ``floor``: float32's least tolerance, in eps of the scale."""
     if tuple(got.shape) != tuple(want.shape):
         return f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
     got = got.detach().to(want.device, want.dtype)
@@ -137,10 +140,14 @@ def compare(what, got, want, want32, dtype, scale=0.0):
         return None
     scale = max(scale, want[finite].abs().max().item())
     err32 = (want32 - want)[known32].abs().max().item() if known32.any() else 0.0
+    for near in nearby:  # where a perturbed input leaves the truth finite
+        near = near.detach().to(want.device, want.dtype)
+        ok = known32 & torch.isfinite(near)
+        err32 = max([err32] + ([(near - want)[ok].abs().max().item()] if ok.any() else []))
     if dtype == torch.float64:
         tol = RTOL64 * scale + REF_FACTOR * EPS64 / EPS32 * err32
     else:
-        tol = REF_FACTOR * err32 + FLOOR32 * scale
+        tol = REF_FACTOR * err32 + floor * EPS32 * scale
     tol = max(tol, torch.finfo(dtype).tiny)
     err = torch.where(judged, (got - want).abs(), 0.0).nan_to_num(nan=math.inf)
     if err.max().item() <= tol:
@@ -149,6 +156,24 @@ def compare(what, got, want, want32, dtype, scale=0.0):
     return (f"{what}: error {err[i].item():.3g} at {i} > tolerance {tol:.3g} (scale "
             f"{scale:.3g}, the float32 ref's error {err32:.3g}): got {got[i].item()}, want "
             f"{want[i].item()}")
+
+
+def _perturbed(args, kwargs, seed):
+    """``args, kwargs`` with every floating (or complex) tensor multiplied by 1 ± 2⁻²⁴, a random
+    sign per number (per real and imaginary part): float32's rounding of its inputs, so the
+    reference's change there is what any float32 computation of the op must expect."""
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def nudge(t):
+        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
+            return t
+        x = torch.view_as_real(t.detach().resolve_conj()) if t.is_complex() else t.detach()
+        sign = torch.randint(0, 2, x.shape, generator=g).to(x.dtype) * 2 - 1
+        x = x * (1 + sign * 2.0**-24)
+        out = torch.view_as_complex(x.contiguous()) if t.is_complex() else x
+        return out.requires_grad_(t.requires_grad)
+
+    return tuple(nudge(a) for a in args), {k: nudge(v) for k, v in kwargs.items()}
 
 
 def _largest(x):
@@ -160,10 +185,11 @@ def _index(mask):
     return tuple(int(x) for x in mask.nonzero()[0])
 
 
-def check_inputs(op, inputs, backend, dtype, split=None):
+def check_inputs(op, inputs, backend, dtype, split=None, loose=None):
     """Fuzz check of ``backend`` against ``ref`` on ``inputs(dtype) -> (args, kwargs)`` (see
-    the module docstring); ``split``: also resume the op from its state at that step. Raises
-    AssertionError listing every mismatch."""
+    the module docstring); ``split``: also resume the op from its state at that step;
+    ``loose``: {output: floor in eps of its scale} for a known issue. Raises AssertionError
+    listing every mismatch."""
     spec = OPS[op]
     fn = getattr(importlib.import_module(spec.module), spec.func)
     args, kwargs = inputs(torch.float64)
@@ -177,6 +203,8 @@ def check_inputs(op, inputs, backend, dtype, split=None):
     grads = all(bool(torch.isfinite(o).all()) for o in truth.values())
     truth = _run(fn, spec, args, kwargs, "ref", dtype, grads)
     ref32 = _run(fn, spec, *inputs(torch.float32), "ref", dtype, grads)
+    nearby = ([_run(fn, spec, *_perturbed(*inputs(torch.float64), seed), "ref", dtype, grads)
+               for seed in range(NEARBY)] if dtype == torch.float32 else [])
     got = _run(fn, spec, *inputs(dtype), backend, dtype, grads)
     # a gradient ∂L/∂x of L = Σ out·G is judged relative to its own scale and at least to
     # |out|·|G| / max(|x|, 1): where |v| = 1e30 a one-hot softmax has ∂L/∂k = 0 exactly, but any
@@ -184,7 +212,9 @@ def check_inputs(op, inputs, backend, dtype, split=None):
     out_scale = max([_largest(x) for n, x in truth.items() if n not in spec.constant] or [0])
     floors = {f"grad {n}": out_scale * G_SCALE / max(_largest(x), 1.0)
               for n, x in zip(spec.names, args, strict=True) if isinstance(x, torch.Tensor)}
-    failures = [compare(name, got[name], truth[name], ref32[name], dtype, floors.get(name, 0.0))
+    loose = loose or {}
+    failures = [compare(name, got[name], truth[name], ref32[name], dtype, floors.get(name, 0.0),
+                        [near[name] for near in nearby], loose.get(name, FLOOR32 / EPS32))
                 for name in truth]
     if split is not None and spec.resume is not None:
         args, kwargs = inputs(dtype)
@@ -205,12 +235,17 @@ def check(case: Case):
     exec(case.source(), namespace)  # noqa: S102 -- the source that the reproducer prints
     inputs = namespace["inputs"]
     args, kwargs = inputs(torch.float64)
-    for name, applies in KNOWN_ISSUES:
-        if applies(case, dict(zip(case.spec.names, args, strict=True)), kwargs):
+    loose = {}
+    for name, judge in KNOWN_ISSUES:
+        floors = judge(case, dict(zip(case.spec.names, args, strict=True)), kwargs)
+        if floors is not None:
             event(f"known issue: {name}")
-            reject()
+            if floors == "reject":
+                reject()
+            loose.update(floors)
     try:
-        check_inputs(case.op, inputs, case.backend, getattr(torch, case.dtype), case.split)
+        check_inputs(case.op, inputs, case.backend, getattr(torch, case.dtype), case.split,
+                     loose)
     except OverflowError:
         if not (SIMULATED and case.backend == "cuda"):
             raise
@@ -327,3 +362,26 @@ def test_compare_scales_the_float32_tolerance_by_the_references_own_error():
     assert compare("x", close, want, ref32, torch.float32) is None
     assert "tolerance" in compare("x", far, want, ref32, torch.float32)
     assert "tolerance" in compare("x", close.double(), want, want, torch.float64)
+
+
+def test_nearby_inputs_set_the_float32_yardstick_where_the_reference_was_lucky():
+    """A float32 result 1e-5 off: too far when the float32 reference happened to be 1e-7 off,
+    fine when the truth itself moves by 2e-6 as the inputs move by float32's rounding."""
+    want = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    got, lucky = want + 1e-5, want + 1e-7
+    assert compare("out", got, want, lucky, torch.float32) is not None
+    assert compare("out", got, want, lucky, torch.float32, nearby=[want - 2e-6]) is None
+    assert compare("out", want + 1e-4, want, lucky, torch.float32, nearby=[want - 2e-6])
+
+
+def test_perturbed_inputs_move_by_float32_rounding_and_keep_everything_else():
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(4, dtype=torch.complex128)
+    n = torch.arange(3)
+    (xp, zp, np_), kw = _perturbed((x, z, n), {"D": x[0].detach(), "L": 7}, seed=0)
+    assert xp.requires_grad and xp.is_leaf and not zp.requires_grad and np_ is n
+    for new, old in ((xp.detach(), x.detach()), (torch.view_as_real(zp), torch.view_as_real(z)),
+                     (kw["D"], x[0].detach())):
+        ratio = (new / old - 1).abs()
+        assert torch.allclose(ratio, torch.full_like(ratio, 2.0**-24), rtol=1e-6)
+    assert kw["L"] == 7

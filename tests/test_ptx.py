@@ -39,6 +39,7 @@ def _kernels():
     import minimodels.kernels.natten.cuda as nc
     import minimodels.kernels.scan as ls
     import minimodels.kernels.selective_scan.cuda as sc
+    import minimodels.kernels.wkv.cuda as wc
 
     def arr(t, rank):
         return types.Array(t, rank, "C")
@@ -72,6 +73,9 @@ def _kernels():
                             (a1,) * 5 + (types.int64,) * 2 + (t,), False))
         out.append((f"natten backward {dt} K=7", nc._backward_kernel(dt, 7), (a4,) * 7 + (t,),
                     False))
+        fwd, bwd = wc._wkv_kernels(dt)  # w, u (c,); k, v, y, gk, gv (b, l, c); state (b, 3, c)
+        out.append((f"wkv forward {dt}", fwd, (a1, a1, a3, a3, a3, a3), False))
+        out.append((f"wkv backward {dt}", bwd, (a1, a1, a3, a3, a3, a3, a2, a2, a3, a3), False))
         fwd, grad = lc._conv_kernels(dt)
         out.append((f"causal_conv forward {dt}", fwd, (a3, a2, a1, a3), False))
         out.append((f"causal_conv filter gradient {dt}", grad, (a3, a3, a2), False))

@@ -346,3 +346,25 @@ def test_bad_out_names_the_argument(out, error, message):
     w, u, k, v = inputs((2, 4, 3))
     with pytest.raises(error, match=message):
         wkv(w, u, k, v, backend="cpu", out=out)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_k_gradient_of_a_token_that_dominates_every_later_output(backend):
+    """Issue #13 (the fuzzer, 2026-12-06): token 1's key is so large that every later output
+    equals its value; then ∂L/∂k_1 = Σ_t g_t w_t1 (v_1 - y_t) is 0. The backward summed
+    v_1 Σ g·w - Σ g·w·y, two numbers of size |v|·|g| that cancel, and returned 2⁻²¹; it now sums
+    g·w·(y - c) about the last output c, which is exact here."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(7)
+    k = torch.tensor([[[330.0], [2574.0], [-348.0], [-601.0], [-166.0], [394.0], [734.0]]],
+                     dtype=torch.float64)
+    w, u = torch.zeros(1, dtype=torch.float64), torch.full((1,), 0.26, dtype=torch.float64)
+    v = 4 * torch.randn(1, 7, 1, generator=g, dtype=torch.float64)
+    gy = torch.randn(1, 7, 1, generator=g, dtype=torch.float64)
+    a64 = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    want = torch.autograd.grad(wkv_ref(*a64), a64, gy)[2]
+    assert want[0, 1, 0].abs() < 1e-12  # token 1 dominates: no gradient for its key
+    a32 = [x.float().to(dev).requires_grad_() for x in (w, u, k, v)]
+    got = torch.autograd.grad(wkv(*a32, backend=backend), a32, gy.float().to(dev))[2]
+    torch.testing.assert_close(got.cpu().double(), want, rtol=0,
+                               atol=16 * 2.0**-23 * want.abs().max().item())

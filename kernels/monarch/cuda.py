@@ -29,8 +29,12 @@ from minimodels.kernels._common import numpy_dtype
 # prefetch registers spill). Chosen by a sweep on an H100 (kernels/BENCHMARKS.md, round 3).
 CUDA_TILES = {4: {"flat": ((1, 16, 8, 8, 8, 8), 4), "grouped": ((8, 4, 8, 8, 8, 4), 2)},
               8: {"flat": ((1, 32, 8, 4, 8, 8), 2), "grouped": ((4, 8, 8, 4, 8, 8), 2)}}
+GROUPS_FIRST = {"flat": False, "grouped": True}  # the grid's order (kernel below)
 SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 4), 1)}
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
+# the forward's z buffer: None holds every token's z at once; a size in bytes runs the tokens in
+# chunks whose z fits it (and, well under the L2 cache, stays there between the two launches)
+Z_CHUNK_BYTES: int | None = None
 
 
 # =============================================================================================
@@ -227,7 +231,7 @@ def _bgemm(inp, wt, out, sizes, in_strides, out_strides):
     kind = "grouped" if G > 1 and 1 in (in_strides[1], out_strides[1]) else "flat"
     tiles, blocks_per_sm = _tiles(inp.element_size(), kind)
     kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype), tiles, blocks_per_sm,
-                                                kind == "grouped")
+                                                GROUPS_FIRST[kind])
     grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
     launch(kernel, grid, threads, inp.view(-1), wt.view(-1), out.view(-1), batch, G, O, C,
            *in_strides, *out_strides)
@@ -235,16 +239,22 @@ def _bgemm(inp, wt, out, sizes, in_strides, out_strides):
 
 def _fwd_cuda(x, w1, w2, y=None):
     """x (b, n), w1 (k, q, p), w2 (l, s, r) contiguous -> y (b, l·s), written into ``y`` when
-    given: z = BD(w1) x into global memory, then y = P2 BD(w2) P1 z."""
+    given: z = BD(w1) x into global memory, then y = P2 BD(w2) P1 z, a chunk of tokens at a
+    time when Z_CHUNK_BYTES is set (one z buffer of that size, reused by every chunk)."""
     k, q, p = w1.shape
     l, s, r = w2.shape
     b = x.shape[0]
     y = x.new_empty(b, l * s) if y is None else y
     if b:
-        z = x.new_empty(b, k * q)
+        row = k * q * x.element_size()
+        chunk = b if Z_CHUNK_BYTES is None else max(1, min(b, Z_CHUNK_BYTES // row))
+        z = x.new_empty(chunk, k * q)
         w1t, w2t = w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
-        _bgemm(x, w1t, z, (b, k, q, p), (k * p, p, 1), (k * q, q, 1))
-        _bgemm(z, w2t, y, (b, l, s, r), (k * q, 1, l), (l * s, 1, l))
+        for t0 in range(0, b, chunk):
+            xc, yc = x[t0:t0 + chunk], y[t0:t0 + chunk]
+            bc = xc.shape[0]
+            _bgemm(xc, w1t, z, (bc, k, q, p), (k * p, p, 1), (k * q, q, 1))
+            _bgemm(z, w2t, yc, (bc, l, s, r), (k * q, 1, l), (l * s, 1, l))
     return y
 
 

@@ -142,7 +142,10 @@ def _wkv_bwd_loop(w, u, k, v, state, gy, gw, gu, gk, gv, cb, consts):
             for j in range(nb):  # log D_t = q + log(den), for pass 2 (libm: not vectorised)
                 lt_[j] = qb[j] + math.log(lt_[j])
         gw[bi, c0:c1] = acc
-        s1, s2 = np.zeros(nb, k.dtype), np.zeros(nb, k.dtype)  # S_t = e^o s
+        # S_t = e^o s1; sd = Σ s·(y - sc), the same sum of outputs centred on the last one
+        # added (sc): v_t s1 - Σ s·y = (v_t - sc) s1 - sd has no difference of two large,
+        # nearly equal terms where one token dominates the later outputs (y ≈ v_t)
+        s1, sd, sc = np.zeros(nb, k.dtype), np.zeros(nb, k.dtype), np.zeros(nb, k.dtype)
         o = np.full(nb, min_log, k.dtype)  # empty after the last step
         acc[:] = zero
         for t in range(l - 1, -1, -1):
@@ -153,14 +156,16 @@ def _wkv_bwd_loop(w, u, k, v, state, gy, gw, gu, gk, gv, cb, consts):
                 gb = gt * exp_neg(ub[j] + kt - lD)  # g_t β_t
                 ek = exp_neg(kt + o[j])  # ≤ 1: D_t' holds every e^{k_t - ...} term
                 lt_[j] = gb + ek * s1[j]
-                yt_[j] = gb * (vt - yt) + ek * (vt * s1[j] - s2[j])
+                yt_[j] = gb * (vt - yt) + ek * ((vt - sc[j]) * s1[j] - sd[j])
                 acc[j] += gb * (vt - yt)
                 # S_{t-1} = g_t/D_t + e^{-w} S_t, in log space: o' = max(o - w, -log D_t)
                 d = (o[j] - wb[j]) + lD
                 e = exp_neg(-abs(d))
                 f1 = one if d > 0 else e
                 f2 = e if d > 0 else one
-                s1[j], s2[j] = f1 * s1[j] + f2 * gt, f1 * s2[j] + f2 * gt * yt
+                if s1[j] != zero:  # re-centred on y_t (nothing to move while s1 is empty)
+                    sd[j] = f1 * (sd[j] + s1[j] * (sc[j] - yt))
+                s1[j], sc[j] = f1 * s1[j] + f2 * gt, yt
                 o[j] = max(o[j] - wb[j], -lD)
         gu[bi, c0:c1] = acc
 

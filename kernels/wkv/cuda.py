@@ -107,19 +107,21 @@ def _wkv_kernels(dtype: np.dtype):
             dc, db = f1 * (dc + f2 * (m - vt) * rb * (db - b)), f1 * (db - b)
             a, b, p = f1 * a + f2 * vt, bn, pn
             m = a * rb
-        s1, s2, o = zero, zero, min_log
+        s1, sd, sc, o = zero, zero, zero, min_log  # sd, sc: the centred sum (cpu.py)
         g_next, y_next, lD_next, acc_u = zero, zero, zero, zero
         for t in range(l - 1, -1, -1):
             if t < l - 1:
                 on = max(o - wj, -lD_next)
                 f1, f2 = math.exp(o - wj - on), math.exp(-lD_next - on)
-                s1, s2, o = f1 * s1 + f2 * g_next, f1 * s2 + f2 * g_next * y_next, on
+                if s1 != zero:
+                    sd = f1 * (sd + s1 * (sc - y_next))
+                s1, sc, o = f1 * s1 + f2 * g_next, y_next, on
             kt, vt, gt = k[n, t, j], v[n, t, j], gy[n, t, j]
             yt, lD = gk[n, t, j], gv[n, t, j]
             gb = gt * math.exp(uj + kt - lD)
             ek = math.exp(kt + o)
             gv[n, t, j] = gb + ek * s1
-            gk[n, t, j] = gb * (vt - yt) + ek * (vt * s1 - s2)
+            gk[n, t, j] = gb * (vt - yt) + ek * ((vt - sc) * s1 - sd)
             acc_u += gb * (vt - yt)
             g_next, y_next, lD_next = gt, yt, lD
         gw[n, j], gu[n, j] = acc_w, acc_u

@@ -41,8 +41,8 @@ from minimodels.backend import cuda_available, cuda_simulated
 from minimodels.kernels.fastexp import exp_neg
 
 __all__ = ["Row", "convert", "copy_bandwidth", "exp_neg_rate", "exp_rate", "format_table",
-           "gpu_time", "interleaved", "machine", "measure", "real_gpu", "sweep", "tensor_device",
-           "timeit"]
+           "gpu_time", "gpu_times", "interleaved", "machine", "measure", "real_gpu", "spread",
+           "sweep", "tensor_device", "timeit", "verdict"]
 
 
 def _sync(device: torch.device | str) -> None:
@@ -108,6 +108,25 @@ def gpu_time(fn: Callable[[], object], repeat: int = 10) -> float:
             fn()
         torch.cuda.synchronize()
     return sum(e.device_time_total for e in prof.key_averages()) / repeat / 1e6
+
+
+def gpu_times(fn: Callable[[], object], rounds: int = 5, repeat: int = 10) -> list[float]:
+    """``gpu_time(fn, repeat)`` in each of ``rounds`` separate profiles: its spread says whether
+    a verdict near a target could flip between runs."""
+    return [gpu_time(fn, repeat=repeat) for _ in range(rounds)]
+
+
+def spread(seconds: Sequence[float]) -> str:
+    """"0.475 ms (median of 5, 0.471-0.480)": a list of times as its median and range."""
+    ms = sorted(t * 1e3 for t in seconds)
+    return f"{statistics.median(ms):.3g} ms (median of {len(ms)}, {ms[0]:.3g}-{ms[-1]:.3g})"
+
+
+def verdict(seconds: Sequence[float], target: float) -> str:
+    """"met" when every time in ``seconds`` is under ``target``, "missed" when none is, else
+    "within the spread" (the runs disagree: the verdict would flip with noise)."""
+    below = sum(t < target for t in seconds)
+    return "met" if below == len(seconds) else "missed" if below == 0 else "within the spread"
 
 
 def real_gpu() -> bool:
