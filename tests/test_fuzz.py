@@ -65,9 +65,10 @@ G_SCALE = 4.0  # the cotangents G are standard normal: |G| rarely exceeds 4
 # arguments by name and returns None where the issue does not apply, "reject" to skip the
 # case, or {output: floor} to judge those outputs with a floor of that many eps of their scale
 # instead of FLOOR32's 16. A hypothesis event counts every case it applies to. The lead deletes
-# an entry when its fix lands. Since 2026-12-06 the yardstick includes ``_perturbed``, and two
-# former entries (s4d cuda float32 gradients of growing kernels; natten float32 at large
-# logits) are gone: those kernels are as accurate as float32 inputs allow.
+# an entry when its fix lands. Since 2026-12-06 the yardstick includes ``_perturbed``: the
+# former entry for natten float32 at large logits is gone (the kernels are as accurate as
+# float32 inputs allow), and the wkv and s4d entries judge with looser floors instead of
+# rejecting their cases.
 # =============================================================================================
 
 KNOWN_ISSUES = [
@@ -78,6 +79,14 @@ KNOWN_ISSUES = [
      "340 eps of its value, 24 eps of dv's scale). Judged to 16 + K/2 eps of the scale, K = "
      "max|k| + max|u|. Fix: carry (q, log den) as a pair into the weights",
      lambda case, a, kw: _wkv_exponents(case, a)),
+    ("#13 follow-up, s4d_kernel cuda float32 gradients: the backward sums G·z^l and l·G·z^l in "
+     "float32 over chunks of 256 steps before its float64 atomics (the CPU kernel sums in "
+     "float64). On an H100 (2026-12-06, long profile): example_inputs((2, 2, 1024), seed=1410), "
+     "A + 0.6, dt x 1e-30: grad dt 33 eps of its scale, 16x the float32 reference's error. "
+     "Judged to 64 eps. Fix: float64 chunk sums (to be timed on a GPU)",
+     lambda case, a, kw: ({"grad A": 64, "grad C": 64, "grad dt": 64}
+                          if (case.op, case.backend, case.dtype)
+                          == ("s4d_kernel", "cuda", "float32") else None)),
 ]
 
 
@@ -168,7 +177,7 @@ def _perturbed(args, kwargs, seed):
         if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
             return t
         x = torch.view_as_real(t.detach().resolve_conj()) if t.is_complex() else t.detach()
-        sign = torch.randint(0, 2, x.shape, generator=g).to(x.dtype) * 2 - 1
+        sign = torch.randint(0, 2, x.shape, generator=g).to(x.device, x.dtype) * 2 - 1
         x = x * (1 + sign * 2.0**-24)
         out = torch.view_as_complex(x.contiguous()) if t.is_complex() else x
         return out.requires_grad_(t.requires_grad)

@@ -81,7 +81,7 @@ def _kernels():
         out.append((f"causal_conv filter gradient {dt}", grad, (a3, a3, a2), False))
         for kind, (tiles, bps) in mc.CUDA_TILES[dt.itemsize].items():  # "flat", "grouped"
             out.append((f"monarch batched product {dt} {kind}",
-                        mc._bgemm_kernel(dt, tiles, bps, kind == "grouped")[0],
+                        mc._bgemm_kernel(dt, tiles, bps)[0],
                         (a1, a1, a1) + (types.int64,) * 10, False))
         for e in (64, 128):  # flat views: 6 inputs, 1 output (dkv: 3), lq, lk, scale, causal
             for kind in ("dkv", "dq", "dkv_atomic"):

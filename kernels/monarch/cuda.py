@@ -23,18 +23,15 @@ from minimodels.kernels._common import numpy_dtype
 # simulator small tiles so that tiny tests cross every tile edge (kernel below). "flat": the
 # groups' inputs and outputs are contiguous runs (x -> z, gz -> gx): one group per block, 128
 # tokens x 64 outputs. "grouped": neighbouring groups are neighbouring numbers in memory (z -> y,
-# g -> gz): 8 groups per block (4 in float64), so that every 32-byte sector is used whole, and
-# the grid runs groups first, so that the blocks in flight share whole cache lines.
+# g -> gz): 8 groups per block (4 in float64), so that every 32-byte sector is used whole. Both
+# grids run groups first, so that the blocks in flight share whole cache lines.
 # float32: an 8 x 8 register tile per thread; "grouped" walks c 4 at a time (at 8 its 24
-# prefetch registers spill). Chosen by a sweep on an H100 (kernels/BENCHMARKS.md, round 3).
+# prefetch registers spill). Chosen by sweeps on an H100 (kernels/BENCHMARKS.md, rounds 3, 4).
 CUDA_TILES = {4: {"flat": ((1, 16, 8, 8, 8, 8), 4), "grouped": ((8, 4, 8, 8, 8, 4), 2)},
               8: {"flat": ((1, 32, 8, 4, 8, 8), 2), "grouped": ((4, 8, 8, 4, 8, 8), 2)}}
-GROUPS_FIRST = {"flat": False, "grouped": True}  # the grid's order (kernel below)
 SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 4), 1)}
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
-# the forward's z buffer: None holds every token's z at once; a size in bytes runs the tokens in
-# chunks whose z fits it (and, well under the L2 cache, stays there between the two launches)
-Z_CHUNK_BYTES: int | None = None
+
 
 
 # =============================================================================================
@@ -88,10 +85,9 @@ def _pad(words: int, itemsize: int, V: int, target: int) -> int:
 
 
 @functools.cache
-def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 2,
-                  groups_first: bool = False):
-    """Compile-once (per dtype, tiles, launch bound and grid order) batched strided matrix
-    product; returns (kernel, BM, JB, BN, threads)."""
+def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 2):
+    """Compile-once (per dtype, tiles and launch bound) batched strided matrix product; returns
+    (kernel, BM, JB, BN, threads)."""
     JB, TY, TX, RM, RN, BK = tiles
     NT, BM, BN = JB * TY * TX, TY * RM, TX * RN
     V = math.gcd(VECTOR_BYTES // dtype.itemsize, RM, RN)  # numbers per 16-byte run
@@ -131,14 +127,11 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
         wn = cuda.local.array(WU, dtype)
         tid = U(cuda.threadIdx.x)
         jj, tx, ty = tid % U(JB), (tid // U(JB)) % U(TX), tid // U(JB * TX)
-        # a 1-D grid: blocks that run at the same time share token rows (groups_first: their
-        # 32-byte runs of neighbouring groups fill whole cache lines) or weights (tokens first)
+        # a 1-D grid, groups first: blocks that run at the same time share token rows, so
+        # their 32-byte runs of neighbouring groups ("grouped") fill whole cache lines
         nbt, nbg = (U(batch) + U(BM - 1)) // U(BM), (U(G) + U(JB - 1)) // U(JB)
         bid = U(cuda.blockIdx.x)
-        if groups_first:
-            gb, tb = bid % nbg, (bid // nbg) % nbt
-        else:
-            tb, gb = bid % nbt, (bid // nbt) % nbg
+        gb, tb = bid % nbg, (bid // nbg) % nbt
         b0, g0, o0 = tb * U(BM), gb * U(JB), bid // (nbt * nbg) * U(BN)
         uB, uG, uO, uC = U(batch), U(G), U(O), U(C)
         interior = b0 + U(BM) <= uB and g0 + U(JB) <= uG and o0 + U(BN) <= uO  # no edge
@@ -230,8 +223,7 @@ def _bgemm(inp, wt, out, sizes, in_strides, out_strides):
     # "grouped" when neighbouring groups are neighbouring numbers of the input or the output
     kind = "grouped" if G > 1 and 1 in (in_strides[1], out_strides[1]) else "flat"
     tiles, blocks_per_sm = _tiles(inp.element_size(), kind)
-    kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype), tiles, blocks_per_sm,
-                                                GROUPS_FIRST[kind])
+    kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype), tiles, blocks_per_sm)
     grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
     launch(kernel, grid, threads, inp.view(-1), wt.view(-1), out.view(-1), batch, G, O, C,
            *in_strides, *out_strides)
@@ -239,22 +231,16 @@ def _bgemm(inp, wt, out, sizes, in_strides, out_strides):
 
 def _fwd_cuda(x, w1, w2, y=None):
     """x (b, n), w1 (k, q, p), w2 (l, s, r) contiguous -> y (b, l·s), written into ``y`` when
-    given: z = BD(w1) x into global memory, then y = P2 BD(w2) P1 z, a chunk of tokens at a
-    time when Z_CHUNK_BYTES is set (one z buffer of that size, reused by every chunk)."""
+    given: z = BD(w1) x into global memory, then y = P2 BD(w2) P1 z."""
     k, q, p = w1.shape
     l, s, r = w2.shape
     b = x.shape[0]
     y = x.new_empty(b, l * s) if y is None else y
     if b:
-        row = k * q * x.element_size()
-        chunk = b if Z_CHUNK_BYTES is None else max(1, min(b, Z_CHUNK_BYTES // row))
-        z = x.new_empty(chunk, k * q)
+        z = x.new_empty(b, k * q)
         w1t, w2t = w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
-        for t0 in range(0, b, chunk):
-            xc, yc = x[t0:t0 + chunk], y[t0:t0 + chunk]
-            bc = xc.shape[0]
-            _bgemm(xc, w1t, z, (bc, k, q, p), (k * p, p, 1), (k * q, q, 1))
-            _bgemm(z, w2t, yc, (bc, l, s, r), (k * q, 1, l), (l * s, 1, l))
+        _bgemm(x, w1t, z, (b, k, q, p), (k * p, p, 1), (k * q, q, 1))
+        _bgemm(z, w2t, y, (b, l, s, r), (k * q, 1, l), (l * s, 1, l))
     return y
 
 
