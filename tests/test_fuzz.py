@@ -62,9 +62,9 @@ G_SCALE = 4.0  # the cotangents G are standard normal: |G| rarely exceeds 4
 
 # =============================================================================================
 # Known issues: ``(name, judge(case, args, kwargs))``; ``judge`` sees the case and its float64
-# arguments by name and returns None where the issue does not apply, "reject" to skip the
-# case, or {output: floor} to judge those outputs with a floor of that many eps of their scale
-# instead of FLOOR32's 16. A hypothesis event counts every case it applies to. The lead deletes
+# arguments by name and returns None where the issue does not apply, else {output: floor}:
+# those outputs are judged with a floor of that many eps of their scale instead of FLOOR32's 16
+# (math.inf excuses one). A hypothesis event counts every case it applies to. The lead deletes
 # an entry when its fix lands. Since 2026-12-06 the yardstick includes ``_perturbed``: the
 # former entry for natten float32 at large logits is gone (the kernels are as accurate as
 # float32 inputs allow), and the wkv and s4d entries judge with looser floors instead of
@@ -76,8 +76,11 @@ KNOWN_ISSUES = [
      "normaliser of each softmax as one log, q + log(den), so a weight exp(k_t - log D) is off "
      "by up to an ulp of |k| in its exponent even where the token dominates and the float32 "
      "reference's weight is exactly 1 (e.g. example_inputs((1, 6, 5), seed=0), k x 1000: dv "
-     "340 eps of its value, 24 eps of dv's scale). Judged to 16 + K/2 eps of the scale, K = "
-     "max|k| + max|u|. Fix: carry (q, log den) as a pair into the weights",
+     "340 eps of its value, 24 eps of dv's scale). Also dk where one token dominates the later "
+     "outputs: y equals v_i to float32's rounding, and dk_i needs y - v_i below that (19 eps of "
+     "dk's scale at seed 0, (1, 7, 5), w = 0, k x 1000). Judged to 16 + K/2 eps of the scale, "
+     "K = max|k| + max|u|. Fix: carry (q, log den) as a pair into the weights, and y's "
+     "differences from the state's mean rather than y",
      lambda case, a, kw: _wkv_exponents(case, a)),
     ("#13 follow-up, s4d_kernel cuda float32 gradients: the backward sums G·z^l and l·G·z^l in "
      "float32 over chunks of 256 steps before its float64 atomics (the CPU kernel sums in "
@@ -148,6 +151,7 @@ def compare(what, got, want, want32, dtype, scale=0.0, nearby=(), floor=FLOOR32 
     if not judged.any():
         return None
     scale = max(scale, want[finite].abs().max().item())
+    # the yardstick: the float32 reference's error, or the truth's move on nearby inputs
     err32 = (want32 - want)[known32].abs().max().item() if known32.any() else 0.0
     for near in nearby:  # where a perturbed input leaves the truth finite
         near = near.detach().to(want.device, want.dtype)
@@ -163,7 +167,7 @@ def compare(what, got, want, want32, dtype, scale=0.0, nearby=(), floor=FLOOR32 
         return None
     i = _index(err == err.max())
     return (f"{what}: error {err[i].item():.3g} at {i} > tolerance {tol:.3g} (scale "
-            f"{scale:.3g}, the float32 ref's error {err32:.3g}): got {got[i].item()}, want "
+            f"{scale:.3g}, the float32 yardstick {err32:.3g}): got {got[i].item()}, want "
             f"{want[i].item()}")
 
 
@@ -237,9 +241,9 @@ def check_inputs(op, inputs, backend, dtype, split=None, loose=None):
 
 
 def check(case: Case):
-    """``check_inputs`` on a drawn case (rejected when a known issue applies, or when the CUDA
-    simulator's ``math.exp``, Python's, raises OverflowError); any failure is re-raised with the
-    case's reproducer."""
+    """``check_inputs`` on a drawn case (judged with looser floors where a known issue applies;
+    rejected when the CUDA simulator's ``math.exp``, Python's, raises OverflowError); any
+    failure is re-raised with the case's reproducer."""
     namespace = {}
     exec(case.source(), namespace)  # noqa: S102 -- the source that the reproducer prints
     inputs = namespace["inputs"]
@@ -249,8 +253,6 @@ def check(case: Case):
         floors = judge(case, dict(zip(case.spec.names, args, strict=True)), kwargs)
         if floors is not None:
             event(f"known issue: {name}")
-            if floors == "reject":
-                reject()
             loose.update(floors)
     try:
         check_inputs(case.op, inputs, case.backend, getattr(torch, case.dtype), case.split,

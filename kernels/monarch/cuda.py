@@ -33,7 +33,6 @@ SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
 
-
 # =============================================================================================
 # CUDA kernel (numba.cuda). Each factor of y = P2 · BD(w2) · P1 · BD(w1) · x is a batch of small
 # matrix products, one per diagonal block ("group") g, over all tokens:

@@ -101,8 +101,8 @@ def run(shape=None, device="cpu", dtype=None) -> str:
                 f"{verdict(ours_runs or [ours], bf16)})")
     else:
         said = (f"kernel / torch.bmm: {ours / secs['torch.bmm formulation']:.2f} (target <= "
-                   f"1.5); dense F.linear / kernel: "
-                   f"{secs['dense F.linear (n² weights)'] / ours:.1f}x (target >= 3)")
+                f"1.5); dense F.linear / kernel: "
+                f"{secs['dense F.linear (n² weights)'] / ours:.1f}x (target >= 3)")
     lines = [f"monarch_multiply at x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 "
              f"{tuple(w2.shape)}, {str(x.dtype)[6:]} on {device}: {machine(device)}",
              f"{flops / 1e9:.2f} GFLOP; memory floor = {nbytes / 1e6:.0f} MB / {bw / 1e9:.0f} "
