@@ -2,7 +2,10 @@
 private names): the canonical-example record every op's ``example_inputs`` returns, the
 torch -> NumPy dtype mapping the kernel factories are keyed by, and the CUDA block scan of
 affine maps h -> A h + B (``scan_maps``) with its launch layout, used by kernels/scan.py's
-kernels and by the selective scan's backward."""
+kernels and by the selective scan's backward, and the sm_80 instructions that numba.cuda does not
+expose (tensor cores: ``tf32_round``, ``mma_tf32``; asynchronous copies to shared memory:
+``copy_async``, ``copy_async_commit``, ``copy_async_wait``), as inline PTX, each with a
+simulator twin."""
 
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from numba import cuda
 
 from minimodels.backend import cuda_simulated, expect_tensor
 
-__all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "expect_out", "numpy_dtype",
-           "randn", "scan_maps"]
+__all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "copy_async", "copy_async_commit",
+           "copy_async_wait", "expect_out", "mma_tf32", "numpy_dtype", "randn", "scan_maps",
+           "tf32_round"]
 
 # =============================================================================================
 # Constants: the layout of a chunked block scan (kernels/scan.py, selective_scan's backward)
@@ -110,3 +114,165 @@ def scan_maps(sA, sB, A, B, i):
         offset *= 2
     return p
 # [/core]
+
+
+# =============================================================================================
+# CUDA: tensor cores (sm_80 and later) as inline PTX
+# =============================================================================================
+# numba.cuda has no warp-level matrix instructions, but NVVM accepts inline PTX, so two
+# intrinsics emit them:
+#   tf32_round(x)   cvt.rna.tf32.f32: x rounded to TF32 (10 mantissa bits; ties away from 0),
+#                   returned as a float32 whose low 13 bits are 0;
+#   mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3)
+#                   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: the 32 lanes of a warp
+#                   together compute D = A·B + C, A (16 x 8), B (8 x 8), C and D (16 x 8) in
+#                   float32, each lane holding pieces (PTX ISA, "Matrix fragments for
+#                   mma.m16n8k8"), with g = lane // 4, t = lane % 4:
+#                     a0 = A[g, t]   a1 = A[g+8, t]   a2 = A[g, t+4]   a3 = A[g+8, t+4]
+#                     b0 = B[t, g]   b1 = B[t+4, g]
+#                     c0 = C[g, 2t]  c1 = C[g, 2t+1]  c2 = C[g+8, 2t]  c3 = C[g+8, 2t+1]  (D too).
+# Every lane of the warp must call mma_tf32 together. A float32 product a·b at float32 accuracy
+# from TF32 products ("3xTF32"): a = a_big + a_small with a_big = tf32_round(a) and a_small =
+# tf32_round(a - a_big) (a - a_big is exact), then a·b ≈ a_big·b_big + a_big·b_small +
+# a_small·b_big: what is dropped, a_small·b_small and a_small's rounding, is ≤ 2⁻²¹ |a·b|.
+# Asynchronous copies (cp.async, sm_80 and later) move global memory into shared memory without
+# passing through registers, so a block can have several chunks in flight while it computes:
+#   copy_async(dst, i, src, j, valid)   dst[i] = src[j] (4 bytes), or 0 if not valid, later;
+#   copy_async_commit()                 closes the group of this thread's copies issued so far;
+#   copy_async_wait(n)()                waits until at most n of this thread's groups are
+#                                       pending (n is part of the instruction: the factory
+#                                       returns one intrinsic per n); then a barrier makes every
+#                                       thread's copies visible to the block.
+# In the simulator both are Python: mma_tf32 gathers the warp's pieces in a mailbox of its
+# block, behind a barrier of the warp's 32 threads (so they must call it together, as on the
+# GPU; mailboxes alternate between calls, so one barrier a call suffices), and multiplies in
+# float64; the GPU sums in float32 (its rounding within one mma is the hardware's).
+
+if cuda_simulated():
+    import threading
+
+    def copy_async(dst, i, src, j, valid):
+        """dst[i] = src[j] if valid else 0 (the simulator copies at once)."""
+        dst[i] = src[j] if valid else 0
+
+    def copy_async_commit():
+        """Closes this thread's group of copies (nothing to do in the simulator)."""
+
+    def copy_async_wait(n: int):
+        """``wait()``: waits for all but n groups (the simulator's copies are done already)."""
+        return lambda: None
+
+    def tf32_round(x):
+        """x rounded to TF32, ties away from zero (cvt.rna.tf32.f32), as a float32."""
+        bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+        return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)[()]
+
+    _SIM_WARPS = threading.Lock()
+
+    def mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """D = A·B + C for the warp's 16 x 8 x 8 tile; this lane's (d0, d1, d2, d3)."""
+        me = threading.current_thread()  # the simulator's BlockThread
+        warp, lane = divmod(me.thread_id, 32)
+        with _SIM_WARPS:  # per block: two mailboxes and a barrier per warp
+            box = me._manager.__dict__.setdefault("mma_tf32", {})
+            if warp not in box:
+                box[warp] = ([None] * 32, [None] * 32), threading.Barrier(32)
+        (even, odd), barrier = box[warp]
+        me.mma_calls = getattr(me, "mma_calls", 0) + 1
+        mail = odd if me.mma_calls % 2 else even  # alternate: one barrier per call suffices
+        mail[lane] = (a0, a1, a2, a3, b0, b1)
+        barrier.wait()
+        warp_pieces = list(mail)
+        A, B = np.zeros((16, 8), np.float32), np.zeros((8, 8), np.float32)
+        for i, (x0, x1, x2, x3, y0, y1) in enumerate(warp_pieces):
+            g, t = divmod(i, 4)
+            A[g, t], A[g + 8, t], A[g, t + 4], A[g + 8, t + 4] = x0, x1, x2, x3
+            B[t, g], B[t + 4, g] = y0, y1
+        keep = np.uint32(0xFFFFE000)  # the tensor core reads TF32: the low 13 bits are ignored
+        A, B = ((M.view(np.uint32) & keep).view(np.float32).astype(np.float64) for M in (A, B))
+        g, t = divmod(lane, 4)
+        D = A @ B
+        return (np.float32(D[g, 2 * t] + c0), np.float32(D[g, 2 * t + 1] + c1),
+                np.float32(D[g + 8, 2 * t] + c2), np.float32(D[g + 8, 2 * t + 1] + c3))
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def tf32_round(typingctx, x):
+        """x rounded to TF32, ties away from zero (cvt.rna.tf32.f32), as a float32."""
+        def codegen(context, builder, sig, args):
+            f32, i32 = ir.FloatType(), ir.IntType(32)
+            cvt = ir.InlineAsm(ir.FunctionType(i32, [f32]), "cvt.rna.tf32.f32 $0, $1;", "=r,f")
+            return builder.bitcast(builder.call(cvt, args), f32)
+
+        return types.float32(types.float32), codegen
+
+    @intrinsic
+    def mma_tf32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """D = A·B + C for the warp's 16 x 8 x 8 tile; this lane's (d0, d1, d2, d3)."""
+        f = types.float32
+
+        def codegen(context, builder, sig, args):
+            f32, i32 = ir.FloatType(), ir.IntType(32)
+            mma = ir.InlineAsm(
+                ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4),
+                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+            ins = [builder.bitcast(a, i32) for a in args[:6]] + list(args[6:])
+            d = builder.call(mma, ins)
+            return cgutils.pack_array(builder, [builder.extract_value(d, i) for i in range(4)])
+
+        return types.UniTuple(f, 4)(f, f, f, f, f, f, f, f, f, f), codegen
+
+    @intrinsic
+    def copy_async(typingctx, dst, i, src, j, valid):
+        """dst[i] = src[j] if valid else 0, 4 bytes, asynchronously (cp.async.ca, zero-filled
+        when src-size is 0); dst a shared 1-D array, src a global one."""
+        def codegen(context, builder, sig, args):
+            dty, _, sty, _, vty = sig.args
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            d = builder.gep(context.make_array(dty)(context, builder, args[0]).data, [args[1]])
+            s = builder.gep(context.make_array(sty)(context, builder, args[2]).data, [args[3]])
+            size = builder.select(context.cast(builder, args[4], vty, types.boolean),
+                                  ir.Constant(i32, 4), ir.Constant(i32, 0))
+            cp = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [i64, i64, i32]),
+                              "{ .reg .u64 s64; .reg .u32 s32; cvta.to.shared.u64 s64, $0; "
+                              "cvt.u32.u64 s32, s64; cp.async.ca.shared.global [s32], [$1], 4, "
+                              "$2; }", "l,l,r", side_effect=True)
+            builder.call(cp, [builder.ptrtoint(d, i64), builder.ptrtoint(s, i64), size])
+            return context.get_dummy_value()
+
+        if dst.dtype != src.dtype or dst.ndim != 1 or src.ndim != 1 or dst.dtype.bitwidth != 32:
+            raise TypeError("copy_async: 1-D arrays of one 4-byte dtype")
+        return types.none(dst, i, src, j, valid), codegen
+
+    @intrinsic
+    def copy_async_commit(typingctx):
+        """cp.async.commit_group: closes this thread's group of copies."""
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "cp.async.commit_group;", "",
+                               side_effect=True)
+            builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return types.none(), codegen
+
+    @functools.cache
+    def copy_async_wait(n: int):
+        """The intrinsic ``wait()``: cp.async.wait_group n, at most n of this thread's groups
+        still pending (n is part of the instruction, so one intrinsic per n)."""
+        @intrinsic
+        def wait(typingctx):
+            def codegen(context, builder, sig, args):
+                asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []),
+                                   f"cp.async.wait_group {int(n)};", "", side_effect=True)
+                builder.call(asm, [])
+                return context.get_dummy_value()
+
+            return types.none(), codegen
+
+        return wait

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import ALL, CUDA, KERNELS, device_for, run_steps
+from numba import cuda
 
 import minimodels.kernels.monarch as M
 import minimodels.kernels.monarch.cuda as MC
-from minimodels.kernels._common import Example
+from minimodels.backend import launch
+from minimodels.kernels._common import Example, mma_tf32, tf32_round
 from minimodels.kernels.monarch import example_inputs, monarch_dft, monarch_multiply
 from minimodels.models import LM, MIXERS, MLPS, state_numel
 from minimodels.models.monarch import (
@@ -301,15 +303,22 @@ def test_cuda_tiles_forward_and_gradients(backend, tiles, monkeypatch):
 
 @pytest.mark.parametrize("backend", [CUDA])
 def test_cuda_float32_runs_of_four(backend, monkeypatch):
-    """float32 tiles whose threads read 4 numbers (16 bytes) at a time, as on the GPU: tokens in
-    runs of 4, outputs strided by TX and staged next to each other (the weight layout's
-    permutation); 19 tokens, 6 groups and 10 outputs cross every tile edge. Forward and
-    gradients against the float64 reference."""
+    """The register-tiled (SIMT) kernel in float32, as on GPUs older than sm_80, with tiles
+    whose threads read 4 numbers (16 bytes) at a time, as on the GPU: tokens in runs of 4,
+    outputs strided by TX and staged next to each other (the weight layout's permutation)."""
     tiles = {"flat": (1, 4, 4, 4, 4, 4), "grouped": (2, 2, 4, 4, 4, 4)}
     monkeypatch.setattr(MC, "_tiles", lambda itemsize, kind: (tiles[kind], 1))
+    with MC.forced_engine("simt"):
+        _float32_against_float64(backend, seed=7)
+
+
+def _float32_against_float64(backend, seed):
+    """19 tokens, 6 groups of 7 -> 5 and 6 groups of 10 -> 6, across every simulator tile's
+    edge: float32 forward and all three gradients within 1e-5 of autograd of ref in float64."""
     shape = (19, 6, 5, 7, 6, 10)
-    ex = example_inputs(shape, dtype=torch.float64, device=device_for(backend), seed=7)
-    g = torch.randn(19, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    ex = example_inputs(shape, dtype=torch.float64, device=device_for(backend), seed=seed)
+    g = torch.randn(19, 60, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(seed + 1))
     leaves = [t.clone().requires_grad_() for t in ex.args]
     y = monarch_multiply(*leaves, backend="ref")
     want = (y.detach(), *torch.autograd.grad(y, leaves, g.to(y.device)))
@@ -324,18 +333,106 @@ def test_cuda_float32_runs_of_four(backend, monkeypatch):
 @pytest.mark.parametrize("backend", [CUDA])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (9, 2, 6, 3, 4, 5), ODD, (3, 2, 0, 2, 2, 2),
                                    (5, 3, 2, 1, 2, 3)])
-def test_cuda_writes_every_output(backend, shape):
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["simt-float64", "mma-float32"])
+def test_cuda_writes_every_output(backend, shape, dtype, tol):
     """y poisoned with NaN beforehand: every entry written, none past the edges of a tile; with
     q = 0 the first factor is empty and y = 0; with p = 1 the first factor's groups are
-    neighbours in x (a "grouped" launch over x)."""
-    x, w1, w2 = example_inputs(shape, dtype=torch.float64, device=device_for(backend)).args
-    y = torch.full((shape[0], shape[4] * shape[5]), float("nan"), dtype=torch.float64,
-                   device=x.device)
+    neighbours in x (a "grouped" launch over x). Both kernels: SIMT (float64), tensor cores
+    (float32)."""
+    x, w1, w2 = example_inputs(shape, dtype=dtype, device=device_for(backend)).args
+    y = torch.full((shape[0], shape[4] * shape[5]), float("nan"), dtype=dtype, device=x.device)
     MC._fwd_cuda(x, w1, w2, y)
-    torch.testing.assert_close(y, monarch_multiply(x, w1, w2, backend="ref"), rtol=1e-12,
-                               atol=1e-12)
+    want = monarch_multiply(x.double(), w1.double(), w2.double(), backend="ref")
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
 
 
 def test_cuda_tiles_that_do_not_divide_raise():
     with pytest.raises(ValueError, match=r"tiles \(JB, TY, TX, RM, RN, BK\)"):
         MC._bgemm_kernel(np.dtype(np.float64), (2, 2, 2, 2, 2, 3))
+
+
+# =============================================================================================
+# Tensor cores: the two inline-PTX instructions, and the float32 kernel built on them
+# =============================================================================================
+
+
+def _tf32_by_frexp(x: np.ndarray) -> np.ndarray:
+    """x rounded to 11 significant bits, ties away from zero, by frexp (not by bit masks)."""
+    m, e = np.frexp(x.astype(np.float64))
+    return np.ldexp(np.sign(m) * np.floor(np.abs(m) * 2.0**11 + 0.5) / 2.0**11, e)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+def test_tf32_round_rounds_to_nearest_ties_away(backend):
+    @cuda.jit
+    def kernel(x, y):
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            y[i] = tf32_round(x[i])
+
+    rng = np.random.default_rng(0)
+    ties = (1 + (2 * np.arange(1, 9) + 1) * 2.0**-11).astype(np.float32)  # halfway cases
+    x = np.concatenate([rng.standard_normal(200) * 10.0 ** rng.integers(-20, 20, 200), ties,
+                        -ties, [0.0, -0.0, 1.0, 2.0**-126, 3.0e38]]).astype(np.float32)
+    xt = torch.from_numpy(x).to(device_for(backend))
+    y = torch.empty_like(xt)
+    launch(kernel, -(-len(x) // 64), 64, xt, y)
+    np.testing.assert_array_equal(y.cpu().numpy().astype(np.float64), _tf32_by_frexp(x))
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("integers", [True, False], ids=["exact", "random"])
+def test_mma_tf32_is_a_16x8x8_matrix_product(backend, integers):
+    """One warp: A (16 x 8), B (8 x 8), C (16 x 8) handed out in the PTX ISA's fragment layout,
+    D = A·B + C read back from it. Small integers are exact in any order of summation; random
+    TF32 numbers agree with float64 to float32's rounding."""
+    @cuda.jit
+    def kernel(A, B, C, D):
+        lane = cuda.threadIdx.x
+        g, t = lane // 4, lane % 4
+        d = mma_tf32(A[g, t], A[g + 8, t], A[g, t + 4], A[g + 8, t + 4], B[t, g], B[t + 4, g],
+                     C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1])
+        D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1] = d
+
+    rng = np.random.default_rng(1)
+    if integers:
+        A, B, C = (rng.integers(-8, 9, s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
+    else:
+        A, B = (_tf32_by_frexp(rng.standard_normal(s)).astype(np.float32) for s in ((16, 8), (8, 8)))
+        C = rng.standard_normal((16, 8)).astype(np.float32)
+    dev = device_for(backend)
+    At, Bt, Ct = (torch.from_numpy(M).to(dev) for M in (A, B, C))
+    D = torch.full((16, 8), float("nan"), device=dev)
+    launch(kernel, 1, 32, At, Bt, Ct, D)
+    want = A.astype(np.float64) @ B.astype(np.float64) + C.astype(np.float64)
+    tol = 0 if integers else 4e-7
+    np.testing.assert_allclose(D.cpu().numpy(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("tiles", [None, (1, 2, 2, 1, 8, 0), (2, 1, 1, 2, 16, 2),
+                                   (1, 4, 1, 1, 8, 4)],
+                         ids=["default", "jb1-wm2-mt2-nn1-registers", "jb2-ck16-s2", "jb1-wm4-s4"])
+def test_mma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
+    """(JB, WM, MT, NN, CK, S) of the tensor-core kernel: two warps on one group (64 tokens a
+    block, one output tile) with the next chunk loaded through registers (S = 0), chunks of 16
+    (two k-steps) with 2 asynchronous stages, four warps sharing 64 words of staged weights
+    (fewer than threads) with 4 stages (more than the 3 chunks); float32 forward and all three
+    gradients within float32's accuracy of autograd of ref in float64 (3xTF32)."""
+    if tiles is not None:
+        monkeypatch.setattr(MC, "_mma_tiles", lambda kind: (tiles, 1))
+    _float32_against_float64(backend, seed=9)
+
+
+def test_forced_engine_names_the_choices():
+    with pytest.raises(ValueError, match="engine must be 'mma' or 'simt'"):
+        with MC.forced_engine("tensor"):
+            pass
+
+
+def test_mma_tiles_that_do_not_divide_raise():
+    with pytest.raises(ValueError, match=r"mma tiles \(JB, WM, MT, NN, CK, S\)"):
+        MC._mma_kernel((2, 1, 1, 2, 12, 2), 1, False, False)
+    with pytest.raises(ValueError, match=r"S = 0 or S >= 2"):
+        MC._mma_kernel((2, 1, 1, 2, 8, 1), 1, False, False)

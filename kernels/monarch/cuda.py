@@ -1,10 +1,13 @@
-"""Monarch's CUDA kernel (numba.cuda): one token-tiled, register-tiled batched matrix product,
-launched twice for the forward and three times for the backward, and its host launchers, the
-only place that knows grid and block. The equations and the glossary:
+"""Monarch's CUDA kernels (numba.cuda): one token-tiled batched matrix product, launched twice
+for the forward and three times for the backward, in two forms: on tensor cores for float32
+(sm_80 and later: mma.sync on TF32 pieces, "3xTF32", which keeps float32's accuracy) and
+register-tiled on the CUDA cores for float64 (and float32 on older GPUs); and their host
+launchers, the only place that knows grid and block. The equations and the glossary:
 kernels/monarch/__init__.py."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -13,7 +16,14 @@ import torch
 from numba import cuda
 
 from minimodels.backend import cuda_simulated, launch
-from minimodels.kernels._common import numpy_dtype
+from minimodels.kernels._common import (
+    copy_async,
+    copy_async_commit,
+    copy_async_wait,
+    mma_tf32,
+    numpy_dtype,
+    tf32_round,
+)
 
 # =============================================================================================
 # Constants
@@ -30,6 +40,12 @@ from minimodels.kernels._common import numpy_dtype
 CUDA_TILES = {4: {"flat": ((1, 16, 8, 8, 8, 8), 4), "grouped": ((8, 4, 8, 8, 8, 4), 2)},
               8: {"flat": ((1, 32, 8, 4, 8, 8), 2), "grouped": ((4, 8, 8, 4, 8, 8), 2)}}
 SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 4), 1)}
+# The tensor-core kernel's ((JB, WM, MT, NN, CK), blocks per SM) by launch kind: JB groups x
+# WM warps per block, each warp 16·MT tokens x 8·NN outputs of one group, c in chunks of CK. On
+# a GPU one group per warp, 32 tokens x 64 outputs (64 float32 accumulators a thread); in the
+# simulator 2 warps, 16 tokens x 16 outputs, chunks of 8, so that tiny tests cross every edge.
+MMA_TILES = {"flat": ((8, 1, 2, 8, 8, 3), 2), "grouped": ((8, 1, 2, 8, 8, 3), 2)}
+SIMULATOR_MMA_TILES = ((2, 1, 1, 2, 8, 3), 1)
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
 
@@ -72,6 +88,10 @@ VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
 def _tiles(itemsize: int, kind: str) -> tuple[tuple[int, ...], int]:
     return SIMULATOR_TILES[kind] if cuda_simulated() else CUDA_TILES[itemsize][kind]
+
+
+def _mma_tiles(kind: str) -> tuple[tuple[int, ...], int]:
+    return SIMULATOR_MMA_TILES if cuda_simulated() else MMA_TILES[kind]
 
 
 def _pad(words: int, itemsize: int, V: int, target: int) -> int:
@@ -212,18 +232,257 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
     return kernel, BM, JB, BN, NT
 
 
-def _bgemm(inp, wt, out, sizes, in_strides, out_strides):
-    """out[b, g, o] = Σ_c wt[g, c, o] in[b, g, c] through strides (in numbers) on flat views of
-    contiguous tensors; wt (G, C, O) contiguous; sizes = (tokens, G, O, C), each stride triple
+# =============================================================================================
+# CUDA kernel on tensor cores (sm_80 and later), float32: the same batched product
+#     out[b, g, o] = Σ_c W[g, o, c] · in[b, g, c]
+# with each warp's tile multiplied by mma.sync (m16n8k8, TF32 inputs, float32 sums) in the
+# "3xTF32" form that keeps float32's accuracy (kernels/_common.py): a·b ≈ a_big·b_big +
+# a_big·b_small + a_small·b_big. Why: the SIMT kernel above runs both launches at ~40% of the
+# FMA rate and ~55% of the copy bandwidth at once (kernels/BENCHMARKS.md, rounds 3 and 4), and
+# two float32 passes cannot go under 0.51 ms on the FMA units; on tensor cores the products cost
+# a fraction of the memory traffic, which is then the one floor.
+#
+# A block owns BM = 16·MT·WM tokens, JB consecutive groups and BN = 8·NN outputs, and walks c in
+# chunks of CK:
+#   - stage the input chunk in shared memory as element (t, j, c) at t·ST + j·SJ + c·SC, with
+#     the order of the global layout (c fastest for "flat" inputs, the groups fastest for
+#     "grouped" ones, whose runs of JB neighbouring groups fill 32-byte sectors); the next
+#     chunk's global loads are issued into registers before this chunk's products;
+#   - warp w multiplies group jj = w % JB for tokens 16·MT·(w // JB) + [0, 16·MT): per k-step of
+#     8 c, its A fragments come from shared memory (the pads make the 32 lanes' loads hit 32
+#     banks), its B fragments straight from global memory (L2), where the launcher packed the
+#     weights in fragment order (``_pack_mma``), zero-padded so that no load needs a guard;
+#   - the float32 accumulators (MT x NN tiles of 16 x 8) go out through shared memory, CK
+#     outputs a pass, in the global layout's order again.
+# =============================================================================================
+
+
+@functools.cache
+def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
+                out_grouped: bool):
+    """Compile-once float32 batched product on tensor cores; returns (kernel, BM, JB, BN, CK,
+    threads)."""
+    JB, WM, MT, NN, CK, S = tiles
+    NT, BM, BN, KS = 32 * JB * WM, 16 * MT * WM, 8 * NN, CK // 8
+    if CK % 8 or BN % CK or NT % (JB * CK) or BM % (NT // (JB * CK) or 1) or S == 1:
+        raise ValueError(f"mma tiles (JB, WM, MT, NN, CK, S) = {tiles}: need CK a multiple of "
+                         f"8 dividing 8·NN, JB·CK dividing the {NT} threads into staging passes "
+                         f"of whole token rows, and S = 0 or S >= 2 stages")
+    TS = NT // (JB * CK)  # token rows one staging pass covers (inputs, and CK outputs)
+    IU = BM // TS  # staging passes
+    W_WORDS = JB * KS * NN * 64  # a chunk of B fragments, (jj, kk, n, lane, 2)
+    WU = -(-W_WORDS // NT)  # its staging passes
+    # shared layouts: input (t, j, c) at t·ST + j·SJ + c·SC, output (t, j, o) at t·SO + j·SJO +
+    # o·SOO; ST ≡ 4 mod 8 ("flat") or odd ("grouped") puts a warp's A fragment in 32 banks
+    SJ, SC, ST = (1, JB, JB * CK + 1) if in_grouped else (CK, 1, JB * CK + 4)
+    SJO, SOO, SO = (1, JB, JB * CK + 1) if out_grouped else (CK, 1, JB * CK + 4)
+    CHUNK = BM * ST  # one input chunk; S of them in a ring when copies are asynchronous
+    WORDS = max(max(S, 1) * CHUNK, BM * SO)
+    wait_chunk = copy_async_wait(max(S - 2, 0))  # S - 2 groups may fly on when a chunk is due
+    wait_all = copy_async_wait(0)
+    f32 = np.float32
+    U = np.uint64
+    options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
+
+    @cuda.jit(device=True)
+    def issue(xs, inp, q, i_src, i_dst, t0, j_ok, c_i, uB, uC, uir, uic):
+        """Asynchronous copies of my elements of input chunk q into ring slot q % S."""
+        cq = U(q * CK)
+        dst = U(q % S * CHUNK) + i_dst
+        for u in range(IU):
+            ok = j_ok and t0 + U(u * TS) < uB and cq + c_i < uC
+            copy_async(xs, dst + U(u * TS * ST), inp,
+                       i_src + cq * uic + U(u * TS) * uir if ok else U(0), ok)
+
+    @cuda.jit(**options)
+    def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
+        # out[b·orow + g·og + o·oo] = Σ_c W[g, o, c] · inp[b·ir + g·ig + c·ic]; wp: W packed by
+        # _pack_mma, CB chunks per (group block, output block), each W_WORDS long
+        xs = cuda.shared.array(WORDS, f32)  # input chunks (S in a ring), later output passes
+        ws = cuda.shared.array(W_WORDS, f32)  # this chunk's B fragments
+        acc = cuda.local.array((MT, NN, 4), f32)  # C fragments of my MT x NN tiles
+        af = cuda.local.array((MT, 8), f32)  # A fragments of one k-step: big 0-3, small 4-7
+        xn = cuda.local.array(IU, f32)  # S = 0: the next chunk, loaded while this one is used
+        wn = cuda.local.array(WU, f32)  # the next chunk's B fragments
+        tid = U(cuda.threadIdx.x)
+        lane, w = tid % U(32), tid // U(32)
+        jj, wm = w % U(JB), w // U(JB)
+        r, k = lane // U(4), lane % U(4)
+        nbt, nbg = (U(batch) + U(BM - 1)) // U(BM), (U(G) + U(JB - 1)) // U(JB)
+        bid = U(cuda.blockIdx.x)  # a 1-D grid, groups first (as the SIMT kernel's)
+        b0, g0 = (bid // nbg) % nbt * U(BM), bid % nbg * U(JB)
+        o0 = bid // (nbt * nbg) * U(BN)
+        uB, uG, uO, uC = U(batch), U(G), U(O), U(C)
+        uir, uig, uic = U(ir), U(ig), U(ic)
+        # staging: I copy element (t_i + TS·u, j_i, c_i) of each chunk, u < IU
+        if in_grouped:
+            j_i, c_i, t_i = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
+        else:
+            c_i, j_i, t_i = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
+        i_src = (b0 + t_i) * uir + (g0 + j_i) * uig + c_i * uic  # + q·CK·ic + u·TS·ir
+        i_dst = t_i * U(ST) + j_i * U(SJ) + c_i * U(SC)  # + u·TS·ST (+ ring slot)
+        whole = b0 + U(BM) <= uB and g0 + U(JB) <= uG  # no token or group edge in this block
+        x_rd = (wm * U(16 * MT) + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·16·ST + kk·8·SC
+        w_src = ((g0 // U(JB)) * (U(O + BN - 1) // U(BN)) + o0 // U(BN)) * U(CB * W_WORDS) + tid
+        w_rd = jj * U(KS * NN * 64) + lane * U(2)  # + (kk·NN + n)·64
+        for m in range(MT):
+            for n in range(NN):
+                for i in range(4):
+                    acc[m, n, i] = f32(0)
+        # chunk q of c is staged while chunk q - 1 (registers, S = 0) or chunks q - S + 1 ...
+        # q - 1 (asynchronous copies) are in flight; the packed weights need no guard
+        for q in range(-1 if S == 0 else -S + 1, CB):
+            if q >= 0:
+                if S > 0:
+                    wait_chunk()  # my copies of chunk q have landed
+                cuda.syncthreads()  # everyone is done with chunk q - 1; chunk q is in
+                if S == 0:
+                    for u in range(IU):
+                        xs[i_dst + U(u * TS * ST)] = xn[u]
+                for u in range(WU):
+                    if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
+                        ws[tid + U(u * NT)] = wn[u]
+                cuda.syncthreads()
+            nq = q + 1 if S == 0 else q + S - 1  # the chunk to fetch now
+            if S > 0:
+                if nq < CB:
+                    issue(xs, inp, nq, i_src, i_dst, b0 + t_i, g0 + j_i < uG, c_i, uB, uC,
+                          uir, uic)
+                copy_async_commit()  # every iteration closes a group, empty or not
+            elif nq < CB:
+                uq = U(nq * CK)
+                if whole and uq + U(CK) <= uC:
+                    for u in range(IU):
+                        xn[u] = inp[i_src + uq * uic + U(u * TS) * uir]
+                else:  # zero past the edges (tokens, groups, the last c chunk)
+                    for u in range(IU):
+                        ok = (b0 + t_i + U(u * TS) < uB and g0 + j_i < uG and uq + c_i < uC)
+                        xn[u] = inp[i_src + uq * uic + U(u * TS) * uir] if ok else f32(0)
+            if q + 1 < CB and q + 1 >= 0:
+                for u in range(WU):
+                    if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
+                        wn[u] = wp[w_src + U((q + 1) * W_WORDS + u * NT)]
+            # [core] monarch_mma
+            if q >= 0:
+                slot = U(q % S * CHUNK) if S > 0 else U(0)
+                for kk in range(KS):
+                    for m in range(MT):  # A: rows r, r + 8; columns k, k + 4 of k-step kk
+                        a = slot + x_rd + U(m * 16 * ST + kk * 8 * SC)
+                        af[m, 0] = xs[a]
+                        af[m, 1] = xs[a + U(8 * ST)]
+                        af[m, 2] = xs[a + U(4 * SC)]
+                        af[m, 3] = xs[a + U(8 * ST + 4 * SC)]
+                        for i in range(4):
+                            big = tf32_round(af[m, i])
+                            af[m, i + 4] = tf32_round(af[m, i] - big)
+                            af[m, i] = big
+                    for n in range(NN):  # B: rows k, k + 4, column r of output tile n
+                        wi = w_rd + U((kk * NN + n) * 64)
+                        b0v, b1v = ws[wi], ws[wi + U(1)]
+                        bb0, bb1 = tf32_round(b0v), tf32_round(b1v)
+                        bs0, bs1 = tf32_round(b0v - bb0), tf32_round(b1v - bb1)
+                        for m in range(MT):  # small terms first, then big·big
+                            d = mma_tf32(af[m, 4], af[m, 5], af[m, 6], af[m, 7], bb0, bb1,
+                                         acc[m, n, 0], acc[m, n, 1], acc[m, n, 2], acc[m, n, 3])
+                            d = mma_tf32(af[m, 0], af[m, 1], af[m, 2], af[m, 3], bs0, bs1,
+                                         d[0], d[1], d[2], d[3])
+                            d = mma_tf32(af[m, 0], af[m, 1], af[m, 2], af[m, 3], bb0, bb1,
+                                         d[0], d[1], d[2], d[3])
+                            for i in range(4):
+                                acc[m, n, i] = d[i]
+            # [/core]
+        if S > 0:
+            wait_all()  # nothing in flight into xs (the groups left are empty)
+        # out, CK outputs a pass: fragments -> shared (t, j, o) -> global in its layout's order
+        if out_grouped:
+            j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
+        else:
+            o_o, j_o, t_o = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
+        o_rd = t_o * U(SO) + j_o * U(SJO) + o_o * U(SOO)  # + u·TS·SO
+        o_wr = (wm * U(16 * MT) + r) * U(SO) + jj * U(SJO) + U(2) * k * U(SOO)
+        g = g0 + j_o
+        for p in range(BN // CK):
+            cuda.syncthreads()  # the last chunk's (or pass's) readers are done
+            for nn in range(CK // 8):
+                for m in range(MT):  # D: rows r, r + 8; columns 2k, 2k + 1 of tile p·CK/8 + nn
+                    a = o_wr + U(m * 16 * SO + nn * 8 * SOO)
+                    xs[a] = acc[m, p * (CK // 8) + nn, 0]
+                    xs[a + U(SOO)] = acc[m, p * (CK // 8) + nn, 1]
+                    xs[a + U(8 * SO)] = acc[m, p * (CK // 8) + nn, 2]
+                    xs[a + U(8 * SO + SOO)] = acc[m, p * (CK // 8) + nn, 3]
+            cuda.syncthreads()
+            o = o0 + U(p * CK) + o_o
+            if g < uG and o < uO:
+                for u in range(IU):
+                    t = b0 + t_o + U(u * TS)
+                    if t < uB:
+                        out[t * U(orow) + g * U(og) + o * U(oo)] = xs[o_rd + U(u * TS * SO)]
+
+    return kernel, BM, JB, BN, CK, NT
+
+
+def _pack_mma(W, JB: int, BN: int, CK: int):
+    """W (G, O, C) -> (wp, CB): the B fragments in the order a block stages them, one chunk of
+    JB groups x CK c x BN outputs after another: wp[gb, ob, cb, jj, kk, n, r, t, h] =
+    W[gb·JB + jj, ob·BN + 8n + r, cb·CK + 8kk + 4h + t], zero-padded to whole blocks and chunks
+    (lane 4r + t holds (b0, b1) = the pair h = 0, 1); CB chunks per (gb, ob)."""
+    G, O, C = W.shape
+    Gp, Op, Cp = -(-G // JB) * JB, -(-O // BN) * BN, -(-C // CK) * CK
+    Wp = W.new_zeros(Gp, Op, Cp)
+    Wp[:G, :O, :C] = W
+    wp = Wp.view(Gp // JB, JB, Op // BN, BN // 8, 8, Cp // CK, CK // 8, 2, 4)
+    return wp.permute(0, 2, 5, 1, 6, 3, 4, 8, 7).contiguous(), Cp // CK
+
+
+_FORCED_ENGINE: list[str] = []  # set by forced_engine
+
+
+def _engine(dtype: torch.dtype) -> str:
+    """"mma" (tensor cores, 3xTF32) for float32 on sm_80 and later, and in the simulator;
+    "simt" (the register-tiled kernel) for float64 and for older GPUs."""
+    if dtype != torch.float32:
+        return "simt"
+    if _FORCED_ENGINE:
+        return _FORCED_ENGINE[-1]
+    return "mma" if cuda_simulated() or torch.cuda.get_device_capability() >= (8, 0) else "simt"
+
+
+@contextlib.contextmanager
+def forced_engine(engine: str):
+    """Within the block, float32 products run on ``engine``: "mma" (tensor cores) or "simt"
+    (CUDA cores, as on GPUs before sm_80): for benchmarks and tests that compare the two."""
+    if engine not in ("mma", "simt"):
+        raise ValueError(f"engine must be 'mma' or 'simt', got {engine!r}")
+    _FORCED_ENGINE.append(engine)
+    try:
+        yield
+    finally:
+        _FORCED_ENGINE.pop()
+
+
+def _bgemm(inp, W, out, sizes, in_strides, out_strides):
+    """out[b, g, o] = Σ_c W[g, o, c] in[b, g, c] through strides (in numbers) on flat views of
+    contiguous tensors; W (G, O, C), any strides; sizes = (tokens, G, O, C), each stride triple
     (token, group, c or o)."""
     batch, G, O, C = sizes
     if batch == 0 or G == 0 or O == 0:  # nothing to write (a grid cannot have 0 blocks)
         return
-    # "grouped" when neighbouring groups are neighbouring numbers of the input or the output
-    kind = "grouped" if G > 1 and 1 in (in_strides[1], out_strides[1]) else "flat"
+    # "grouped" when neighbouring groups are neighbouring numbers in memory
+    in_grouped, out_grouped = G > 1 and in_strides[1] == 1, G > 1 and out_strides[1] == 1
+    kind = "grouped" if in_grouped or out_grouped else "flat"
+    if _engine(inp.dtype) == "mma":
+        tiles, blocks_per_sm = _mma_tiles(kind)
+        kernel, BM, JB, BN, CK, threads = _mma_kernel(tiles, blocks_per_sm, in_grouped,
+                                                      out_grouped)
+        wp, CB = _pack_mma(W, JB, BN, CK)
+        grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
+        launch(kernel, grid, threads, inp.view(-1), wp.view(-1), out.view(-1), batch, G, O, C,
+               CB, *in_strides, *out_strides)
+        return
     tiles, blocks_per_sm = _tiles(inp.element_size(), kind)
     kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype), tiles, blocks_per_sm)
     grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
+    wt = W.transpose(1, 2).contiguous()
     launch(kernel, grid, threads, inp.view(-1), wt.view(-1), out.view(-1), batch, G, O, C,
            *in_strides, *out_strides)
 
@@ -237,9 +496,8 @@ def _fwd_cuda(x, w1, w2, y=None):
     y = x.new_empty(b, l * s) if y is None else y
     if b:
         z = x.new_empty(b, k * q)
-        w1t, w2t = w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
-        _bgemm(x, w1t, z, (b, k, q, p), (k * p, p, 1), (k * q, q, 1))
-        _bgemm(z, w2t, y, (b, l, s, r), (k * q, 1, l), (l * s, 1, l))
+        _bgemm(x, w1, z, (b, k, q, p), (k * p, p, 1), (k * q, q, 1))
+        _bgemm(z, w2, y, (b, l, s, r), (k * q, 1, l), (l * s, 1, l))
     return y
 
 
@@ -251,8 +509,7 @@ def _bwd_cuda(x, g, w1, w2):
     gx = torch.empty_like(x)
     z, gz = x.new_empty(b, k * q), x.new_empty(b, k * q)
     if b:
-        _bgemm(x, w1.transpose(1, 2).contiguous(), z, (b, k, q, p), (k * p, p, 1),
-               (k * q, q, 1))
-        _bgemm(g, w2, gz, (b, l, r, s), (l * s, 1, l), (k * q, 1, l))
-        _bgemm(gz, w1, gx, (b, k, p, q), (k * q, q, 1), (k * p, p, 1))
+        _bgemm(x, w1, z, (b, k, q, p), (k * p, p, 1), (k * q, q, 1))
+        _bgemm(g, w2.transpose(1, 2), gz, (b, l, r, s), (l * s, 1, l), (k * q, 1, l))
+        _bgemm(gz, w1.transpose(1, 2), gx, (b, k, p, q), (k * q, q, 1), (k * p, p, 1))
     return gx, z, gz

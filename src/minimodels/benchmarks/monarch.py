@@ -4,12 +4,13 @@ On the CPU at the canonical size (4096 tokens, n = 4096, 64 blocks of 64 x 64, f
 GPU at issue #16's (32768 tokens, same blocks), against the peers a user would write: the
 reference (einsum), the torch.bmm formulation (two batched matrix products with the
 permutations as copies in between; on a GPU also in bf16, inputs cast once outside the timing,
-its error against the float64 truth in its note), and the dense F.linear of the same size (n²
-weights). The floor: the bytes (read x, write y) over the measured copy bandwidth; the FLOPs
-(2·n·√n multiply-adds per token) are printed beside it. Implementations are timed interleaved,
-round after round, and the median of the rounds is kept (the machine is shared). Targets
-(#16): CPU, kernel <= 1.5x torch.bmm and >= 3x faster than dense; GPU, kernel under 1 ms and
-faster than the bf16 bmm formulation.
+its error against the float64 truth in its note, and in float32 with cuBLAS allowed TF32), the
+course's own kernel on the CUDA cores (as on GPUs before sm_80), and the dense F.linear of the
+same size (n² weights). The floor: the bytes (read x, write y) over the measured copy
+bandwidth; the FLOPs (2·n·√n multiply-adds per token) are printed beside it. Implementations
+are timed interleaved, round after round, and the median of the rounds is kept (the machine is
+shared). Targets (#16): CPU, kernel <= 1.5x torch.bmm and >= 3x faster than dense; GPU, kernel
+under 1 ms and faster than the bf16 bmm formulation.
 """
 
 from __future__ import annotations
@@ -52,6 +53,25 @@ def bmm_monarch(x, w1, w2):
     return y.permute(1, 2, 0).reshape(b, s * l)  # P2: (b, l·s)
 
 
+def _tf32(fn, *args):
+    """``fn(*args)`` with cuBLAS allowed to round float32 inputs to TF32 (one TF32 product: ~10
+    bits of precision, the speed a user gets from ``allow_tf32``)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return fn(*args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _simt(x, w1, w2):
+    """The CUDA kernel on the CUDA cores, as GPUs before sm_80 run it."""
+    from minimodels.kernels.monarch.cuda import forced_engine
+
+    with forced_engine("simt"):
+        return M.monarch_multiply(x, w1, w2, backend="cuda")
+
+
 def run(shape=None, device="cpu", dtype=None) -> str:
     """Markdown table: ref, torch.bmm (and in bf16 on cuda), the kernel (cpu, or cuda on a GPU),
     dense F.linear; then the targets of #16 for the device."""
@@ -63,7 +83,8 @@ def run(shape=None, device="cpu", dtype=None) -> str:
     b, n = x.shape
     l, s, _ = w2.shape
     kernel = "cuda" if gpu else "cpu"
-    # the CPU kernel fuses both factors per token; the GPU's runs each factor token-tiled
+    # the CPU kernel fuses both factors per token; the GPU's runs each factor token-tiled, in
+    # float32 on tensor cores (3xTF32) where the GPU has them
     ours_name = f"minimodels {kernel} kernel ({'token-tiled' if gpu else 'fused'})"
     dense = M.monarch_matrix(w1, w2)  # (l·s, n): the same map as a dense weight
     with torch.no_grad():
@@ -73,6 +94,8 @@ def run(shape=None, device="cpu", dtype=None) -> str:
         if gpu:  # cast once, outside the timing
             x16, w1_16, w2_16 = (t.bfloat16() for t in (x, w1, w2))
             fns["torch.bmm formulation, bf16"] = lambda: bmm_monarch(x16, w1_16, w2_16)
+            fns["torch.bmm formulation, TF32"] = lambda: _tf32(bmm_monarch, x, w1, w2)
+            fns["minimodels cuda kernel, CUDA cores (SIMT)"] = lambda: _simt(x, w1, w2)
         fns[ours_name] = lambda: M.monarch_multiply(x, w1, w2, backend=kernel)
         fns["dense F.linear (n² weights)"] = lambda: F.linear(x, dense)
         secs = {name: statistics.median(t)
