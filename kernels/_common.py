@@ -2,10 +2,8 @@
 private names): the canonical-example record every op's ``example_inputs`` returns, the
 torch -> NumPy dtype mapping the kernel factories are keyed by, and the CUDA block scan of
 affine maps h -> A h + B (``scan_maps``) with its launch layout, used by kernels/scan.py's
-kernels and by the selective scan's backward, and the sm_80 instructions that numba.cuda does not
-expose (tensor cores: ``tf32_round``, ``mma_tf32``; asynchronous copies to shared memory:
-``copy_async``, ``copy_async_commit``, ``copy_async_wait``), as inline PTX, each with a
-simulator twin."""
+kernels and by the selective scan's backward, and the tensor-core instructions (``tf32_round``,
+``mma_tf32``) that numba.cuda does not expose, as inline PTX, each with a simulator twin."""
 
 from __future__ import annotations
 
@@ -18,9 +16,8 @@ from numba import cuda
 
 from minimodels.backend import cuda_simulated, expect_tensor
 
-__all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "copy_async", "copy_async_commit",
-           "copy_async_wait", "expect_out", "mma_tf32", "numpy_dtype", "randn", "scan_maps",
-           "tf32_round"]
+__all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "expect_out", "mma_tf32",
+           "numpy_dtype", "randn", "scan_maps", "tf32_round"]
 
 # =============================================================================================
 # Constants: the layout of a chunked block scan (kernels/scan.py, selective_scan's backward)
@@ -134,15 +131,8 @@ def scan_maps(sA, sB, A, B, i):
 # Every lane of the warp must call mma_tf32 together. A float32 product a·b at float32 accuracy
 # from TF32 products ("3xTF32"): a = a_big + a_small with a_big = tf32_round(a) and a_small =
 # tf32_round(a - a_big) (a - a_big is exact), then a·b ≈ a_big·b_big + a_big·b_small +
-# a_small·b_big: what is dropped, a_small·b_small and a_small's rounding, is ≤ 2⁻²¹ |a·b|.
-# Asynchronous copies (cp.async, sm_80 and later) move global memory into shared memory without
-# passing through registers, so a block can have several chunks in flight while it computes:
-#   copy_async(dst, i, src, j, valid)   dst[i] = src[j] (4 bytes), or 0 if not valid, later;
-#   copy_async_commit()                 closes the group of this thread's copies issued so far;
-#   copy_async_wait(n)()                waits until at most n of this thread's groups are
-#                                       pending (n is part of the instruction: the factory
-#                                       returns one intrinsic per n); then a barrier makes every
-#                                       thread's copies visible to the block.
+# a_small·b_big: what is dropped, a_small·b_small and the two remainders' rounding, is at most
+# 3·2⁻²² |a·b| (each part is within 2⁻¹¹ of what it rounds).
 # In the simulator both are Python: mma_tf32 gathers the warp's pieces in a mailbox of its
 # block, behind a barrier of the warp's 32 threads (so they must call it together, as on the
 # GPU; mailboxes alternate between calls, so one barrier a call suffices), and multiplies in
@@ -150,17 +140,6 @@ def scan_maps(sA, sB, A, B, i):
 
 if cuda_simulated():
     import threading
-
-    def copy_async(dst, i, src, j, valid):
-        """dst[i] = src[j] if valid else 0 (the simulator copies at once)."""
-        dst[i] = src[j] if valid else 0
-
-    def copy_async_commit():
-        """Closes this thread's group of copies (nothing to do in the simulator)."""
-
-    def copy_async_wait(n: int):
-        """``wait()``: waits for all but n groups (the simulator's copies are done already)."""
-        return lambda: None
 
     def tf32_round(x):
         """x rounded to TF32, ties away from zero (cvt.rna.tf32.f32), as a float32."""
@@ -227,52 +206,3 @@ else:
             return cgutils.pack_array(builder, [builder.extract_value(d, i) for i in range(4)])
 
         return types.UniTuple(f, 4)(f, f, f, f, f, f, f, f, f, f), codegen
-
-    @intrinsic
-    def copy_async(typingctx, dst, i, src, j, valid):
-        """dst[i] = src[j] if valid else 0, 4 bytes, asynchronously (cp.async.ca, zero-filled
-        when src-size is 0); dst a shared 1-D array, src a global one."""
-        def codegen(context, builder, sig, args):
-            dty, _, sty, _, vty = sig.args
-            i64, i32 = ir.IntType(64), ir.IntType(32)
-            d = builder.gep(context.make_array(dty)(context, builder, args[0]).data, [args[1]])
-            s = builder.gep(context.make_array(sty)(context, builder, args[2]).data, [args[3]])
-            size = builder.select(context.cast(builder, args[4], vty, types.boolean),
-                                  ir.Constant(i32, 4), ir.Constant(i32, 0))
-            cp = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [i64, i64, i32]),
-                              "{ .reg .u64 s64; .reg .u32 s32; cvta.to.shared.u64 s64, $0; "
-                              "cvt.u32.u64 s32, s64; cp.async.ca.shared.global [s32], [$1], 4, "
-                              "$2; }", "l,l,r", side_effect=True)
-            builder.call(cp, [builder.ptrtoint(d, i64), builder.ptrtoint(s, i64), size])
-            return context.get_dummy_value()
-
-        if dst.dtype != src.dtype or dst.ndim != 1 or src.ndim != 1 or dst.dtype.bitwidth != 32:
-            raise TypeError("copy_async: 1-D arrays of one 4-byte dtype")
-        return types.none(dst, i, src, j, valid), codegen
-
-    @intrinsic
-    def copy_async_commit(typingctx):
-        """cp.async.commit_group: closes this thread's group of copies."""
-        def codegen(context, builder, sig, args):
-            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "cp.async.commit_group;", "",
-                               side_effect=True)
-            builder.call(asm, [])
-            return context.get_dummy_value()
-
-        return types.none(), codegen
-
-    @functools.cache
-    def copy_async_wait(n: int):
-        """The intrinsic ``wait()``: cp.async.wait_group n, at most n of this thread's groups
-        still pending (n is part of the instruction, so one intrinsic per n)."""
-        @intrinsic
-        def wait(typingctx):
-            def codegen(context, builder, sig, args):
-                asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []),
-                                   f"cp.async.wait_group {int(n)};", "", side_effect=True)
-                builder.call(asm, [])
-                return context.get_dummy_value()
-
-            return types.none(), codegen
-
-        return wait

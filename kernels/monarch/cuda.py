@@ -16,14 +16,7 @@ import torch
 from numba import cuda
 
 from minimodels.backend import cuda_simulated, launch
-from minimodels.kernels._common import (
-    copy_async,
-    copy_async_commit,
-    copy_async_wait,
-    mma_tf32,
-    numpy_dtype,
-    tf32_round,
-)
+from minimodels.kernels._common import mma_tf32, numpy_dtype, tf32_round
 
 # =============================================================================================
 # Constants
@@ -42,10 +35,11 @@ CUDA_TILES = {4: {"flat": ((1, 16, 8, 8, 8, 8), 4), "grouped": ((8, 4, 8, 8, 8, 
 SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 4), 1)}
 # The tensor-core kernel's ((JB, WM, MT, NN, CK), blocks per SM) by launch kind: JB groups x
 # WM warps per block, each warp 16·MT tokens x 8·NN outputs of one group, c in chunks of CK. On
-# a GPU one group per warp, 32 tokens x 64 outputs (64 float32 accumulators a thread); in the
-# simulator 2 warps, 16 tokens x 16 outputs, chunks of 8, so that tiny tests cross every edge.
-MMA_TILES = {"flat": ((8, 1, 2, 8, 8, 3), 2), "grouped": ((8, 1, 2, 8, 8, 3), 2)}
-SIMULATOR_MMA_TILES = ((2, 1, 1, 2, 8, 3), 1)
+# a GPU one group per warp, 32 tokens x 64 outputs (64 float32 sums a thread), chunks of 8:
+# the best of 14 tile shapes and staging schemes on an H100 (kernels/BENCHMARKS.md, round 5); in
+# the simulator 2 warps, 16 tokens x 16 outputs, so that tiny tests cross every edge.
+MMA_TILES = {"flat": ((8, 1, 2, 8, 8), 2), "grouped": ((8, 1, 2, 8, 8), 2)}
+SIMULATOR_MMA_TILES = ((2, 1, 1, 2, 8), 1)
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
 
@@ -239,21 +233,22 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
 # "3xTF32" form that keeps float32's accuracy (kernels/_common.py): a·b ≈ a_big·b_big +
 # a_big·b_small + a_small·b_big. Why: the SIMT kernel above runs both launches at ~40% of the
 # FMA rate and ~55% of the copy bandwidth at once (kernels/BENCHMARKS.md, rounds 3 and 4), and
-# two float32 passes cannot go under 0.51 ms on the FMA units; on tensor cores the products cost
-# a fraction of the memory traffic, which is then the one floor.
+# two float32 passes cannot go under 0.51 ms on the FMA units; on tensor cores the products are
+# cheap and the memory traffic is what is left (round 5).
 #
 # A block owns BM = 16·MT·WM tokens, JB consecutive groups and BN = 8·NN outputs, and walks c in
-# chunks of CK:
-#   - stage the input chunk in shared memory as element (t, j, c) at t·ST + j·SJ + c·SC, with
-#     the order of the global layout (c fastest for "flat" inputs, the groups fastest for
-#     "grouped" ones, whose runs of JB neighbouring groups fill 32-byte sectors); the next
-#     chunk's global loads are issued into registers before this chunk's products;
-#   - warp w multiplies group jj = w % JB for tokens 16·MT·(w // JB) + [0, 16·MT): per k-step of
-#     8 c, its A fragments come from shared memory (the pads make the 32 lanes' loads hit 32
-#     banks), its B fragments straight from global memory (L2), where the launcher packed the
-#     weights in fragment order (``_pack_mma``), zero-padded so that no load needs a guard;
-#   - the float32 accumulators (MT x NN tiles of 16 x 8) go out through shared memory, CK
-#     outputs a pass, in the global layout's order again.
+# chunks of CK; per chunk:
+#   - the inputs are staged in shared memory as element (t, j, c) at t·ST + j·SJ + c·SC, in the
+#     order of the global layout (c fastest for "flat" inputs, the groups fastest for "grouped"
+#     ones, whose runs of JB neighbouring groups fill 32-byte sectors), and the chunk's B
+#     fragments beside them: the launcher packed the weights in exactly that order
+#     (``_pack_mma``), zero-padded, so their copy is a straight, unguarded one; the next
+#     chunk's inputs and fragments are loaded into registers while this chunk is multiplied;
+#   - warp w multiplies group jj = w % JB for tokens 16·MT·(w // JB) + [0, 16·MT): per k-step
+#     of 8 c, its A fragments come from the staged inputs (the pads put the 32 lanes' loads in
+#     32 banks), its B fragments from the staged weights.
+# The float32 sums (MT x NN tiles of 16 x 8 a warp) go out through shared memory, CK outputs a
+# pass, in the global layout's order again.
 # =============================================================================================
 
 
@@ -262,12 +257,12 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                 out_grouped: bool):
     """Compile-once float32 batched product on tensor cores; returns (kernel, BM, JB, BN, CK,
     threads)."""
-    JB, WM, MT, NN, CK, S = tiles
+    JB, WM, MT, NN, CK = tiles
     NT, BM, BN, KS = 32 * JB * WM, 16 * MT * WM, 8 * NN, CK // 8
-    if CK % 8 or BN % CK or NT % (JB * CK) or BM % (NT // (JB * CK) or 1) or S == 1:
-        raise ValueError(f"mma tiles (JB, WM, MT, NN, CK, S) = {tiles}: need CK a multiple of "
-                         f"8 dividing 8·NN, JB·CK dividing the {NT} threads into staging passes "
-                         f"of whole token rows, and S = 0 or S >= 2 stages")
+    if CK % 8 or BN % CK or NT % (JB * CK) or BM % (NT // (JB * CK) or 1):
+        raise ValueError(f"mma tiles (JB, WM, MT, NN, CK) = {tiles}: need CK a multiple of 8 "
+                         f"dividing 8·NN, and JB·CK dividing the {NT} threads into staging "
+                         f"passes of whole token rows")
     TS = NT // (JB * CK)  # token rows one staging pass covers (inputs, and CK outputs)
     IU = BM // TS  # staging passes
     W_WORDS = JB * KS * NN * 64  # a chunk of B fragments, (jj, kk, n, lane, 2)
@@ -276,33 +271,20 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     # o·SOO; ST ≡ 4 mod 8 ("flat") or odd ("grouped") puts a warp's A fragment in 32 banks
     SJ, SC, ST = (1, JB, JB * CK + 1) if in_grouped else (CK, 1, JB * CK + 4)
     SJO, SOO, SO = (1, JB, JB * CK + 1) if out_grouped else (CK, 1, JB * CK + 4)
-    CHUNK = BM * ST  # one input chunk; S of them in a ring when copies are asynchronous
-    WORDS = max(max(S, 1) * CHUNK, BM * SO)
-    wait_chunk = copy_async_wait(max(S - 2, 0))  # S - 2 groups may fly on when a chunk is due
-    wait_all = copy_async_wait(0)
+    WORDS = BM * max(ST, SO)  # an input chunk, later an output pass
     f32 = np.float32
     U = np.uint64
     options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
-
-    @cuda.jit(device=True)
-    def issue(xs, inp, q, i_src, i_dst, t0, j_ok, c_i, uB, uC, uir, uic):
-        """Asynchronous copies of my elements of input chunk q into ring slot q % S."""
-        cq = U(q * CK)
-        dst = U(q % S * CHUNK) + i_dst
-        for u in range(IU):
-            ok = j_ok and t0 + U(u * TS) < uB and cq + c_i < uC
-            copy_async(xs, dst + U(u * TS * ST), inp,
-                       i_src + cq * uic + U(u * TS) * uir if ok else U(0), ok)
 
     @cuda.jit(**options)
     def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
         # out[b·orow + g·og + o·oo] = Σ_c W[g, o, c] · inp[b·ir + g·ig + c·ic]; wp: W packed by
         # _pack_mma, CB chunks per (group block, output block), each W_WORDS long
-        xs = cuda.shared.array(WORDS, f32)  # input chunks (S in a ring), later output passes
+        xs = cuda.shared.array(WORDS, f32)  # this input chunk, later an output pass
         ws = cuda.shared.array(W_WORDS, f32)  # this chunk's B fragments
         acc = cuda.local.array((MT, NN, 4), f32)  # C fragments of my MT x NN tiles
         af = cuda.local.array((MT, 8), f32)  # A fragments of one k-step: big 0-3, small 4-7
-        xn = cuda.local.array(IU, f32)  # S = 0: the next chunk, loaded while this one is used
+        xn = cuda.local.array(IU, f32)  # the next chunk, loaded while this one is multiplied
         wn = cuda.local.array(WU, f32)  # the next chunk's B fragments
         tid = U(cuda.threadIdx.x)
         lane, w = tid % U(32), tid // U(32)
@@ -320,7 +302,7 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
         else:
             c_i, j_i, t_i = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
         i_src = (b0 + t_i) * uir + (g0 + j_i) * uig + c_i * uic  # + q·CK·ic + u·TS·ir
-        i_dst = t_i * U(ST) + j_i * U(SJ) + c_i * U(SC)  # + u·TS·ST (+ ring slot)
+        i_dst = t_i * U(ST) + j_i * U(SJ) + c_i * U(SC)  # + u·TS·ST
         whole = b0 + U(BM) <= uB and g0 + U(JB) <= uG  # no token or group edge in this block
         x_rd = (wm * U(16 * MT) + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·16·ST + kk·8·SC
         w_src = ((g0 // U(JB)) * (U(O + BN - 1) // U(BN)) + o0 // U(BN)) * U(CB * W_WORDS) + tid
@@ -329,28 +311,19 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
             for n in range(NN):
                 for i in range(4):
                     acc[m, n, i] = f32(0)
-        # chunk q of c is staged while chunk q - 1 (registers, S = 0) or chunks q - S + 1 ...
-        # q - 1 (asynchronous copies) are in flight; the packed weights need no guard
-        for q in range(-1 if S == 0 else -S + 1, CB):
+        # chunk q of c (inputs and B fragments) goes from registers to shared memory, chunk
+        # q + 1 into registers, then chunk q is multiplied; the packed weights need no guard
+        for q in range(-1, CB):
             if q >= 0:
-                if S > 0:
-                    wait_chunk()  # my copies of chunk q have landed
-                cuda.syncthreads()  # everyone is done with chunk q - 1; chunk q is in
-                if S == 0:
-                    for u in range(IU):
-                        xs[i_dst + U(u * TS * ST)] = xn[u]
+                cuda.syncthreads()  # everyone is done with chunk q - 1
+                for u in range(IU):
+                    xs[i_dst + U(u * TS * ST)] = xn[u]
                 for u in range(WU):
                     if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
                         ws[tid + U(u * NT)] = wn[u]
                 cuda.syncthreads()
-            nq = q + 1 if S == 0 else q + S - 1  # the chunk to fetch now
-            if S > 0:
-                if nq < CB:
-                    issue(xs, inp, nq, i_src, i_dst, b0 + t_i, g0 + j_i < uG, c_i, uB, uC,
-                          uir, uic)
-                copy_async_commit()  # every iteration closes a group, empty or not
-            elif nq < CB:
-                uq = U(nq * CK)
+            if q + 1 < CB:
+                uq = U((q + 1) * CK)
                 if whole and uq + U(CK) <= uC:
                     for u in range(IU):
                         xn[u] = inp[i_src + uq * uic + U(u * TS) * uir]
@@ -358,16 +331,14 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                     for u in range(IU):
                         ok = (b0 + t_i + U(u * TS) < uB and g0 + j_i < uG and uq + c_i < uC)
                         xn[u] = inp[i_src + uq * uic + U(u * TS) * uir] if ok else f32(0)
-            if q + 1 < CB and q + 1 >= 0:
                 for u in range(WU):
                     if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
                         wn[u] = wp[w_src + U((q + 1) * W_WORDS + u * NT)]
             # [core] monarch_mma
             if q >= 0:
-                slot = U(q % S * CHUNK) if S > 0 else U(0)
                 for kk in range(KS):
                     for m in range(MT):  # A: rows r, r + 8; columns k, k + 4 of k-step kk
-                        a = slot + x_rd + U(m * 16 * ST + kk * 8 * SC)
+                        a = x_rd + U(m * 16 * ST + kk * 8 * SC)
                         af[m, 0] = xs[a]
                         af[m, 1] = xs[a + U(8 * ST)]
                         af[m, 2] = xs[a + U(4 * SC)]
@@ -391,8 +362,6 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                             for i in range(4):
                                 acc[m, n, i] = d[i]
             # [/core]
-        if S > 0:
-            wait_all()  # nothing in flight into xs (the groups left are empty)
         # out, CK outputs a pass: fragments -> shared (t, j, o) -> global in its layout's order
         if out_grouped:
             j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
