@@ -39,7 +39,7 @@ test: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(PYTEST) -n auto -m "not browser and not fuzz" tests
 	$(NBVAL) --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg chapters solutions
 	$(NBVAL) --nbval-lax exercises
-	$(PYTEST) -m browser tests/browser -rs  # real JupyterLab + Chromium; skipped loudly without one
+	$(PYTEST) -n 2 -m browser tests/browser -rs  # real JupyterLab + Chromium; skipped loudly without one
 
 exercises: $(STAMP)
 	$(PY) -m minimodels.course exercises

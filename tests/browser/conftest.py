@@ -54,17 +54,40 @@ LAB_SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
 
+# What the end-of-run summary lists. Tests record into the running item's user_properties,
+# which travel with its reports: under pytest-xdist (`make test` runs two workers) the summary
+# is printed by the controller, which sees the workers' reports, not their memory.
 _skipped: list[str] = []
 _artifacts: list[Path] = []
 _notes: list[str] = []
+_current: list = []  # the item this process is running
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _current[:] = [item]  # before any fixture: a session fixture may skip loudly
+
+
+def _record(kind: str, value: str) -> None:
+    if _current:
+        _current[0].user_properties.append((f"browser-{kind}", value))
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "teardown":  # the last report of an item carries all it recorded
+        return
+    lists = {"browser-artifact": _artifacts, "browser-note": _notes, "browser-skip": _skipped}
+    for key, value in report.user_properties:
+        if key in lists:
+            lists[key].append(Path(value) if key == "browser-artifact" else value)
 
 
 def record_artifact(path: Path) -> None:
-    _artifacts.append(path)
+    _record("artifact", str(path))
 
 
 def record_note(line: str) -> None:
-    _notes.append(line)
+    _record("note", line)
 
 
 def find_chromium() -> str | None:
@@ -75,7 +98,7 @@ def find_chromium() -> str | None:
 
 
 def skip_loudly(reason: str) -> None:
-    _skipped.append(reason)
+    _record("skip", reason)
     pytest.skip(reason)
 
 
