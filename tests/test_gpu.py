@@ -6,7 +6,6 @@ cuda``."""
 
 import importlib
 
-import numpy as np
 import pytest
 import torch
 
@@ -64,28 +63,6 @@ def test_canonical_size_matches_float64_reference(module_name):
                 else ex64.call(op, backend="ref"))
     assert got.is_cuda and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want.double(), rtol=ex.rtol, atol=ex.atol)
-
-
-def test_launch_opts_in_past_48_kb_of_shared_memory():
-    """backend.launch with dynamic shared memory: 1 KB first (Numba's path, which sets up the
-    fast launcher), then 100 KB through the fast path, which must opt the kernel in past 48 KB
-    before launching; each block writes its last word and reads it back."""
-    from numba import cuda
-
-    from minimodels.backend import launch
-
-    @cuda.jit
-    def last_word(out, n):
-        sh = cuda.shared.array(0, np.float32)
-        if cuda.threadIdx.x == 0:
-            sh[n - 1] = n
-        cuda.syncthreads()
-        out[cuda.blockIdx.x] = sh[n - 1]
-
-    for nbytes in (1024, 100 * 1024):
-        out = torch.zeros(3, device=DEV)
-        launch(last_word, 3, 32, out, nbytes // 4, shared_bytes=nbytes)
-        assert out.tolist() == [nbytes // 4] * 3
 
 
 SIZE_ONE_SHAPES = {"scan": (1, 1, 5), "attention": (1, 1, 3, 8), "wkv": (1, 3, 1),

@@ -413,16 +413,13 @@ def test_mma_tf32_is_a_16x8x8_matrix_product(backend, integers):
 @pytest.mark.parametrize("backend", [CUDA])
 @pytest.mark.parametrize("tiles", [None, (1, 2, 2, 1, 8), (2, 1, 1, 2, 16), (1, 4, 1, 1, 8)],
                          ids=["default", "jb1-wm2-mt2-nn1", "jb2-ck16", "jb1-wm4"])
-@pytest.mark.parametrize("resident", [True, False], ids=["resident", "streamed"])
-def test_mma_tiles_forward_and_gradients(backend, tiles, resident, monkeypatch):
+def test_mma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
     """(JB, WM, MT, NN, CK) of the tensor-core kernel: two warps on one group (64 tokens a
     block, one output tile), chunks of 16 (two k-steps), four warps sharing 64 words of staged
-    weights (fewer than threads); the weights resident for all of a block's token tiles or
-    streamed a chunk at a time; float32 forward and all three gradients within float32's
+    weights (fewer than threads); float32 forward and all three gradients within float32's
     accuracy of autograd of ref in float64 (3xTF32)."""
-    if tiles is not None or not resident:
-        default, bps, _ = MC._mma_tiles("flat")
-        monkeypatch.setattr(MC, "_mma_tiles", lambda kind: (tiles or default, bps, resident))
+    if tiles is not None:
+        monkeypatch.setattr(MC, "_mma_tiles", lambda kind: (tiles, 1))
     _float32_against_float64(backend, seed=9)
 
 

@@ -84,11 +84,11 @@ def _kernels():
                         mc._bgemm_kernel(dt, tiles, bps)[0],
                         (a1, a1, a1) + (types.int64,) * 10, False))
         if dt == np.float32:  # on tensor cores (inline PTX: mma.sync, cvt.rna.tf32)
-            for kind, (tiles, bps, resident) in mc.MMA_TILES.items():
+            for kind, (tiles, bps) in mc.MMA_TILES.items():
                 grouped = kind == "grouped"
                 out.append((f"monarch batched product mma {kind}",
-                            mc._mma_kernel(tiles, bps, grouped, grouped, resident)[0],
-                            (a1, a1, a1) + (types.int64,) * 12, False))
+                            mc._mma_kernel(tiles, bps, grouped, grouped)[0],
+                            (a1, a1, a1) + (types.int64,) * 11, False))
         for e in (64, 128):  # flat views: 6 inputs, 1 output (dkv: 3), lq, lk, scale, causal
             for kind in ("dkv", "dq", "dkv_atomic"):
                 outs = 3 if kind.startswith("dkv") else 1

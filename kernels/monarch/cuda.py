@@ -33,15 +33,15 @@ from minimodels.kernels._common import mma_tf32, numpy_dtype, tf32_round
 CUDA_TILES = {4: {"flat": ((1, 16, 8, 8, 8, 8), 4), "grouped": ((8, 4, 8, 8, 8, 4), 2)},
               8: {"flat": ((1, 32, 8, 4, 8, 8), 2), "grouped": ((4, 8, 8, 4, 8, 8), 2)}}
 SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 4), 1)}
-# The tensor-core kernel's ((JB, WM, MT, NN, CK), blocks per SM, resident weights) by launch
-# kind: JB groups x WM warps per block, each warp 16·MT tokens x 8·NN outputs of one group, c in
-# chunks of CK; the weights kept in shared memory for all the block's token tiles ("resident")
-# or staged chunk by chunk. On a GPU the best of the sweeps on an H100 (kernels/BENCHMARKS.md,
-# rounds 5 and 6); in the simulator 2 warps, 16 tokens x 16 outputs, so that tiny tests cross
-# every edge, and 2 token splits, so that a block walks several tiles.
-MMA_TILES = {"flat": ((1, 8, 2, 8, 16), 2, False), "grouped": ((8, 1, 2, 8, 8), 2, False)}
-SIMULATOR_MMA_TILES = ((2, 1, 1, 2, 8), 1, True)
-SIMULATOR_SPLITS = 2
+# The tensor-core kernel's ((JB, WM, MT, NN, CK), blocks per SM) by launch kind: JB groups x
+# WM warps per block, each warp 16·MT tokens x 8·NN outputs of one group, c in chunks of CK. On
+# a GPU each warp 32 tokens x 64 outputs (64 float32 sums a thread); "flat": one group, 8 warps
+# (256 tokens, so the weights cross L2 once per 256 tokens), chunks of 16; "grouped": 8 groups
+# (32-byte runs of neighbouring groups), one warp each, chunks of 8. The best of 30 shapes and
+# staging schemes on an H100 (kernels/BENCHMARKS.md, rounds 5 and 6); in the simulator 2 warps,
+# 16 tokens x 16 outputs, so that tiny tests cross every edge.
+MMA_TILES = {"flat": ((1, 8, 2, 8, 16), 2), "grouped": ((8, 1, 2, 8, 8), 2)}
+SIMULATOR_MMA_TILES = ((2, 1, 1, 2, 8), 1)
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
 
@@ -86,7 +86,7 @@ def _tiles(itemsize: int, kind: str) -> tuple[tuple[int, ...], int]:
     return SIMULATOR_TILES[kind] if cuda_simulated() else CUDA_TILES[itemsize][kind]
 
 
-def _mma_tiles(kind: str) -> tuple[tuple[int, ...], int, bool]:
+def _mma_tiles(kind: str) -> tuple[tuple[int, ...], int]:
     return SIMULATOR_MMA_TILES if cuda_simulated() else MMA_TILES[kind]
 
 
@@ -238,33 +238,25 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
 # two float32 passes cannot go under 0.51 ms on the FMA units; on tensor cores the products are
 # cheap and the memory traffic is what is left (round 5).
 #
-# A block owns JB consecutive groups and BN = 8·NN outputs, and walks token tiles of BM =
-# 16·MT·WM tokens: tiles split, split + S, split + 2S, ... of the S splits of the token axis
-# (one tile a block when S is the number of tiles); per tile it walks c in chunks of CK, and
-# per chunk:
+# A block owns BM = 16·MT·WM tokens, JB consecutive groups and BN = 8·NN outputs, and walks c in
+# chunks of CK; per chunk:
 #   - the inputs are staged in shared memory as element (t, j, c) at t·ST + j·SJ + c·SC, in the
 #     order of the global layout (c fastest for "flat" inputs, the groups fastest for "grouped"
-#     ones, whose runs of JB neighbouring groups fill 32-byte sectors); the next chunk's inputs
-#     (maybe the next tile's first) are loaded into registers while this chunk is multiplied;
-#   - the B fragments come from shared memory too, in the order the launcher packed the
-#     weights (``_pack_mma``, zero-padded, so their copy is a straight, unguarded one). Either
-#     "resident": the block copies all its weights (JB groups x BN outputs x all of c) once, at
-#     the start, and keeps them for every tile, so that the weights cross L2 once per block,
-#     not once per tile; or "streamed": each chunk's fragments are staged beside its inputs and
-#     loaded a chunk ahead in registers like them (when all of c does not fit);
+#     ones, whose runs of JB neighbouring groups fill 32-byte sectors), and the chunk's B
+#     fragments beside them: the launcher packed the weights in exactly that order
+#     (``_pack_mma``), zero-padded, so their copy is a straight, unguarded one; the next
+#     chunk's inputs and fragments are loaded into registers while this chunk is multiplied;
 #   - warp w multiplies group jj = w % JB for tokens 16·MT·(w // JB) + [0, 16·MT): per k-step
 #     of 8 c, its A fragments come from the staged inputs (the pads put the 32 lanes' loads in
 #     32 banks), its B fragments from the staged weights.
-# After a tile's last chunk its float32 sums (MT x NN tiles of 16 x 8 a warp) go out through
-# shared memory, CK outputs a pass, in the global layout's order again.
-# All shared memory is one dynamic array (``mma_shared_bytes``): inputs and output passes at 0,
-# the weights from WORDS on.
+# The float32 sums (MT x NN tiles of 16 x 8 a warp) go out through shared memory, CK outputs a
+# pass, in the global layout's order again.
 # =============================================================================================
 
 
 @functools.cache
 def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
-                out_grouped: bool, resident: bool = False):
+                out_grouped: bool):
     """Compile-once float32 batched product on tensor cores; returns (kernel, BM, JB, BN, CK,
     threads)."""
     JB, WM, MT, NN, CK = tiles
@@ -281,99 +273,85 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     # o·SOO; ST ≡ 4 mod 8 ("flat") or odd ("grouped") puts a warp's A fragment in 32 banks
     SJ, SC, ST = (1, JB, JB * CK + 1) if in_grouped else (CK, 1, JB * CK + 4)
     SJO, SOO, SO = (1, JB, JB * CK + 1) if out_grouped else (CK, 1, JB * CK + 4)
-    WORDS = BM * max(ST, SO)  # an input chunk, later an output pass; the weights follow
+    WORDS = BM * max(ST, SO)  # an input chunk, later an output pass
     f32 = np.float32
     U = np.uint64
     options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
 
     @cuda.jit(**options)
-    def kernel(inp, wp, out, batch, G, O, C, CB, S, ir, ig, ic, orow, og, oo):
+    def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
         # out[b·orow + g·og + o·oo] = Σ_c W[g, o, c] · inp[b·ir + g·ig + c·ic]; wp: W packed by
-        # _pack_mma, CB chunks per (group block, output block), each W_WORDS long; S token
-        # splits
-        sh = cuda.shared.array(0, f32)  # [0, WORDS): inputs, output passes; then weights
+        # _pack_mma, CB chunks per (group block, output block), each W_WORDS long
+        xs = cuda.shared.array(WORDS, f32)  # this input chunk, later an output pass
+        ws = cuda.shared.array(W_WORDS, f32)  # this chunk's B fragments
         acc = cuda.local.array((MT, NN, 4), f32)  # C fragments of my MT x NN tiles
         af = cuda.local.array((MT, 8), f32)  # A fragments of one k-step: big 0-3, small 4-7
         xn = cuda.local.array(IU, f32)  # the next chunk, loaded while this one is multiplied
-        wn = cuda.local.array(WU, f32)  # the next chunk's B fragments ("streamed")
+        wn = cuda.local.array(WU, f32)  # the next chunk's B fragments
         tid = U(cuda.threadIdx.x)
         lane, w = tid % U(32), tid // U(32)
         jj, wm = w % U(JB), w // U(JB)
         r, k = lane // U(4), lane % U(4)
         nbt, nbg = (U(batch) + U(BM - 1)) // U(BM), (U(G) + U(JB - 1)) // U(JB)
-        uS = U(S)
         bid = U(cuda.blockIdx.x)  # a 1-D grid, groups first (as the SIMT kernel's)
-        g0, split = bid % nbg * U(JB), (bid // nbg) % uS
-        o0 = bid // (uS * nbg) * U(BN)
-        ntl = (nbt - split + uS - U(1)) // uS  # my tiles: split + S·i, i < ntl
-        nsteps = np.int64(ntl) * CB
-        uB, uG, uO, uC, uCB = U(batch), U(G), U(O), U(C), U(CB)
+        b0, g0 = (bid // nbg) % nbt * U(BM), bid % nbg * U(JB)
+        o0 = bid // (nbt * nbg) * U(BN)
+        uB, uG, uO, uC = U(batch), U(G), U(O), U(C)
         uir, uig, uic = U(ir), U(ig), U(ic)
         # staging: I copy element (t_i + TS·u, j_i, c_i) of each chunk, u < IU
         if in_grouped:
             j_i, c_i, t_i = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
         else:
             c_i, j_i, t_i = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
-        i_src = t_i * uir + (g0 + j_i) * uig + c_i * uic  # + b0·ir + q·CK·ic + u·TS·ir
+        i_src = (b0 + t_i) * uir + (g0 + j_i) * uig + c_i * uic  # + q·CK·ic + u·TS·ir
         i_dst = t_i * U(ST) + j_i * U(SJ) + c_i * U(SC)  # + u·TS·ST
+        whole = b0 + U(BM) <= uB and g0 + U(JB) <= uG  # no token or group edge in this block
         x_rd = (wm * U(16 * MT) + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·16·ST + kk·8·SC
-        w_src = ((g0 // U(JB)) * (U(O + BN - 1) // U(BN)) + o0 // U(BN)) * (uCB * U(W_WORDS))
-        w_rd = U(WORDS) + jj * U(KS * NN * 64) + lane * U(2)  # + (kk·NN + n)·64 (+ q·W_WORDS)
-        if resident:  # all my chunks of B fragments, once
-            for u in range(WU * CB):
-                if tid + U(u * NT) < uCB * U(W_WORDS):
-                    sh[U(WORDS) + tid + U(u * NT)] = wp[w_src + tid + U(u * NT)]
+        w_src = ((g0 // U(JB)) * (U(O + BN - 1) // U(BN)) + o0 // U(BN)) * U(CB * W_WORDS) + tid
+        w_rd = jj * U(KS * NN * 64) + lane * U(2)  # + (kk·NN + n)·64
         for m in range(MT):
             for n in range(NN):
                 for i in range(4):
                     acc[m, n, i] = f32(0)
-        # step s = (tile i, chunk q): its inputs (and streamed fragments) go from registers to
-        # shared memory, step s + 1's = (b1, q1) into registers, then chunk q is multiplied;
-        # after a tile's last chunk, its outputs are written. Both pairs advance by additions:
-        # a division by CB per step costs as much as the step's products
-        b0, q = U(0), -1  # my tile's first token, the chunk in shared memory
-        b1, q1 = split * U(BM), 0  # those of the chunk in registers
-        for s in range(-1, nsteps):
-            if s >= 0:
-                cuda.syncthreads()  # everyone is done with the step before
+        # chunk q of c (inputs and B fragments) goes from registers to shared memory, chunk
+        # q + 1 into registers, then chunk q is multiplied; the packed weights need no guard
+        for q in range(-1, CB):
+            if q >= 0:
+                cuda.syncthreads()  # everyone is done with chunk q - 1
                 for u in range(IU):
-                    sh[i_dst + U(u * TS * ST)] = xn[u]
-                if not resident:
-                    for u in range(WU):
-                        if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
-                            sh[U(WORDS) + tid + U(u * NT)] = wn[u]
+                    xs[i_dst + U(u * TS * ST)] = xn[u]
+                for u in range(WU):
+                    if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
+                        ws[tid + U(u * NT)] = wn[u]
                 cuda.syncthreads()
-            if s + 1 < nsteps:
-                uq = U(q1 * CK)
-                if b1 + U(BM) <= uB and g0 + U(JB) <= uG and uq + U(CK) <= uC:
+            if q + 1 < CB:
+                uq = U((q + 1) * CK)
+                if whole and uq + U(CK) <= uC:
                     for u in range(IU):
-                        xn[u] = inp[i_src + b1 * uir + uq * uic + U(u * TS) * uir]
+                        xn[u] = inp[i_src + uq * uic + U(u * TS) * uir]
                 else:  # zero past the edges (tokens, groups, the last c chunk)
                     for u in range(IU):
-                        ok = (b1 + t_i + U(u * TS) < uB and g0 + j_i < uG and uq + c_i < uC)
-                        xn[u] = (inp[i_src + b1 * uir + uq * uic + U(u * TS) * uir] if ok
-                                 else f32(0))
-                if not resident:
-                    for u in range(WU):
-                        if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
-                            wn[u] = wp[w_src + U(q1 * W_WORDS + u * NT) + tid]
-            if s >= 0:
-                wq = w_rd + U(q * W_WORDS) if resident else w_rd
-                # [core] monarch_mma
+                        ok = (b0 + t_i + U(u * TS) < uB and g0 + j_i < uG and uq + c_i < uC)
+                        xn[u] = inp[i_src + uq * uic + U(u * TS) * uir] if ok else f32(0)
+                for u in range(WU):
+                    if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
+                        wn[u] = wp[w_src + U((q + 1) * W_WORDS + u * NT)]
+            # [core] monarch_mma
+            if q >= 0:
                 for kk in range(KS):
                     for m in range(MT):  # A: rows r, r + 8; columns k, k + 4 of k-step kk
                         a = x_rd + U(m * 16 * ST + kk * 8 * SC)
-                        af[m, 0] = sh[a]
-                        af[m, 1] = sh[a + U(8 * ST)]
-                        af[m, 2] = sh[a + U(4 * SC)]
-                        af[m, 3] = sh[a + U(8 * ST + 4 * SC)]
+                        af[m, 0] = xs[a]
+                        af[m, 1] = xs[a + U(8 * ST)]
+                        af[m, 2] = xs[a + U(4 * SC)]
+                        af[m, 3] = xs[a + U(8 * ST + 4 * SC)]
                         for i in range(4):
                             big = tf32_round(af[m, i])
                             af[m, i + 4] = tf32_round(af[m, i] - big)
                             af[m, i] = big
                     for n in range(NN):  # B: rows k, k + 4, column r of output tile n
-                        wi = wq + U((kk * NN + n) * 64)
-                        b0v, b1v = sh[wi], sh[wi + U(1)]
+                        wi = w_rd + U((kk * NN + n) * 64)
+                        b0v, b1v = ws[wi], ws[wi + U(1)]
                         bb0, bb1 = tf32_round(b0v), tf32_round(b1v)
                         bs0, bs1 = tf32_round(b0v - bb0), tf32_round(b1v - bb1)
                         for m in range(MT):  # small terms first, then big·big
@@ -385,55 +363,33 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                                          d[0], d[1], d[2], d[3])
                             for i in range(4):
                                 acc[m, n, i] = d[i]
-                # [/core]
-                if q == CB - 1:  # the tile's outputs, then fresh sums for the next tile
-                    # I write element (t_o + TS·u, j_o, o_o) of each pass of CK outputs
-                    if out_grouped:
-                        j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
-                    else:
-                        o_o, j_o, t_o = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
-                    o_rd = t_o * U(SO) + j_o * U(SJO) + o_o * U(SOO)  # + u·TS·SO
-                    o_wr = (wm * U(16 * MT) + r) * U(SO) + jj * U(SJO) + U(2) * k * U(SOO)
-                    g = g0 + j_o
-                    for p in range(BN // CK):  # fragments -> shared (t, j, o) -> global
-                        cuda.syncthreads()  # the chunk's (or the last pass's) readers are done
-                        for nn in range(CK // 8):
-                            for m in range(MT):  # D: rows r, r + 8; columns 2k, 2k + 1
-                                a = o_wr + U(m * 16 * SO + nn * 8 * SOO)
-                                sh[a] = acc[m, p * (CK // 8) + nn, 0]
-                                sh[a + U(SOO)] = acc[m, p * (CK // 8) + nn, 1]
-                                sh[a + U(8 * SO)] = acc[m, p * (CK // 8) + nn, 2]
-                                sh[a + U(8 * SO + SOO)] = acc[m, p * (CK // 8) + nn, 3]
-                        cuda.syncthreads()
-                        o = o0 + U(p * CK) + o_o
-                        if g < uG and o < uO:
-                            for u in range(IU):
-                                t = b0 + t_o + U(u * TS)
-                                if t < uB:
-                                    out[t * U(orow) + g * U(og) + o * U(oo)] = \
-                                        sh[o_rd + U(u * TS * SO)]
-                    for m in range(MT):
-                        for n in range(NN):
-                            for i in range(4):
-                                acc[m, n, i] = f32(0)
-            b0, q = b1, q1  # the next step's chunk is the one now in registers
-            q1 += 1
-            if q1 == CB:
-                b1, q1 = b1 + uS * U(BM), 0
+            # [/core]
+        # out, CK outputs a pass: fragments -> shared (t, j, o) -> global in its layout's order
+        if out_grouped:
+            j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
+        else:
+            o_o, j_o, t_o = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
+        o_rd = t_o * U(SO) + j_o * U(SJO) + o_o * U(SOO)  # + u·TS·SO
+        o_wr = (wm * U(16 * MT) + r) * U(SO) + jj * U(SJO) + U(2) * k * U(SOO)
+        g = g0 + j_o
+        for p in range(BN // CK):
+            cuda.syncthreads()  # the last chunk's (or pass's) readers are done
+            for nn in range(CK // 8):
+                for m in range(MT):  # D: rows r, r + 8; columns 2k, 2k + 1 of tile p·CK/8 + nn
+                    a = o_wr + U(m * 16 * SO + nn * 8 * SOO)
+                    xs[a] = acc[m, p * (CK // 8) + nn, 0]
+                    xs[a + U(SOO)] = acc[m, p * (CK // 8) + nn, 1]
+                    xs[a + U(8 * SO)] = acc[m, p * (CK // 8) + nn, 2]
+                    xs[a + U(8 * SO + SOO)] = acc[m, p * (CK // 8) + nn, 3]
+            cuda.syncthreads()
+            o = o0 + U(p * CK) + o_o
+            if g < uG and o < uO:
+                for u in range(IU):
+                    t = b0 + t_o + U(u * TS)
+                    if t < uB:
+                        out[t * U(orow) + g * U(og) + o * U(oo)] = xs[o_rd + U(u * TS * SO)]
 
     return kernel, BM, JB, BN, CK, NT
-
-
-def mma_shared_bytes(tiles: tuple[int, ...], in_grouped: bool, out_grouped: bool, CB: int,
-                     resident: bool) -> int:
-    """Dynamic shared memory of ``_mma_kernel``: an input chunk (or output pass) and the B
-    fragments of one chunk ("streamed") or of all CB ("resident")."""
-    JB, WM, MT, NN, CK = tiles
-    BM = 16 * MT * WM
-    ST = JB * CK + (1 if in_grouped else 4)
-    SO = JB * CK + (1 if out_grouped else 4)
-    w_words = JB * (CK // 8) * NN * 64
-    return 4 * (BM * max(ST, SO) + w_words * (CB if resident else 1))
 
 
 def _pack_mma(W, JB: int, BN: int, CK: int):
@@ -447,24 +403,6 @@ def _pack_mma(W, JB: int, BN: int, CK: int):
     Wp[:G, :O, :C] = W
     wp = Wp.view(Gp // JB, JB, Op // BN, BN // 8, 8, Cp // CK, CK // 8, 2, 4)
     return wp.permute(0, 2, 5, 1, 6, 3, 4, 8, 7).contiguous(), Cp // CK
-
-
-def _shared_bytes_limit() -> int:
-    """Shared memory one block may have (opting in past 48 KB): the device's, or the
-    simulator's any."""
-    if cuda_simulated():
-        return 1 << 30
-    return cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-
-
-def _token_splits(tiles: int, blocks: int, blocks_per_sm: int) -> int:
-    """Token splits S of a "resident" launch: as many blocks as run at once (blocks_per_sm on
-    every SM), each of the ``blocks`` (group, output) blocks S times, each walking every S-th
-    token tile; at least 1, at most one split per tile."""
-    if cuda_simulated():
-        return max(1, min(tiles, SIMULATOR_SPLITS))
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return max(1, min(tiles, blocks_per_sm * sms // blocks))
 
 
 _FORCED_ENGINE: list[str] = []  # set by forced_engine
@@ -500,26 +438,17 @@ def _bgemm(inp, W, out, sizes, in_strides, out_strides):
     batch, G, O, C = sizes
     if batch == 0 or G == 0 or O == 0:  # nothing to write (a grid cannot have 0 blocks)
         return
-    if C == 0:  # empty sums (out holds the outputs, all of them, and nothing else)
-        out.zero_()
-        return
     # "grouped" when neighbouring groups are neighbouring numbers in memory
     in_grouped, out_grouped = G > 1 and in_strides[1] == 1, G > 1 and out_strides[1] == 1
     kind = "grouped" if in_grouped or out_grouped else "flat"
     if _engine(inp.dtype) == "mma":
-        tiles, blocks_per_sm, resident = _mma_tiles(kind)
-        CB = -(-C // tiles[4])
-        smem = mma_shared_bytes(tiles, in_grouped, out_grouped, CB, resident)
-        if resident and smem > _shared_bytes_limit():  # all of c does not fit: stream it
-            resident = False
-            smem = mma_shared_bytes(tiles, in_grouped, out_grouped, CB, resident)
+        tiles, blocks_per_sm = _mma_tiles(kind)
         kernel, BM, JB, BN, CK, threads = _mma_kernel(tiles, blocks_per_sm, in_grouped,
-                                                      out_grouped, resident)
+                                                      out_grouped)
         wp, CB = _pack_mma(W, JB, BN, CK)
-        nbt, blocks = -(-batch // BM), -(-G // JB) * -(-O // BN)
-        S = _token_splits(nbt, blocks, blocks_per_sm) if resident else nbt
-        launch(kernel, blocks * S, threads, inp.view(-1), wp.view(-1), out.view(-1), batch, G,
-               O, C, CB, S, *in_strides, *out_strides, shared_bytes=smem)
+        grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
+        launch(kernel, grid, threads, inp.view(-1), wp.view(-1), out.view(-1), batch, G, O, C,
+               CB, *in_strides, *out_strides)
         return
     tiles, blocks_per_sm = _tiles(inp.element_size(), kind)
     kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype), tiles, blocks_per_sm)

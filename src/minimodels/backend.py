@@ -251,10 +251,9 @@ def cuda_stream():
     return _external_stream(torch.cuda.current_stream().cuda_stream)
 
 
-def launch(kernel, grid, block, *args, shared_bytes: int = 0) -> None:
-    """Run the numba.cuda ``kernel`` on ``grid`` × ``block`` on torch's current stream, with
-    ``shared_bytes`` of dynamic shared memory; ``args`` are torch tensors and scalars, in the
-    kernel's order. Past 48 KB the kernel opts in (``_allow_shared``).
+def launch(kernel, grid, block, *args) -> None:
+    """Run the numba.cuda ``kernel`` on ``grid`` × ``block`` on torch's current stream; ``args``
+    are torch tensors and scalars, in the kernel's order.
 
     Numba's own launch path re-derives every argument's type and builds a device-array object
     per tensor at each call: ~40 us per array argument on the H200's host, as long as a small
@@ -272,13 +271,10 @@ def launch(kernel, grid, block, *args, shared_bytes: int = 0) -> None:
                      else type(a) for a in args))
         fast = _LAUNCHERS.get(key, _UNSEEN)
     if fast not in (None, _UNSEEN):
-        fast(grid, block, stream, args, shared_bytes)
+        fast(grid, block, stream, args)
         return
     converted = [to_numba(a) if isinstance(a, torch.Tensor) else a for a in args]
-    if shared_bytes > _STATIC_SHARED_BYTES and not cuda_simulated():  # compile, then opt in
-        overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in converted))
-        _allow_shared(overload._codelibrary.get_cufunc(), shared_bytes)
-    kernel[grid, block, stream, shared_bytes](*converted)
+    kernel[grid, block, stream](*converted)
     if fast is _UNSEEN and all(c[2] for c in key[2] if isinstance(c, tuple)):
         argtypes = tuple(kernel.typeof_pyval(a) for a in converted)
         _LAUNCHERS[key] = _Launcher.checked(kernel.overloads[argtypes], args, converted, stream)
@@ -286,26 +282,6 @@ def launch(kernel, grid, block, *args, shared_bytes: int = 0) -> None:
 
 _LAUNCHERS: dict = {}  # (kernel, device, argument kinds) -> _Launcher, or None: Numba's path
 _UNSEEN = object()
-_STATIC_SHARED_BYTES = 48 * 1024  # what a block gets without opting in
-_SHARED_ALLOWED: dict = {}  # compiled kernel (CUDA function) -> dynamic shared bytes allowed
-
-
-def _allow_shared(cufunc, shared_bytes: int) -> None:
-    """Let the compiled kernel ``cufunc`` take ``shared_bytes`` of dynamic shared memory: past
-    48 KB a kernel must opt in (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), up to the
-    device's MAX_SHARED_MEMORY_PER_BLOCK_OPTIN less its static shared memory."""
-    if shared_bytes <= max(_STATIC_SHARED_BYTES, _SHARED_ALLOWED.get(cufunc, 0)):
-        return
-    from numba import cuda
-    from numba.cuda.cudadrv.driver import binding, driver
-
-    limit = cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-    if shared_bytes > limit:
-        raise ValueError(f"shared_bytes must be at most this GPU's {limit} bytes a block, "
-                         f"got {shared_bytes}")
-    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    driver.cuKernelSetAttribute(attr, shared_bytes, cufunc.handle, cufunc.device.id)
-    _SHARED_ALLOWED[cufunc] = shared_bytes
 
 
 class _Launcher:
@@ -317,8 +293,7 @@ class _Launcher:
     def __init__(self, overload):
         from numba import types
 
-        self.cufunc = overload._codelibrary.get_cufunc()
-        self.kernel = self.cufunc.kernel
+        self.kernel = overload._codelibrary.get_cufunc().kernel
         self.packers = []
         for ty in overload.argument_types:
             if isinstance(ty, types.Array):
@@ -371,16 +346,14 @@ class _Launcher:
             pack(a, params)
         return params
 
-    def __call__(self, grid, block, stream, args, shared_bytes=0):
+    def __call__(self, grid, block, stream, args):
         from cuda.core import LaunchConfig
         from cuda.core import launch as core_launch
 
         params = self.pack(args)
-        _allow_shared(self.cufunc, shared_bytes)
-        config = self.configs.get((grid, block, shared_bytes))
+        config = self.configs.get((grid, block))
         if config is None:
-            config = self.configs[grid, block, shared_bytes] = LaunchConfig(
-                grid=grid, block=block, shmem_size=shared_bytes)
+            config = self.configs[grid, block] = LaunchConfig(grid=grid, block=block)
         core_launch(stream, config, self.kernel, *params)
 
 
@@ -432,7 +405,7 @@ def _simulator_shared_arrays_locked() -> None:
     selective-scan kernels, 2 runs in 8, never in isolation). This replacement takes a lock and
     keys by the caller's (file, line) read from its frame; it is also much cheaper than the
     original's ``traceback.extract_stack`` per call. Dynamic shared memory (shape 0) is left
-    to the original, with the dtype it needs."""
+    to the original."""
     import sys
     import threading
 
@@ -444,9 +417,8 @@ def _simulator_shared_arrays_locked() -> None:
     lock = threading.Lock()
 
     def array(self, shape, dtype):
-        if shape == 0:  # the original wants a dtype here, not a scalar type such as float32
-            return original(self, shape, dtype if isinstance(dtype, types.Type)
-                            else np.dtype(dtype))
+        if shape == 0:
+            return original(self, shape, dtype)
         caller = sys._getframe(1)
         key = (caller.f_code.co_filename, caller.f_lineno)
         with lock:
