@@ -3,7 +3,8 @@ private names): the canonical-example record every op's ``example_inputs`` retur
 torch -> NumPy dtype mapping the kernel factories are keyed by, and the CUDA block scan of
 affine maps h -> A h + B (``scan_maps``) with its launch layout, used by kernels/scan.py's
 kernels and by the selective scan's backward, and the tensor-core instructions (``tf32_round``,
-``mma_tf32``) that numba.cuda does not expose, as inline PTX, each with a simulator twin."""
+``mma_tf32``) and thread-block-cluster instructions (``cluster_sync``, ``cluster_load``) that
+numba.cuda does not expose, as inline PTX (the first two with simulator twins)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from numba import cuda
 
 from minimodels.backend import cuda_simulated, expect_tensor
 
-__all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "expect_out", "mma_tf32",
-           "numpy_dtype", "randn", "scan_maps", "tf32_round"]
+__all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "cluster_load", "cluster_sync",
+           "expect_out", "mma_tf32", "numpy_dtype", "randn", "scan_maps", "tf32_round"]
 
 # =============================================================================================
 # Constants: the layout of a chunked block scan (kernels/scan.py, selective_scan's backward)
@@ -206,3 +207,62 @@ else:
             return cgutils.pack_array(builder, [builder.extract_value(d, i) for i in range(4)])
 
         return types.UniTuple(f, 4)(f, f, f, f, f, f, f, f, f, f), codegen
+
+
+# =============================================================================================
+# CUDA: thread-block clusters (sm_90 and later) as inline PTX
+# =============================================================================================
+# A cluster is a group of blocks launched together on one GPC; each block can read the others'
+# shared memory ("distributed shared memory"). Two intrinsics:
+#   cluster_sync()              barrier.cluster.arrive + wait: every thread of every block of
+#                               the cluster arrives before any goes on; shared-memory writes
+#                               before it are visible to the whole cluster after it (release /
+#                               acquire, the PTX defaults). A block must not exit while others
+#                               may still read its shared memory: end with one.
+#   cluster_load(a, i, rank)    a[i] of block ``rank``'s copy of the float32 shared array a:
+#                               mapa.shared::cluster maps my shared address to rank's, and
+#                               ld.shared::cluster reads it.
+# They have no simulator twins: the simulator runs blocks one after another, so a cluster
+# cannot be simulated as blocks; kernels that use them emulate a cluster as one block there
+# (kernels/monarch/cuda.py).
+
+if cuda_simulated():
+    def cluster_sync():
+        raise RuntimeError("cluster_sync: thread-block clusters need a GPU (sm_90 or later); "
+                           "the simulator cannot run them")
+
+    def cluster_load(ary, idx, rank):
+        raise RuntimeError("cluster_load: thread-block clusters need a GPU (sm_90 or later); "
+                           "the simulator cannot run them")
+else:
+    @intrinsic
+    def cluster_sync(typingctx):
+        """barrier.cluster.arrive; barrier.cluster.wait: all threads of the cluster meet."""
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []),
+                               "barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;",
+                               "~{memory}", side_effect=True)
+            builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return types.none(), codegen
+
+    @intrinsic
+    def cluster_load(typingctx, ary, idx, rank):
+        """ary[idx] of the cluster's block ``rank`` (ary: a float32 shared array)."""
+        def codegen(context, builder, sig, args):
+            aryty = sig.args[0]
+            arr = context.make_array(aryty)(context, builder, args[0])
+            i = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [i], wraparound=False)
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            asm = ir.InlineAsm(
+                ir.FunctionType(ir.FloatType(), [i64, i32]),
+                "{\n\t.reg .u64 %ga;\n\t.reg .u32 %sa;\n\tcvta.to.shared.u64 %ga, $1;"
+                "\n\tcvt.u32.u64 %sa, %ga;\n\tmapa.shared::cluster.u32 %sa, %sa, $2;"
+                "\n\tld.shared::cluster.f32 $0, [%sa];\n\t}",
+                "=f,l,r", side_effect=True)
+            rk = context.cast(builder, args[2], sig.args[2], types.uint32)
+            return builder.call(asm, [builder.ptrtoint(ptr, i64), rk])
+
+        return types.float32(ary, idx, rank), codegen

@@ -423,8 +423,64 @@ def test_mma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
     _float32_against_float64(backend, seed=9)
 
 
+def _clusters_or_skip():
+    if not cuda.is_available() and not MC.cuda_simulated():
+        pytest.skip("no CUDA device or simulator")
+    if not MC.cuda_simulated() and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need sm_90")
+
+
+# (b, k, q, p, l, s) with k = q = l: one token, tiles crossed at a token count that is not a
+# multiple of the cluster's T, p and s other than the groups, two groups a block or more
+FUSED_SHAPES = [(1, 8, 8, 8, 8, 8), (21, 8, 8, 16, 8, 16), (19, 16, 16, 8, 16, 8)]
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_fused_forward_matches_float64(backend, shape):
+    """The fused forward (one launch, z in the cluster's shared memory; in the simulator a
+    cluster is one block): float32 within float32's accuracy of ref in float64, on shapes it
+    takes; its backward is the two-launch one (gradients checked beside)."""
+    _clusters_or_skip()
+    b, k, q, p, l, s = shape
+    assert MC._fused_plan(k, p, q, l, s) is not None, "the fused kernel must take this shape"
+    ex = example_inputs(shape, dtype=torch.float64, device=device_for(backend), seed=11)
+    want = monarch_multiply(*ex.args, backend="ref")
+    leaves = [t.float().requires_grad_() for t in ex.args]
+    with MC.forced_engine("fused"):
+        y = monarch_multiply(*leaves, backend=backend)
+        grads = torch.autograd.grad(y.sum(), leaves)
+    torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-5)
+    leaves64 = [t.clone().requires_grad_() for t in ex.args]
+    want_grads = torch.autograd.grad(monarch_multiply(*leaves64, backend="ref").sum(), leaves64)
+    for a, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("k, q, p, l, s", [(8, 8, 8, 16, 4), (8, 16, 8, 8, 8), (12, 12, 8, 12, 8),
+                                           (8, 8, 12, 8, 8), (8, 8, 8, 8, 72)])
+def test_fused_plan_declines_shapes_it_cannot_take(backend, k, q, p, l, s):
+    """q != l, k != q, groups or widths not multiples of 8, more than 64 outputs a group: the
+    forward takes two launches there, even when "fused" is forced (checked against ref)."""
+    assert MC._fused_plan(k, p, q, l, s) is None
+    ex = example_inputs((5, k, q, p, l, s), device=device_for(backend), seed=12)
+    with MC.forced_engine("fused"):
+        y = monarch_multiply(*ex.args, backend=backend)
+    torch.testing.assert_close(y, monarch_multiply(*ex.args, backend="ref"), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_cluster_launch_is_refused_in_the_simulator():
+    if not MC.cuda_simulated():
+        pytest.skip("the simulator's refusal")
+    kernel = MC._fused_kernel(8, 8, 8, 8, MC.SIMULATOR_FUSED_TILES)[0]
+    with pytest.raises(ValueError, match="cluster must be 1 in the simulator"):
+        launch(kernel, 2, 64, cluster=2)
+
+
 def test_forced_engine_names_the_choices():
-    with pytest.raises(ValueError, match="engine must be 'mma' or 'simt'"):
+    with pytest.raises(ValueError, match="engine must be 'fused', 'mma' or 'simt'"):
         with MC.forced_engine("tensor"):
             pass
 

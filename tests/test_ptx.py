@@ -89,6 +89,10 @@ def _kernels():
                 out.append((f"monarch batched product mma {kind}",
                             mc._mma_kernel(tiles, bps, grouped, grouped)[0],
                             (a1, a1, a1) + (types.int64,) * 11, False))
+            # the fused forward (clusters: barrier.cluster, mapa, ld.shared::cluster)
+            out.append(("monarch fused forward", mc._fused_kernel(64, 64, 64, 64,
+                                                                  mc.FUSED_TILES)[0],
+                        (a1,) * 4 + (types.int64,), False))
         for e in (64, 128):  # flat views: 6 inputs, 1 output (dkv: 3), lq, lk, scale, causal
             for kind in ("dkv", "dq", "dkv_atomic"):
                 outs = 3 if kind.startswith("dkv") else 1

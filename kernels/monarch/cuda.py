@@ -1,9 +1,10 @@
 """Monarch's CUDA kernels (numba.cuda): one token-tiled batched matrix product, launched twice
 for the forward and three times for the backward, in two forms: on tensor cores for float32
 (sm_80 and later: mma.sync on TF32 pieces, "3xTF32", which keeps float32's accuracy) and
-register-tiled on the CUDA cores for float64 (and float32 on older GPUs); and their host
-launchers, the only place that knows grid and block. The equations and the glossary:
-kernels/monarch/__init__.py."""
+register-tiled on the CUDA cores for float64 (and float32 on older GPUs); the float32 forward
+fused in one launch in thread-block clusters (sm_90; slower on an H100, so only when forced);
+and their host launchers, the only place that knows grid and block. The equations and the
+glossary: kernels/monarch/__init__.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ import torch
 from numba import cuda
 
 from minimodels.backend import cuda_simulated, launch
-from minimodels.kernels._common import mma_tf32, numpy_dtype, tf32_round
+from minimodels.kernels._common import (
+    cluster_load,
+    cluster_sync,
+    mma_tf32,
+    numpy_dtype,
+    tf32_round,
+)
 
 # =============================================================================================
 # Constants
@@ -255,6 +262,47 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
 
 
 @functools.cache
+def _chunk_product(MT: int, NN: int, KS: int, ST: int, SC: int):
+    """Device function chunk_product(xs, ws, x_rd, w_rd, acc, af): a warp's acc[m, n] (C
+    fragments of MT x NN tiles of 16 x 8) += the staged chunk's A fragments (16 tokens x 8 c a
+    k-step, element (t, c) at x_rd + t·ST + c·SC) times its B fragments (ws, from w_rd, 64 words
+    a tile and k-step), KS k-steps, in 3xTF32; af: scratch for one k-step's A pieces."""
+    U = np.uint64
+
+    @cuda.jit(device=True, **({} if cuda_simulated() else {"forceinline": True}))
+    def chunk_product(xs, ws, x_rd, w_rd, acc, af):
+        # [core] monarch_mma
+        for kk in range(KS):
+            for m in range(MT):  # A: rows r, r + 8; columns k, k + 4 of k-step kk
+                a = x_rd + U(m * 16 * ST + kk * 8 * SC)
+                af[m, 0] = xs[a]
+                af[m, 1] = xs[a + U(8 * ST)]
+                af[m, 2] = xs[a + U(4 * SC)]
+                af[m, 3] = xs[a + U(8 * ST + 4 * SC)]
+                for i in range(4):
+                    big = tf32_round(af[m, i])
+                    af[m, i + 4] = tf32_round(af[m, i] - big)
+                    af[m, i] = big
+            for n in range(NN):  # B: rows k, k + 4, column r of output tile n
+                wi = w_rd + U((kk * NN + n) * 64)
+                b0v, b1v = ws[wi], ws[wi + U(1)]
+                bb0, bb1 = tf32_round(b0v), tf32_round(b1v)
+                bs0, bs1 = tf32_round(b0v - bb0), tf32_round(b1v - bb1)
+                for m in range(MT):  # small terms first, then big·big
+                    d = mma_tf32(af[m, 4], af[m, 5], af[m, 6], af[m, 7], bb0, bb1,
+                                 acc[m, n, 0], acc[m, n, 1], acc[m, n, 2], acc[m, n, 3])
+                    d = mma_tf32(af[m, 0], af[m, 1], af[m, 2], af[m, 3], bs0, bs1,
+                                 d[0], d[1], d[2], d[3])
+                    d = mma_tf32(af[m, 0], af[m, 1], af[m, 2], af[m, 3], bb0, bb1,
+                                 d[0], d[1], d[2], d[3])
+                    for i in range(4):
+                        acc[m, n, i] = d[i]
+        # [/core]
+
+    return chunk_product
+
+
+@functools.cache
 def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                 out_grouped: bool):
     """Compile-once float32 batched product on tensor cores; returns (kernel, BM, JB, BN, CK,
@@ -277,6 +325,7 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     f32 = np.float32
     U = np.uint64
     options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
+    chunk_product = _chunk_product(MT, NN, KS, ST, SC)
 
     @cuda.jit(**options)
     def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
@@ -336,34 +385,8 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                 for u in range(WU):
                     if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
                         wn[u] = wp[w_src + U((q + 1) * W_WORDS + u * NT)]
-            # [core] monarch_mma
             if q >= 0:
-                for kk in range(KS):
-                    for m in range(MT):  # A: rows r, r + 8; columns k, k + 4 of k-step kk
-                        a = x_rd + U(m * 16 * ST + kk * 8 * SC)
-                        af[m, 0] = xs[a]
-                        af[m, 1] = xs[a + U(8 * ST)]
-                        af[m, 2] = xs[a + U(4 * SC)]
-                        af[m, 3] = xs[a + U(8 * ST + 4 * SC)]
-                        for i in range(4):
-                            big = tf32_round(af[m, i])
-                            af[m, i + 4] = tf32_round(af[m, i] - big)
-                            af[m, i] = big
-                    for n in range(NN):  # B: rows k, k + 4, column r of output tile n
-                        wi = w_rd + U((kk * NN + n) * 64)
-                        b0v, b1v = ws[wi], ws[wi + U(1)]
-                        bb0, bb1 = tf32_round(b0v), tf32_round(b1v)
-                        bs0, bs1 = tf32_round(b0v - bb0), tf32_round(b1v - bb1)
-                        for m in range(MT):  # small terms first, then big·big
-                            d = mma_tf32(af[m, 4], af[m, 5], af[m, 6], af[m, 7], bb0, bb1,
-                                         acc[m, n, 0], acc[m, n, 1], acc[m, n, 2], acc[m, n, 3])
-                            d = mma_tf32(af[m, 0], af[m, 1], af[m, 2], af[m, 3], bs0, bs1,
-                                         d[0], d[1], d[2], d[3])
-                            d = mma_tf32(af[m, 0], af[m, 1], af[m, 2], af[m, 3], bb0, bb1,
-                                         d[0], d[1], d[2], d[3])
-                            for i in range(4):
-                                acc[m, n, i] = d[i]
-            # [/core]
+                chunk_product(xs, ws, x_rd, w_rd, acc, af)
         # out, CK outputs a pass: fragments -> shared (t, j, o) -> global in its layout's order
         if out_grouped:
             j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
@@ -405,12 +428,239 @@ def _pack_mma(W, JB: int, BN: int, CK: int):
     return wp.permute(0, 2, 5, 1, 6, 3, 4, 8, 7).contiguous(), Cp // CK
 
 
+# =============================================================================================
+# Fused CUDA kernel on tensor cores and thread-block clusters (sm_90 and later), float32, where
+# k = q = l = r (every z index g·q + o is i·l + j with i = g, j = o): the whole forward
+#     y = P2 · BD(w2) · P1 · BD(w1) · x
+# in one launch, z never in global memory. A token's z (16 KB at n = 4096) is too big for one
+# block to hold for enough tokens to amortise the weights, so a cluster of CS blocks holds it
+# together, each block in its own shared memory, and reads the others' (distributed shared
+# memory, kernels/_common.py):
+#   - phase 1: block ρ of the cluster computes z[t, g, o] for its JB = k / CS groups g = ρ·JB +
+#     jj, all q outputs o, T tokens, into its shared memory ZS (element (t, jj, o) at t·ZT +
+#     o·JB + jj); cluster_sync;
+#   - phase 2: block ρ computes y[t, o·l + j] = Σ_i w2[j, o, i] · z[t, i, j] for its JB groups
+#     j = ρ·JB + jj: the inputs z[t, i, j] of chunk i ∈ [8·c1, 8·c1 + 8) come from block i // JB's
+#     ZS; cluster_sync (no block leaves while others read its ZS).
+# Each phase is the tensor-core kernel's loop above with one block shape: JB groups x WM warps,
+# each warp 16·MT tokens x all outputs of one group, c in chunks of 8; the next chunk's inputs
+# (from global memory in phase 1, from the cluster's shared memory in phase 2) and B fragments
+# are loaded into registers while this chunk is multiplied. Global traffic: x read once, y
+# written once (the floor), the weights once per block per T tokens from L2.
+# The simulator runs blocks one after another, so there a cluster is emulated by one block of
+# CS·NT threads (rank = thread // NT) whose shared memory holds every rank's part.
+# =============================================================================================
+
+# (CS, WM, MT): clusters of 8 blocks of 8 warps (2 blocks an SM), 32 tokens a cluster; the best
+# of 5 shapes on an H100 (kernels/BENCHMARKS.md, round 7)
+FUSED_TILES = (8, 1, 2)
+SIMULATOR_FUSED_TILES = (2, 1, 1)
+
+
+def _fused_tiles() -> tuple[int, int, int]:
+    return SIMULATOR_FUSED_TILES if cuda_simulated() else FUSED_TILES
+
+
+@functools.cache
+def _fused_kernel(k: int, p: int, q: int, s: int, tiles: tuple[int, int, int]):
+    """Compile-once fused forward for x (b, k·p), w1 (k, q, p), w2 (q, s, k); returns (kernel,
+    T tokens a cluster, CS blocks a cluster, NT threads a block, shared bytes a block)."""
+    CS, WM, MT = tiles
+    CK = 8  # c per chunk: one k-step of m16n8k8
+    JB = k // CS
+    NT, T = 32 * JB * WM, 16 * MT * WM
+    NN1, NN2 = q // 8, s // 8  # output tiles of 8 a warp: phase 1, phase 2
+    CB1, CB2 = p // CK, k // CK  # chunks: phase 1, phase 2
+    W1, W2 = JB * NN1 * 64, JB * NN2 * 64  # a chunk of B fragments (_pack_mma's order)
+    WU1, WU2 = -(-W1 // NT), -(-W2 // NT)
+    WU = max(WU1, WU2)
+    if (k % CS or JB == 0 or q % 8 or s % 8 or p % CK or k % CK or NT % (JB * CK)
+            or T % (NT // (JB * CK)) or NT > 1024):
+        raise ValueError(f"fused tiles (CS, WM, MT) = {tiles} do not fit k = {k}, p = {p}, "
+                         f"q = {q}, s = {s}: need CS dividing k, q, s, p and k multiples of 8, "
+                         f"and 8·k / CS dividing the {NT} threads into passes of token rows")
+    n, m = k * p, q * s  # widths of x and y
+    TS = NT // (JB * CK)  # token rows one staging pass covers (inputs, and outputs)
+    IU = T // TS  # staging passes
+    ST, SO = JB * CK + 4, JB * CK + 1  # staged input (t, jj, c) at t·ST + jj·CK + c; output
+    ZT = q * JB + 1  # (t, jj, o) at t·SO + jj + o·JB; ZS (t, jj, o) at t·ZT + o·JB + jj
+    XB = T * ZT  # shared memory: ZS, then the staged chunk (later an output pass), then WS
+    WB = XB + T * max(ST, SO)
+    WORDS = WB + max(W1, W2)
+    NN = max(NN1, NN2)
+    f32 = np.float32
+    U = np.uint64
+    SIM = cuda_simulated()
+    SIM_WORDS = CS * WORDS if SIM else 1
+    blocks_per_sm = 2 if NT <= 256 and 4 * WORDS <= 113 * 1024 else 1  # 128 registers a thread
+    options = {} if SIM else {"launch_bounds": (NT, blocks_per_sm)}
+
+    product1, product2 = _chunk_product(MT, NN1, 1, ST, 1), _chunk_product(MT, NN2, 1, ST, 1)
+    inline = {} if SIM else {"forceinline": True}
+
+    def staging(W, WU):
+        """store(...): a chunk from registers (xn, wn) to shared memory, between barriers;
+        fetch(...): the next chunk's W words of B fragments from wp[w_src + ...] into wn."""
+        @cuda.jit(device=True, **inline)
+        def store(sm, xn, wn, i_dst, w_dst, tid):
+            cuda.syncthreads()  # everyone is done with the chunk before
+            for u in range(IU):
+                sm[i_dst + U(u * TS * ST)] = xn[u]
+            for u in range(WU):
+                if W % NT == 0 or tid + U(u * NT) < U(W):
+                    sm[w_dst + tid + U(u * NT)] = wn[u]
+            cuda.syncthreads()
+
+        @cuda.jit(device=True, **inline)
+        def fetch(wn, wp, w_src, tid):
+            for u in range(WU):
+                if W % NT == 0 or tid + U(u * NT) < U(W):
+                    wn[u] = wp[w_src + U(u * NT)]
+        return store, fetch
+
+    (store1, fetch1), (store2, fetch2) = staging(W1, WU1), staging(W2, WU2)
+
+    @cuda.jit(device=True, **inline)
+    def cluster_barrier():  # in the simulator the cluster is one block
+        if SIM:
+            cuda.syncthreads()
+        else:
+            cluster_sync()
+
+    @cuda.jit(**options)
+    def kernel(x, wp1, wp2, y, batch):
+        # x (batch, n), y (batch, m) flat; wp1, wp2: w1 and w2 packed by _pack_mma (JB groups,
+        # all outputs, chunks of 8)
+        if SIM:  # one block is the cluster
+            sm = cuda.shared.array(SIM_WORDS, f32)
+            rank, tid = U(cuda.threadIdx.x) // U(NT), U(cuda.threadIdx.x) % U(NT)
+            tile = U(cuda.blockIdx.x)
+            lb = rank * U(WORDS)  # my part of the shared memory
+        else:
+            sm = cuda.shared.array(0, f32)
+            rank, tid = U(cuda.blockIdx.x) % U(CS), U(cuda.threadIdx.x)
+            tile = U(cuda.blockIdx.x) // U(CS)
+            lb = U(0)
+        acc = cuda.local.array((MT, NN, 4), f32)  # C fragments
+        af = cuda.local.array((MT, 8), f32)  # A fragments of one k-step: big 0-3, small 4-7
+        xn = cuda.local.array(IU, f32)  # the next chunk, loaded while this one is multiplied
+        wn = cuda.local.array(WU, f32)
+        lane, w = tid % U(32), tid // U(32)
+        jj, wm = w % U(JB), w // U(JB)
+        r, kq = lane // U(4), lane % U(4)
+        uB, b0, g0 = U(batch), tile * U(T), rank * U(JB)
+        # staging: I copy element (t_i + TS·u, j_i, c_i) of each chunk, u < IU
+        c_i, j_i, t_i = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
+        i_dst = lb + U(XB) + t_i * U(ST) + j_i * U(CK) + c_i  # + u·TS·ST
+        x_rd = lb + U(XB) + (wm * U(16 * MT) + r) * U(ST) + jj * U(CK) + kq
+        x_src = (b0 + t_i) * U(n) + (g0 + j_i) * U(p) + c_i  # + c1·8 + u·TS·n
+        z_src = t_i * U(ZT) + (g0 + j_i) * U(JB)  # + il: (t, i, j) in block i // JB's ZS
+        # ---- phase 1: ZS[t, jj, o] = Σ_c w1[g0 + jj, o, c] x[b0 + t, (g0 + jj)·p + c]
+        for a in range(MT):
+            for b in range(NN):
+                for i in range(4):
+                    acc[a, b, i] = f32(0)
+        w_src = rank * U(CB1 * W1) + tid
+        w_rd = lb + U(WB) + jj * U(NN1 * 64) + lane * U(2)
+        for c1 in range(-1, CB1):
+            if c1 >= 0:
+                store1(sm, xn, wn, i_dst, lb + U(WB), tid)
+            if c1 + 1 < CB1:
+                for u in range(IU):
+                    ok = b0 + t_i + U(u * TS) < uB
+                    xn[u] = x[x_src + U((c1 + 1) * CK + u * TS * n)] if ok else f32(0)
+                fetch1(wn, wp1, w_src + U((c1 + 1) * W1), tid)
+            if c1 >= 0:
+                product1(sm, sm, x_rd, w_rd, acc, af)
+        z_wr = lb + (wm * U(16 * MT) + r) * U(ZT) + U(2) * kq * U(JB) + jj
+        for a in range(MT):  # D: rows r, r + 8; columns 2k, 2k + 1 of output tile b
+            for b in range(NN1):
+                zi = z_wr + U(a * 16 * ZT + b * 8 * JB)
+                sm[zi] = acc[a, b, 0]
+                sm[zi + U(JB)] = acc[a, b, 1]
+                sm[zi + U(8 * ZT)] = acc[a, b, 2]
+                sm[zi + U(8 * ZT + JB)] = acc[a, b, 3]
+                for i in range(4):  # zero again for phase 2 (tiles past NN1 never left 0)
+                    acc[a, b, i] = f32(0)
+        cluster_barrier()  # every block's ZS is written
+        # ---- phase 2: y[b0 + t, o·q + g0 + jj] = Σ_i w2[g0 + jj, o, i] z[t, i, g0 + jj]
+        w_src = rank * U(CB2 * W2) + tid
+        w_rd = lb + U(WB) + jj * U(NN2 * 64) + lane * U(2)
+        for c1 in range(-1, CB2):
+            if c1 >= 0:
+                store2(sm, xn, wn, i_dst, lb + U(WB), tid)
+            if c1 + 1 < CB2:
+                i = U((c1 + 1) * CK) + c_i  # z's group: block i // JB, its group i % JB
+                zi = z_src + i % U(JB)
+                for u in range(IU):
+                    if SIM:
+                        xn[u] = sm[i // U(JB) * U(WORDS) + zi + U(u * TS * ZT)]
+                    else:
+                        xn[u] = cluster_load(sm, zi + U(u * TS * ZT), i // U(JB))
+                fetch2(wn, wp2, w_src + U((c1 + 1) * W2), tid)
+            if c1 >= 0:
+                product2(sm, sm, x_rd, w_rd, acc, af)
+        cluster_barrier()  # no block reads my ZS any more
+        # y, 8 outputs a pass: fragments -> shared (t, jj, o) -> global, groups fastest
+        j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
+        o_rd = lb + U(XB) + t_o * U(SO) + j_o + o_o * U(JB)  # + u·TS·SO
+        o_wr = lb + U(XB) + (wm * U(16 * MT) + r) * U(SO) + jj + U(2) * kq * U(JB)
+        for b in range(NN2):
+            cuda.syncthreads()  # the last pass's readers are done
+            for a in range(MT):  # D: rows r, r + 8; columns 2k, 2k + 1
+                oi = o_wr + U(a * 16 * SO)
+                sm[oi] = acc[a, b, 0]
+                sm[oi + U(JB)] = acc[a, b, 1]
+                sm[oi + U(8 * SO)] = acc[a, b, 2]
+                sm[oi + U(8 * SO + JB)] = acc[a, b, 3]
+            cuda.syncthreads()
+            for u in range(IU):
+                t = b0 + t_o + U(u * TS)
+                if t < uB:
+                    y[t * U(m) + (U(b * CK) + o_o) * U(q) + g0 + j_o] = sm[o_rd + U(u * TS * SO)]
+
+    return kernel, T, CS, NT, 4 * WORDS
+
+
+def _fused_plan(k: int, p: int, q: int, l: int, s: int):
+    """``_fused_kernel``'s tuple for these factors, or None where it does not take them: it needs
+    k = q = l (so r = k: both factors have as many groups), the cluster dividing k, 8 dividing
+    p, q, s and k, q and s at most 64 (a warp holds 16·MT tokens x all outputs of a group), at
+    most 1024 threads a block and the shared memory of one block of an sm_90 GPU (227 KB)."""
+    CS, WM, MT = _fused_tiles()
+    if (not k == q == l or k % CS or k % 8 or p % 8 or q % 8 or s % 8 or q > 64 or s > 64
+            or 32 * (k // CS) * WM > 1024):
+        return None
+    plan = _fused_kernel(k, p, q, s, (CS, WM, MT))
+    return plan if plan[4] <= 227 * 1024 else None
+
+
+def _fwd_fused(x, w1, w2, y, plan):
+    """y = P2 BD(w2) P1 BD(w1) x in one launch of the fused kernel (``plan``: _fused_plan's)."""
+    k, q, _ = w1.shape
+    s = w2.shape[1]
+    b = x.shape[0]
+    kernel, T, CS, NT, shared = plan
+    JB = k // CS
+    wp1, _ = _pack_mma(w1, JB, q, 8)
+    wp2, _ = _pack_mma(w2, JB, s, 8)
+    clusters = -(-b // T)
+    args = (x.view(-1), wp1.view(-1), wp2.view(-1), y.view(-1), b)
+    if cuda_simulated():  # a cluster is one block of CS·NT threads
+        launch(kernel, clusters, CS * NT, *args)
+    else:
+        launch(kernel, clusters * CS, NT, *args, shared_bytes=shared, cluster=CS)
+
+
 _FORCED_ENGINE: list[str] = []  # set by forced_engine
 
 
 def _engine(dtype: torch.dtype) -> str:
-    """"mma" (tensor cores, 3xTF32) for float32 on sm_80 and later, and in the simulator;
-    "simt" (the register-tiled kernel) for float64 and for older GPUs."""
+    """"mma" (tensor cores, 3xTF32, one launch a factor) for float32 on sm_80 and later, and in
+    the simulator; "simt" (the register-tiled kernel) for float64 and for older GPUs. "fused"
+    (the forward in one launch on tensor cores and clusters, sm_90, where the factors fit it;
+    else as "mma") only when forced: on an H100 it is slower than the two launches
+    (kernels/BENCHMARKS.md, round 7)."""
     if dtype != torch.float32:
         return "simt"
     if _FORCED_ENGINE:
@@ -420,10 +670,11 @@ def _engine(dtype: torch.dtype) -> str:
 
 @contextlib.contextmanager
 def forced_engine(engine: str):
-    """Within the block, float32 products run on ``engine``: "mma" (tensor cores) or "simt"
-    (CUDA cores, as on GPUs before sm_80): for benchmarks and tests that compare the two."""
-    if engine not in ("mma", "simt"):
-        raise ValueError(f"engine must be 'mma' or 'simt', got {engine!r}")
+    """Within the block, float32 products run on ``engine``: "fused" (one launch, sm_90),
+    "mma" (tensor cores, one launch a factor, as on sm_80) or "simt" (CUDA cores, as on GPUs
+    before sm_80): for benchmarks and tests that compare them."""
+    if engine not in ("fused", "mma", "simt"):
+        raise ValueError(f"engine must be 'fused', 'mma' or 'simt', got {engine!r}")
     _FORCED_ENGINE.append(engine)
     try:
         yield
@@ -441,7 +692,7 @@ def _bgemm(inp, W, out, sizes, in_strides, out_strides):
     # "grouped" when neighbouring groups are neighbouring numbers in memory
     in_grouped, out_grouped = G > 1 and in_strides[1] == 1, G > 1 and out_strides[1] == 1
     kind = "grouped" if in_grouped or out_grouped else "flat"
-    if _engine(inp.dtype) == "mma":
+    if _engine(inp.dtype) != "simt":
         tiles, blocks_per_sm = _mma_tiles(kind)
         kernel, BM, JB, BN, CK, threads = _mma_kernel(tiles, blocks_per_sm, in_grouped,
                                                       out_grouped)
@@ -460,12 +711,16 @@ def _bgemm(inp, W, out, sizes, in_strides, out_strides):
 
 def _fwd_cuda(x, w1, w2, y=None):
     """x (b, n), w1 (k, q, p), w2 (l, s, r) contiguous -> y (b, l·s), written into ``y`` when
-    given: z = BD(w1) x into global memory, then y = P2 BD(w2) P1 z."""
+    given: in one fused launch where it fits (engine "fused"), else z = BD(w1) x into global
+    memory, then y = P2 BD(w2) P1 z."""
     k, q, p = w1.shape
     l, s, r = w2.shape
     b = x.shape[0]
     y = x.new_empty(b, l * s) if y is None else y
-    if b:
+    plan = _fused_plan(k, p, q, l, s) if _engine(x.dtype) == "fused" else None
+    if b and plan:
+        _fwd_fused(x, w1, w2, y, plan)
+    elif b:
         z = x.new_empty(b, k * q)
         _bgemm(x, w1, z, (b, k, q, p), (k * p, p, 1), (k * q, q, 1))
         _bgemm(z, w2, y, (b, l, s, r), (k * q, 1, l), (l * s, 1, l))

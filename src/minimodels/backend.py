@@ -251,9 +251,11 @@ def cuda_stream():
     return _external_stream(torch.cuda.current_stream().cuda_stream)
 
 
-def launch(kernel, grid, block, *args) -> None:
-    """Run the numba.cuda ``kernel`` on ``grid`` × ``block`` on torch's current stream; ``args``
-    are torch tensors and scalars, in the kernel's order.
+def launch(kernel, grid, block, *args, shared_bytes: int = 0, cluster: int = 1) -> None:
+    """Run the numba.cuda ``kernel`` on ``grid`` blocks × ``block`` threads on torch's current
+    stream, with ``shared_bytes`` of dynamic shared memory (past 48 KB the kernel opts in,
+    ``_allow_shared``) and, on a GPU, in thread-block clusters of ``cluster`` blocks (sm_90;
+    ``grid`` a multiple of it); ``args`` are torch tensors and scalars, in the kernel's order.
 
     Numba's own launch path re-derives every argument's type and builds a device-array object
     per tensor at each call: ~40 us per array argument on the H200's host, as long as a small
@@ -262,7 +264,11 @@ def launch(kernel, grid, block, *args) -> None:
     kernel and pack the arguments straight from the tensors (``_Launcher``). The packing is
     checked against Numba's own on that first call; where they differ (a Numba version that
     packs differently) or cannot be compared, Numba's path is kept, with a warning.
-    Non-contiguous tensors, and the simulator, always take Numba's path."""
+    Non-contiguous tensors, and the simulator, always take Numba's path. Numba cannot launch
+    clusters: a cluster launch always takes ours, and is an error where it cannot."""
+    if cluster != 1 and (cuda_simulated() or not isinstance(grid, int) or grid % cluster):
+        raise ValueError(f"cluster must be 1 in the simulator, and divide a 1-D grid ({grid}) on "
+                         f"a GPU, got {cluster}")
     stream = cuda_stream()
     key = fast = None  # the simulator: Numba's path, nothing to remember
     if not cuda_simulated():
@@ -271,10 +277,22 @@ def launch(kernel, grid, block, *args) -> None:
                      else type(a) for a in args))
         fast = _LAUNCHERS.get(key, _UNSEEN)
     if fast not in (None, _UNSEEN):
-        fast(grid, block, stream, args)
+        fast(grid, block, stream, args, shared_bytes, cluster)
         return
     converted = [to_numba(a) if isinstance(a, torch.Tensor) else a for a in args]
-    kernel[grid, block, stream](*converted)
+    if cluster != 1:  # compile, then launch through cuda.core
+        overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in converted))
+        fast = _Launcher.checked(overload, args, converted, stream)
+        if fast is None:
+            raise RuntimeError("backend.launch: a cluster launch needs the arguments packed "
+                               "as this numba-cuda packs them, and they differ (warning above)")
+        _LAUNCHERS[key] = fast
+        fast(grid, block, stream, args, shared_bytes, cluster)
+        return
+    if shared_bytes > _STATIC_SHARED_BYTES and not cuda_simulated():  # compile, then opt in
+        overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in converted))
+        _allow_shared(overload._codelibrary.get_cufunc(), shared_bytes)
+    kernel[grid, block, stream, shared_bytes](*converted)
     if fast is _UNSEEN and all(c[2] for c in key[2] if isinstance(c, tuple)):
         argtypes = tuple(kernel.typeof_pyval(a) for a in converted)
         _LAUNCHERS[key] = _Launcher.checked(kernel.overloads[argtypes], args, converted, stream)
@@ -282,6 +300,36 @@ def launch(kernel, grid, block, *args) -> None:
 
 _LAUNCHERS: dict = {}  # (kernel, device, argument kinds) -> _Launcher, or None: Numba's path
 _UNSEEN = object()
+_STATIC_SHARED_BYTES = 48 * 1024  # what a block gets without opting in
+_SHARED_ALLOWED: dict = {}  # compiled kernel (CUDA function) -> dynamic shared bytes allowed
+
+
+def _allow_shared(cufunc, shared_bytes: int) -> None:
+    """Let the compiled kernel ``cufunc`` take ``shared_bytes`` of dynamic shared memory: past
+    48 KB a kernel must opt in (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), up to the
+    device's MAX_SHARED_MEMORY_PER_BLOCK_OPTIN less its static shared memory."""
+    if shared_bytes <= max(_STATIC_SHARED_BYTES, _SHARED_ALLOWED.get(cufunc, 0)):
+        return
+    from numba import cuda
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    limit = cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    if shared_bytes > limit:
+        raise ValueError(f"shared_bytes must be at most this GPU's {limit} bytes a block, "
+                         f"got {shared_bytes}")
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, shared_bytes, cufunc.handle, cufunc.device.id)
+    _SHARED_ALLOWED[cufunc] = shared_bytes
+
+
+@functools.cache
+def _allow_large_clusters(cufunc) -> None:
+    """Let the compiled kernel ``cufunc`` run in clusters of more than 8 blocks (up to 16 on an
+    H100: CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED)."""
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+    driver.cuKernelSetAttribute(attr, 1, cufunc.handle, cufunc.device.id)
 
 
 class _Launcher:
@@ -293,7 +341,8 @@ class _Launcher:
     def __init__(self, overload):
         from numba import types
 
-        self.kernel = overload._codelibrary.get_cufunc().kernel
+        self.cufunc = overload._codelibrary.get_cufunc()
+        self.kernel = self.cufunc.kernel
         self.packers = []
         for ty in overload.argument_types:
             if isinstance(ty, types.Array):
@@ -346,14 +395,21 @@ class _Launcher:
             pack(a, params)
         return params
 
-    def __call__(self, grid, block, stream, args):
+    def __call__(self, grid, block, stream, args, shared_bytes=0, cluster=1):
         from cuda.core import LaunchConfig
         from cuda.core import launch as core_launch
 
         params = self.pack(args)
-        config = self.configs.get((grid, block))
-        if config is None:
-            config = self.configs[grid, block] = LaunchConfig(grid=grid, block=block)
+        _allow_shared(self.cufunc, shared_bytes)
+        if cluster > 8:
+            _allow_large_clusters(self.cufunc)
+        key = (grid, block, shared_bytes, cluster)
+        config = self.configs.get(key)
+        if config is None:  # with a cluster, cuda.core counts the grid in clusters
+            config = self.configs[key] = LaunchConfig(
+                grid=grid, block=block, shmem_size=shared_bytes) if cluster == 1 else (
+                LaunchConfig(grid=grid // cluster, cluster=cluster, block=block,
+                             shmem_size=shared_bytes))
         core_launch(stream, config, self.kernel, *params)
 
 
