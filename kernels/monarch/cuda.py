@@ -449,6 +449,9 @@ def _pack_mma(W, JB: int, BN: int, CK: int):
 # written once (the floor), the weights once per block per T tokens from L2.
 # The simulator runs blocks one after another, so there a cluster is emulated by one block of
 # CS·NT threads (rank = thread // NT) whose shared memory holds every rank's part.
+# Measured on an H100 it is slower than the two launches (1.22 ms against 1.17 ms at 32768
+# tokens, n = 4096): each block's shape, 8 groups x 32 tokens in both phases, is the slow one
+# of the grouped launch (kernels/BENCHMARKS.md, round 7); so it runs only when forced.
 # =============================================================================================
 
 # (CS, WM, MT): clusters of 8 blocks of 8 warps (2 blocks an SM), 32 tokens a cluster; the best
@@ -640,6 +643,10 @@ def _fwd_fused(x, w1, w2, y, plan):
     k, q, _ = w1.shape
     s = w2.shape[1]
     b = x.shape[0]
+    if not cuda_simulated() and torch.cuda.get_device_capability(x.device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        raise RuntimeError(f"engine 'fused' needs thread-block clusters (sm_90 or later); this "
+                           f"GPU is sm_{major}{minor}: use engine 'mma'")
     kernel, T, CS, NT, shared = plan
     JB = k // CS
     wp1, _ = _pack_mma(w1, JB, q, 8)
