@@ -255,18 +255,21 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
 #     chunk's inputs and fragments are loaded into registers while this chunk is multiplied;
 #   - warp w multiplies group jj = w % JB for tokens 16·MT·(w // JB) + [0, 16·MT): per k-step
 #     of 8 c, its A fragments come from the staged inputs (the pads put the 32 lanes' loads in
-#     32 banks), its B fragments from the staged weights.
+#     32 banks), its B fragments from the staged weights (already split into TF32 parts as they
+#     were staged when WM > 1 warps share them: once a block, not once a warp).
 # The float32 sums (MT x NN tiles of 16 x 8 a warp) go out through shared memory, CK outputs a
 # pass, in the global layout's order again.
 # =============================================================================================
 
 
 @functools.cache
-def _chunk_product(MT: int, NN: int, KS: int, ST: int, SC: int):
+def _chunk_product(MT: int, NN: int, KS: int, ST: int, SC: int, SPLIT: int = 0):
     """Device function chunk_product(xs, ws, x_rd, w_rd, acc, af): a warp's acc[m, n] (C
     fragments of MT x NN tiles of 16 x 8) += the staged chunk's A fragments (16 tokens x 8 c a
     k-step, element (t, c) at x_rd + t·ST + c·SC) times its B fragments (ws, from w_rd, 64 words
-    a tile and k-step), KS k-steps, in 3xTF32; af: scratch for one k-step's A pieces."""
+    a tile and k-step), KS k-steps, in 3xTF32; af: scratch for one k-step's A pieces. SPLIT > 0:
+    the B fragments were staged already split, their TF32 parts at w_rd + ..., the remainders
+    SPLIT words further (when several warps share them, splitting once per block saves work)."""
     U = np.uint64
 
     @cuda.jit(device=True, **({} if cuda_simulated() else {"forceinline": True}))
@@ -285,9 +288,13 @@ def _chunk_product(MT: int, NN: int, KS: int, ST: int, SC: int):
                     af[m, i] = big
             for n in range(NN):  # B: rows k, k + 4, column r of output tile n
                 wi = w_rd + U((kk * NN + n) * 64)
-                b0v, b1v = ws[wi], ws[wi + U(1)]
-                bb0, bb1 = tf32_round(b0v), tf32_round(b1v)
-                bs0, bs1 = tf32_round(b0v - bb0), tf32_round(b1v - bb1)
+                if SPLIT:
+                    bb0, bb1 = ws[wi], ws[wi + U(1)]
+                    bs0, bs1 = ws[wi + U(SPLIT)], ws[wi + U(SPLIT + 1)]
+                else:
+                    b0v, b1v = ws[wi], ws[wi + U(1)]
+                    bb0, bb1 = tf32_round(b0v), tf32_round(b1v)
+                    bs0, bs1 = tf32_round(b0v - bb0), tf32_round(b1v - bb1)
                 for m in range(MT):  # small terms first, then big·big
                     d = mma_tf32(af[m, 4], af[m, 5], af[m, 6], af[m, 7], bb0, bb1,
                                  acc[m, n, 0], acc[m, n, 1], acc[m, n, 2], acc[m, n, 3])
@@ -317,6 +324,10 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     IU = BM // TS  # staging passes
     W_WORDS = JB * KS * NN * 64  # a chunk of B fragments, (jj, kk, n, lane, 2)
     WU = -(-W_WORDS // NT)  # its staging passes
+    # WM > 1 warps share a group's weights: split them into TF32 parts and remainders once, as
+    # they are staged (the remainders W_WORDS further), not once per warp in the product
+    SPLIT = W_WORDS if WM > 1 else 0
+    WS_WORDS = W_WORDS + SPLIT
     # shared layouts: input (t, j, c) at t·ST + j·SJ + c·SC, output (t, j, o) at t·SO + j·SJO +
     # o·SOO; ST ≡ 4 mod 8 ("flat") or odd ("grouped") puts a warp's A fragment in 32 banks
     SJ, SC, ST = (1, JB, JB * CK + 1) if in_grouped else (CK, 1, JB * CK + 4)
@@ -325,14 +336,14 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     f32 = np.float32
     U = np.uint64
     options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
-    chunk_product = _chunk_product(MT, NN, KS, ST, SC)
+    chunk_product = _chunk_product(MT, NN, KS, ST, SC, SPLIT)
 
     @cuda.jit(**options)
     def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
         # out[b·orow + g·og + o·oo] = Σ_c W[g, o, c] · inp[b·ir + g·ig + c·ic]; wp: W packed by
         # _pack_mma, CB chunks per (group block, output block), each W_WORDS long
         xs = cuda.shared.array(WORDS, f32)  # this input chunk, later an output pass
-        ws = cuda.shared.array(W_WORDS, f32)  # this chunk's B fragments
+        ws = cuda.shared.array(WS_WORDS, f32)  # this chunk's B fragments
         acc = cuda.local.array((MT, NN, 4), f32)  # C fragments of my MT x NN tiles
         af = cuda.local.array((MT, 8), f32)  # A fragments of one k-step: big 0-3, small 4-7
         xn = cuda.local.array(IU, f32)  # the next chunk, loaded while this one is multiplied
@@ -371,7 +382,12 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                     xs[i_dst + U(u * TS * ST)] = xn[u]
                 for u in range(WU):
                     if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
-                        ws[tid + U(u * NT)] = wn[u]
+                        if SPLIT:
+                            big = tf32_round(wn[u])
+                            ws[tid + U(u * NT)] = big
+                            ws[tid + U(u * NT + SPLIT)] = tf32_round(wn[u] - big)
+                        else:
+                            ws[tid + U(u * NT)] = wn[u]
                 cuda.syncthreads()
             if q + 1 < CB:
                 uq = U((q + 1) * CK)
