@@ -423,6 +423,19 @@ def test_mma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
     _float32_against_float64(backend, seed=9)
 
 
+@pytest.mark.parametrize("backend", [CUDA])
+def test_weights_split_once_a_block_give_the_same_bits(backend, monkeypatch):
+    """Two warps on one group (WM = 2) stage the weights already split into TF32 parts; one
+    warp (WM = 1) splits them in the product: the same parts, so the same output to the bit."""
+    ex = example_inputs((19, 6, 5, 7, 6, 10), device=device_for(backend), seed=13)
+    outs = []
+    for tiles in ((1, 2, 1, 1, 8), (1, 1, 1, 1, 8)):
+        monkeypatch.setattr(MC, "_mma_tiles", lambda kind, tiles=tiles: (tiles, 1))
+        with MC.forced_engine("mma"):
+            outs.append(monarch_multiply(*ex.args, backend=backend))
+    assert torch.equal(outs[0], outs[1])
+
+
 def _clusters_or_skip():
     if not cuda.is_available() and not MC.cuda_simulated():
         pytest.skip("no CUDA device or simulator")
