@@ -484,6 +484,13 @@ def test_fused_plan_declines_shapes_it_cannot_take(backend, k, q, p, l, s):
                                atol=1e-5)
 
 
+def test_fused_kernel_names_what_does_not_fit():
+    with pytest.raises(ValueError, match=r"fused tiles .* need p, k, q and s multiples of 8"):
+        MC._fused_kernel(12, 8, 12, 8, (2, 1, 1))
+    with pytest.raises(ValueError, match="need the cluster size dividing k"):
+        MC._fused_kernel(8, 8, 8, 8, (3, 1, 1))
+
+
 def test_cluster_launch_is_refused_in_the_simulator():
     if not MC.cuda_simulated():
         pytest.skip("the simulator's refusal")

@@ -484,6 +484,10 @@ def _fused_tiles() -> tuple[int, int, int]:
 def _fused_kernel(k: int, p: int, q: int, s: int, tiles: tuple[int, int, int]):
     """Compile-once fused forward for x (b, k·p), w1 (k, q, p), w2 (q, s, k); returns (kernel,
     T tokens a cluster, CS blocks a cluster, NT threads a block, shared bytes a block)."""
+    misfit = _fused_misfit(k, p, q, q, s, tiles)
+    if misfit:
+        raise ValueError(f"fused tiles (CS, WM, MT) = {tiles} do not fit k = {k}, p = {p}, "
+                         f"q = {q}, s = {s}: {misfit}")
     CS, WM, MT = tiles
     CK = 8  # c per chunk: one k-step of m16n8k8
     JB = k // CS
@@ -493,11 +497,6 @@ def _fused_kernel(k: int, p: int, q: int, s: int, tiles: tuple[int, int, int]):
     W1, W2 = JB * NN1 * 64, JB * NN2 * 64  # a chunk of B fragments (_pack_mma's order)
     WU1, WU2 = -(-W1 // NT), -(-W2 // NT)
     WU = max(WU1, WU2)
-    if (k % CS or JB == 0 or q % 8 or s % 8 or p % CK or k % CK or NT % (JB * CK)
-            or T % (NT // (JB * CK)) or NT > 1024):
-        raise ValueError(f"fused tiles (CS, WM, MT) = {tiles} do not fit k = {k}, p = {p}, "
-                         f"q = {q}, s = {s}: need CS dividing k, q, s, p and k multiples of 8, "
-                         f"and 8·k / CS dividing the {NT} threads into passes of token rows")
     n, m = k * p, q * s  # widths of x and y
     TS = NT // (JB * CK)  # token rows one staging pass covers (inputs, and outputs)
     IU = T // TS  # staging passes
@@ -641,16 +640,27 @@ def _fused_kernel(k: int, p: int, q: int, s: int, tiles: tuple[int, int, int]):
     return kernel, T, CS, NT, 4 * WORDS
 
 
+def _fused_misfit(k: int, p: int, q: int, l: int, s: int, tiles: tuple[int, int, int]) -> str:
+    """Why the fused kernel cannot take these factors at these tiles ("" when it can): both
+    factors need as many groups (k = q = l, so r = k), the cluster must divide them, the
+    reductions and outputs come in 8s (p, k, q, s multiples of 8), a warp holds all outputs of
+    a group (q, s <= 64: 64 float32 sums a thread), and a block has at most 1024 threads."""
+    CS, WM, _ = tiles
+    return ("need k = q = l" if not k == q == l else
+            "need the cluster size dividing k" if k % CS else
+            "need p, k, q and s multiples of 8" if (p % 8 or k % 8 or q % 8 or s % 8) else
+            "need q and s at most 64" if q > 64 or s > 64 else
+            "need 32·(k / CS)·WM <= 1024 threads a block" if 32 * (k // CS) * WM > 1024 else "")
+
+
 def _fused_plan(k: int, p: int, q: int, l: int, s: int):
-    """``_fused_kernel``'s tuple for these factors, or None where it does not take them: it needs
-    k = q = l (so r = k: both factors have as many groups), the cluster dividing k, 8 dividing
-    p, q, s and k, q and s at most 64 (a warp holds 16·MT tokens x all outputs of a group), at
-    most 1024 threads a block and the shared memory of one block of an sm_90 GPU (227 KB)."""
-    CS, WM, MT = _fused_tiles()
-    if (not k == q == l or k % CS or k % 8 or p % 8 or q % 8 or s % 8 or q > 64 or s > 64
-            or 32 * (k // CS) * WM > 1024):
+    """``_fused_kernel``'s tuple for these factors, or None where it does not take them
+    (``_fused_misfit``) or a block would need more than an sm_90 GPU's 227 KB of shared
+    memory."""
+    tiles = _fused_tiles()
+    if _fused_misfit(k, p, q, l, s, tiles):
         return None
-    plan = _fused_kernel(k, p, q, s, (CS, WM, MT))
+    plan = _fused_kernel(k, p, q, s, tiles)
     return plan if plan[4] <= 227 * 1024 else None
 
 

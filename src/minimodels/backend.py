@@ -265,7 +265,8 @@ def launch(kernel, grid, block, *args, shared_bytes: int = 0, cluster: int = 1) 
     checked against Numba's own on that first call; where they differ (a Numba version that
     packs differently) or cannot be compared, Numba's path is kept, with a warning.
     Non-contiguous tensors, and the simulator, always take Numba's path. Numba cannot launch
-    clusters: a cluster launch always takes ours, and is an error where it cannot."""
+    clusters nor opt in past 48 KB: such launches always take ours, and are an error where it
+    cannot."""
     if cluster != 1 and (cuda_simulated() or not isinstance(grid, int) or grid % cluster):
         raise ValueError(f"cluster must be 1 in the simulator, and divide a 1-D grid ({grid}) on "
                          f"a GPU, got {cluster}")
@@ -280,18 +281,17 @@ def launch(kernel, grid, block, *args, shared_bytes: int = 0, cluster: int = 1) 
         fast(grid, block, stream, args, shared_bytes, cluster)
         return
     converted = [to_numba(a) if isinstance(a, torch.Tensor) else a for a in args]
-    if cluster != 1:  # compile, then launch through cuda.core
+    if cluster != 1 or (shared_bytes > _STATIC_SHARED_BYTES and not cuda_simulated()):
+        # Numba's path can neither launch clusters nor opt in past 48 KB: compile, then ours
         overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in converted))
         fast = _Launcher.checked(overload, args, converted, stream)
         if fast is None:
-            raise RuntimeError("backend.launch: a cluster launch needs the arguments packed "
-                               "as this numba-cuda packs them, and they differ (warning above)")
+            raise RuntimeError("backend.launch: a launch in clusters or past 48 KB of shared "
+                               "memory needs the arguments packed as this numba-cuda packs "
+                               "them, and they differ (warning above)")
         _LAUNCHERS[key] = fast
         fast(grid, block, stream, args, shared_bytes, cluster)
         return
-    if shared_bytes > _STATIC_SHARED_BYTES and not cuda_simulated():  # compile, then opt in
-        overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in converted))
-        _allow_shared(overload._codelibrary.get_cufunc(), shared_bytes)
     kernel[grid, block, stream, shared_bytes](*converted)
     if fast is _UNSEEN and all(c[2] for c in key[2] if isinstance(c, tuple)):
         argtypes = tuple(kernel.typeof_pyval(a) for a in converted)

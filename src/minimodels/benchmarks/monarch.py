@@ -65,15 +65,13 @@ def _tf32(fn, *args):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def _engine(name):
+def _on(engine, x, w1, w2):
     """The CUDA kernel on another engine: "simt" (the CUDA cores, as GPUs before sm_80 run it)
     or "fused" (one launch in thread-block clusters, sm_90)."""
     from minimodels.kernels.monarch.cuda import forced_engine
 
-    def run(x, w1, w2):
-        with forced_engine(name):
-            return M.monarch_multiply(x, w1, w2, backend="cuda")
-    return run
+    with forced_engine(engine):
+        return M.monarch_multiply(x, w1, w2, backend="cuda")
 
 
 def run(shape=None, device="cpu", dtype=None) -> str:
@@ -99,10 +97,9 @@ def run(shape=None, device="cpu", dtype=None) -> str:
             x16, w1_16, w2_16 = (t.bfloat16() for t in (x, w1, w2))
             fns["torch.bmm formulation, bf16"] = lambda: bmm_monarch(x16, w1_16, w2_16)
             fns["torch.bmm formulation, TF32"] = lambda: _tf32(bmm_monarch, x, w1, w2)
-            fns["minimodels cuda kernel, CUDA cores (SIMT)"] = lambda: _engine("simt")(x, w1, w2)
+            fns["minimodels cuda kernel, CUDA cores (SIMT)"] = lambda: _on("simt", x, w1, w2)
             if real_gpu() and torch.cuda.get_device_capability() >= (9, 0):
-                fns["minimodels cuda kernel, fused in clusters"] = (
-                    lambda: _engine("fused")(x, w1, w2))
+                fns["minimodels cuda kernel, fused in clusters"] = lambda: _on("fused", x, w1, w2)
         fns[ours_name] = lambda: M.monarch_multiply(x, w1, w2, backend=kernel)
         fns["dense F.linear (n² weights)"] = lambda: F.linear(x, dense)
         secs = {name: statistics.median(t)
