@@ -2,7 +2,7 @@
 private names): the canonical-example record every op's ``example_inputs`` returns, the
 torch -> NumPy dtype mapping the kernel factories are keyed by, and the CUDA block scan of
 affine maps h -> A h + B (``scan_maps``) with its launch layout, used by kernels/scan.py's
-kernels and by the selective scan's backward, and the tensor-core instructions (``tf32_round``,
+kernels and by the selective scan's backward, and the tensor-core instructions (``tf32_split``,
 ``mma_tf32``) and thread-block-cluster instructions (``cluster_sync``, ``cluster_load``) that
 numba.cuda does not expose, as inline PTX (the first two with simulator twins)."""
 
@@ -18,7 +18,7 @@ from numba import cuda
 from minimodels.backend import cuda_simulated, expect_tensor
 
 __all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "cluster_load", "cluster_sync",
-           "expect_out", "mma_tf32", "numpy_dtype", "randn", "scan_maps", "tf32_round"]
+           "expect_out", "mma_tf32", "numpy_dtype", "randn", "scan_maps", "tf32_split"]
 
 # =============================================================================================
 # Constants: the layout of a chunked block scan (kernels/scan.py, selective_scan's backward)
@@ -118,9 +118,13 @@ def scan_maps(sA, sB, A, B, i):
 # CUDA: tensor cores (sm_80 and later) as inline PTX
 # =============================================================================================
 # numba.cuda has no warp-level matrix instructions, but NVVM accepts inline PTX, so two
-# intrinsics emit them:
-#   tf32_round(x)   cvt.rna.tf32.f32: x rounded to TF32 (10 mantissa bits; ties away from 0),
-#                   returned as a float32 whose low 13 bits are 0;
+# intrinsics emit them (the first is plain integer arithmetic):
+#   tf32_split(x) -> (big, small)
+#                   x's 3xTF32 pieces: big = x rounded to TF32 (10 mantissa bits, ties away from
+#                   0: bits + 2¹², low 13 bits cleared), an exact float32; small = the remainder
+#                   x - big (exact) with 2¹² added to its bits but not cleared: its top 19 bits,
+#                   all that a tensor core reads, are the remainder rounded to TF32 the same way
+#                   (as a float it is not the remainder: use it only as an mma_tf32 operand);
 #   mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3)
 #                   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: the 32 lanes of a warp
 #                   together compute D = A·B + C, A (16 x 8), B (8 x 8), C and D (16 x 8) in
@@ -128,12 +132,15 @@ def scan_maps(sA, sB, A, B, i):
 #                   mma.m16n8k8"), with g = lane // 4, t = lane % 4:
 #                     a0 = A[g, t]   a1 = A[g+8, t]   a2 = A[g, t+4]   a3 = A[g+8, t+4]
 #                     b0 = B[t, g]   b1 = B[t+4, g]
-#                     c0 = C[g, 2t]  c1 = C[g, 2t+1]  c2 = C[g+8, 2t]  c3 = C[g+8, 2t+1]  (D too).
+#                     c0 = C[g, 2t]  c1 = C[g, 2t+1]  c2 = C[g+8, 2t]  c3 = C[g+8, 2t+1]  (D too);
+#                   A and B are read as TF32: the low 13 bits of each piece are ignored.
 # Every lane of the warp must call mma_tf32 together. A float32 product a·b at float32 accuracy
-# from TF32 products ("3xTF32"): a = a_big + a_small with a_big = tf32_round(a) and a_small =
-# tf32_round(a - a_big) (a - a_big is exact), then a·b ≈ a_big·b_big + a_big·b_small +
-# a_small·b_big: what is dropped, a_small·b_small and the two remainders' rounding, is at most
-# 3·2⁻²² |a·b| (each part is within 2⁻¹¹ of what it rounds).
+# from TF32 products ("3xTF32"): a = a_big + a_small, b likewise (tf32_split), then a·b ≈
+# a_big·b_big + a_big·b_small + a_small·b_big: what is dropped, a_small·b_small and the two
+# remainders' rounding, is at most 3·2⁻²² |a·b| (each part is within 2⁻¹¹ of what it rounds).
+# Why not cvt.rna.tf32.f32: ptxas guards it against infinities (4 instructions for big, 3 for
+# small, where these take 2 and 2); the pieces are the same for every finite x below float32's
+# largest TF32 number; an infinite or NaN x gives a NaN product either way.
 # In the simulator both are Python: mma_tf32 gathers the warp's pieces in a mailbox of its
 # block, behind a barrier of the warp's 32 threads (so they must call it together, as on the
 # GPU; mailboxes alternate between calls, so one barrier a call suffices), and multiplies in
@@ -142,10 +149,14 @@ def scan_maps(sA, sB, A, B, i):
 if cuda_simulated():
     import threading
 
-    def tf32_round(x):
-        """x rounded to TF32, ties away from zero (cvt.rna.tf32.f32), as a float32."""
-        bits = np.asarray(x, dtype=np.float32).view(np.uint32)
-        return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)[()]
+    def tf32_split(x):
+        """x's 3xTF32 pieces (big, small): big = x rounded to TF32; small's top 19 bits the
+        remainder x - big rounded to TF32 (the glossary above)."""
+        half, keep = np.uint32(0x1000), np.uint32(0xFFFFE000)
+        x = np.float32(x)
+        big = ((np.asarray(x).view(np.uint32) + half) & keep).view(np.float32)[()]
+        small = (np.asarray(x - big).view(np.uint32) + half).view(np.float32)[()]
+        return big, small
 
     _SIM_WARPS = threading.Lock()
 
@@ -181,14 +192,20 @@ else:
     from numba.cuda.extending import intrinsic
 
     @intrinsic
-    def tf32_round(typingctx, x):
-        """x rounded to TF32, ties away from zero (cvt.rna.tf32.f32), as a float32."""
+    def tf32_split(typingctx, x):
+        """x's 3xTF32 pieces (big, small): big = x rounded to TF32; small's top 19 bits the
+        remainder x - big rounded to TF32 (the glossary above)."""
         def codegen(context, builder, sig, args):
             f32, i32 = ir.FloatType(), ir.IntType(32)
-            cvt = ir.InlineAsm(ir.FunctionType(i32, [f32]), "cvt.rna.tf32.f32 $0, $1;", "=r,f")
-            return builder.bitcast(builder.call(cvt, args), f32)
+            half, keep = ir.Constant(i32, 0x1000), ir.Constant(i32, 0xFFFFE000)
+            x = args[0]
+            big = builder.bitcast(builder.and_(builder.add(builder.bitcast(x, i32), half), keep),
+                                  f32)
+            small = builder.bitcast(builder.add(builder.bitcast(builder.fsub(x, big), i32), half),
+                                    f32)
+            return cgutils.pack_array(builder, [big, small])
 
-        return types.float32(types.float32), codegen
+        return types.UniTuple(types.float32, 2)(types.float32), codegen
 
     @intrinsic
     def mma_tf32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):

@@ -15,7 +15,7 @@ from numba import cuda
 import minimodels.kernels.monarch as M
 import minimodels.kernels.monarch.cuda as MC
 from minimodels.backend import launch
-from minimodels.kernels._common import Example, mma_tf32, tf32_round
+from minimodels.kernels._common import Example, mma_tf32, tf32_split
 from minimodels.kernels.monarch import example_inputs, monarch_dft, monarch_multiply
 from minimodels.models import LM, MIXERS, MLPS, state_numel
 from minimodels.models.monarch import (
@@ -364,29 +364,38 @@ def _tf32_by_frexp(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("backend", [CUDA])
-def test_tf32_round_rounds_to_nearest_ties_away(backend):
+def test_tf32_split_rounds_both_pieces_to_nearest_ties_away(backend):
+    """big = x rounded to 11 significant bits, exactly; small as the tensor core reads it (its
+    low 13 bits cleared) = x - big rounded the same way; big + small within 2⁻²¹ of x."""
     @cuda.jit
-    def kernel(x, y):
+    def kernel(x, big, small):
         i = cuda.grid(1)
         if i < x.shape[0]:
-            y[i] = tf32_round(x[i])
+            big[i], small[i] = tf32_split(x[i])
 
     rng = np.random.default_rng(0)
     ties = (1 + (2 * np.arange(1, 9) + 1) * 2.0**-11).astype(np.float32)  # halfway cases
+    ties_small = (1 + (2**11 + 2 * np.arange(1, 9) + 1) * 2.0**-23).astype(np.float32)  # x - big
     x = np.concatenate([rng.standard_normal(200) * 10.0 ** rng.integers(-20, 20, 200), ties,
-                        -ties, [0.0, -0.0, 1.0, 2.0**-126, 3.0e38]]).astype(np.float32)
+                        -ties, ties_small, -ties_small,
+                        [0.0, -0.0, 1.0, 2.0**-126, 3.0e38]]).astype(np.float32)
     xt = torch.from_numpy(x).to(device_for(backend))
-    y = torch.empty_like(xt)
-    launch(kernel, -(-len(x) // 64), 64, xt, y)
-    np.testing.assert_array_equal(y.cpu().numpy().astype(np.float64), _tf32_by_frexp(x))
+    big, small = torch.empty_like(xt), torch.empty_like(xt)
+    launch(kernel, -(-len(x) // 64), 64, xt, big, small)
+    big, small = big.cpu().numpy(), small.cpu().numpy()
+    read = (small.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(big.astype(np.float64), _tf32_by_frexp(x))
+    np.testing.assert_array_equal(read, _tf32_by_frexp(x - big))  # x - big: exact in float32
+    assert np.all(np.abs(big + read - x.astype(np.float64)) <= 2.0**-21 * np.abs(x))
 
 
 @pytest.mark.parametrize("backend", [CUDA])
-@pytest.mark.parametrize("integers", [True, False], ids=["exact", "random"])
-def test_mma_tf32_is_a_16x8x8_matrix_product(backend, integers):
+@pytest.mark.parametrize("inputs", ["integers", "tf32", "float32"])
+def test_mma_tf32_is_a_16x8x8_matrix_product(backend, inputs):
     """One warp: A (16 x 8), B (8 x 8), C (16 x 8) handed out in the PTX ISA's fragment layout,
     D = A·B + C read back from it. Small integers are exact in any order of summation; random
-    TF32 numbers agree with float64 to float32's rounding."""
+    TF32 numbers agree with float64 to float32's rounding; float32 numbers are read as TF32 by
+    dropping their low 13 bits (what tf32_split's small piece relies on)."""
     @cuda.jit
     def kernel(A, B, C, D):
         lane = cuda.threadIdx.x
@@ -396,17 +405,23 @@ def test_mma_tf32_is_a_16x8x8_matrix_product(backend, integers):
         D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1] = d
 
     rng = np.random.default_rng(1)
-    if integers:
+    if inputs == "integers":
         A, B, C = (rng.integers(-8, 9, s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
     else:
-        A, B = (_tf32_by_frexp(rng.standard_normal(s)).astype(np.float32) for s in ((16, 8), (8, 8)))
-        C = rng.standard_normal((16, 8)).astype(np.float32)
+        A, B, C = (rng.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
+        if inputs == "tf32":
+            A, B = (_tf32_by_frexp(M).astype(np.float32) for M in (A, B))
     dev = device_for(backend)
     At, Bt, Ct = (torch.from_numpy(M).to(dev) for M in (A, B, C))
     D = torch.full((16, 8), float("nan"), device=dev)
     launch(kernel, 1, 32, At, Bt, Ct, D)
-    want = A.astype(np.float64) @ B.astype(np.float64) + C.astype(np.float64)
-    tol = 0 if integers else 4e-7
+    read = [(M.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
+            for M in (A, B)]  # as the tensor core reads them
+    want = read[0] @ read[1] + C.astype(np.float64)
+    if inputs == "float32":  # and not as rounded to the nearest TF32 number
+        rounded = _tf32_by_frexp(A) @ _tf32_by_frexp(B) + C.astype(np.float64)
+        assert np.abs(rounded - want).max() > 1e-4
+    tol = 0 if inputs == "integers" else 4e-7
     np.testing.assert_allclose(D.cpu().numpy(), want, rtol=tol, atol=tol)
 
 

@@ -22,7 +22,7 @@ from minimodels.kernels._common import (
     cluster_sync,
     mma_tf32,
     numpy_dtype,
-    tf32_round,
+    tf32_split,
 )
 
 # =============================================================================================
@@ -283,18 +283,15 @@ def _chunk_product(MT: int, NN: int, KS: int, ST: int, SC: int, SPLIT: int = 0):
                 af[m, 2] = xs[a + U(4 * SC)]
                 af[m, 3] = xs[a + U(8 * ST + 4 * SC)]
                 for i in range(4):
-                    big = tf32_round(af[m, i])
-                    af[m, i + 4] = tf32_round(af[m, i] - big)
-                    af[m, i] = big
+                    af[m, i], af[m, i + 4] = tf32_split(af[m, i])
             for n in range(NN):  # B: rows k, k + 4, column r of output tile n
                 wi = w_rd + U((kk * NN + n) * 64)
                 if SPLIT:
                     bb0, bb1 = ws[wi], ws[wi + U(1)]
                     bs0, bs1 = ws[wi + U(SPLIT)], ws[wi + U(SPLIT + 1)]
                 else:
-                    b0v, b1v = ws[wi], ws[wi + U(1)]
-                    bb0, bb1 = tf32_round(b0v), tf32_round(b1v)
-                    bs0, bs1 = tf32_round(b0v - bb0), tf32_round(b1v - bb1)
+                    bb0, bs0 = tf32_split(ws[wi])
+                    bb1, bs1 = tf32_split(ws[wi + U(1)])
                 for m in range(MT):  # small terms first, then big·big
                     d = mma_tf32(af[m, 4], af[m, 5], af[m, 6], af[m, 7], bb0, bb1,
                                  acc[m, n, 0], acc[m, n, 1], acc[m, n, 2], acc[m, n, 3])
@@ -383,9 +380,7 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                 for u in range(WU):
                     if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
                         if SPLIT:
-                            big = tf32_round(wn[u])
-                            ws[tid + U(u * NT)] = big
-                            ws[tid + U(u * NT + SPLIT)] = tf32_round(wn[u] - big)
+                            ws[tid + U(u * NT)], ws[tid + U(u * NT + SPLIT)] = tf32_split(wn[u])
                         else:
                             ws[tid + U(u * NT)] = wn[u]
                 cuda.syncthreads()
