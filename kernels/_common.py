@@ -121,10 +121,9 @@ def scan_maps(sA, sB, A, B, i):
 # intrinsics emit them (the first is plain integer arithmetic):
 #   tf32_split(x) -> (big, small)
 #                   x's 3xTF32 pieces: big = x rounded to TF32 (10 mantissa bits, ties away from
-#                   0: bits + 2¹², low 13 bits cleared), an exact float32; small = the remainder
-#                   x - big (exact) with 2¹² added to its bits but not cleared: its top 19 bits,
-#                   all that a tensor core reads, are the remainder rounded to TF32 the same way
-#                   (as a float it is not the remainder: use it only as an mma_tf32 operand);
+#                   0: bits + 2¹², low 13 bits cleared), small = x - big (exact, as float32s);
+#                   the tensor core reads small's top 19 bits, so it multiplies small truncated
+#                   to TF32;
 #   mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3)
 #                   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: the 32 lanes of a warp
 #                   together compute D = A·B + C, A (16 x 8), B (8 x 8), C and D (16 x 8) in
@@ -136,11 +135,14 @@ def scan_maps(sA, sB, A, B, i):
 #                   A and B are read as TF32: the low 13 bits of each piece are ignored.
 # Every lane of the warp must call mma_tf32 together. A float32 product a·b at float32 accuracy
 # from TF32 products ("3xTF32"): a = a_big + a_small, b likewise (tf32_split), then a·b ≈
-# a_big·b_big + a_big·b_small + a_small·b_big: what is dropped, a_small·b_small and the two
-# remainders' rounding, is at most 3·2⁻²² |a·b| (each part is within 2⁻¹¹ of what it rounds).
-# Why not cvt.rna.tf32.f32: ptxas guards it against infinities (4 instructions for big, 3 for
-# small, where these take 2 and 2); the pieces are the same for every finite x below float32's
-# largest TF32 number; an infinite or NaN x gives a NaN product either way.
+# a_big·b_big + a_big·b_small + a_small·b_big: what is dropped, a_small·b_small (each small is
+# within 2⁻¹¹ of its number) and the truncation of the two smalls (each within 2⁻¹⁰ of a
+# small), is at most 5·2⁻²² |a·b|.
+# Why not cvt.rna.tf32.f32 for both pieces: ptxas guards it against infinities and NaNs (4
+# instructions for big, 3 for small, where these take 2 and 1). And why small is not rounded
+# by bits + 2¹² as big is: a GPU's NaN is 0x7FFFFFFF, which that carry turns into -0; the
+# remainder of an infinite or NaN x is NaN, and left as it is, it makes the product NaN (big may
+# then be anything: a NaN x's big is -0, an infinite one's is the infinity).
 # In the simulator both are Python: mma_tf32 gathers the warp's pieces in a mailbox of its
 # block, behind a barrier of the warp's 32 threads (so they must call it together, as on the
 # GPU; mailboxes alternate between calls, so one barrier a call suffices), and multiplies in
@@ -150,13 +152,13 @@ if cuda_simulated():
     import threading
 
     def tf32_split(x):
-        """x's 3xTF32 pieces (big, small): big = x rounded to TF32; small's top 19 bits the
-        remainder x - big rounded to TF32 (the glossary above)."""
-        half, keep = np.uint32(0x1000), np.uint32(0xFFFFE000)
+        """x's 3xTF32 pieces (big, small): big = x rounded to TF32, small = x - big (the
+        glossary above)."""
         x = np.float32(x)
-        big = ((np.asarray(x).view(np.uint32) + half) & keep).view(np.float32)[()]
-        small = (np.asarray(x - big).view(np.uint32) + half).view(np.float32)[()]
-        return big, small
+        big = ((np.asarray(x).view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000))
+        big = big.view(np.float32)[()]
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, silently, as on the GPU
+            return big, np.float32(x - big)
 
     _SIM_WARPS = threading.Lock()
 
@@ -193,17 +195,15 @@ else:
 
     @intrinsic
     def tf32_split(typingctx, x):
-        """x's 3xTF32 pieces (big, small): big = x rounded to TF32; small's top 19 bits the
-        remainder x - big rounded to TF32 (the glossary above)."""
+        """x's 3xTF32 pieces (big, small): big = x rounded to TF32, small = x - big (the
+        glossary above)."""
         def codegen(context, builder, sig, args):
             f32, i32 = ir.FloatType(), ir.IntType(32)
             half, keep = ir.Constant(i32, 0x1000), ir.Constant(i32, 0xFFFFE000)
             x = args[0]
             big = builder.bitcast(builder.and_(builder.add(builder.bitcast(x, i32), half), keep),
                                   f32)
-            small = builder.bitcast(builder.add(builder.bitcast(builder.fsub(x, big), i32), half),
-                                    f32)
-            return cgutils.pack_array(builder, [big, small])
+            return cgutils.pack_array(builder, [big, builder.fsub(x, big)])
 
         return types.UniTuple(types.float32, 2)(types.float32), codegen
 

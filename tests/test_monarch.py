@@ -364,9 +364,11 @@ def _tf32_by_frexp(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("backend", [CUDA])
-def test_tf32_split_rounds_both_pieces_to_nearest_ties_away(backend):
-    """big = x rounded to 11 significant bits, exactly; small as the tensor core reads it (its
-    low 13 bits cleared) = x - big rounded the same way; big + small within 2⁻²¹ of x."""
+def test_tf32_split_rounds_to_nearest_ties_away_and_keeps_nans(backend):
+    """big = x rounded to 11 significant bits, exactly; small = x - big exactly, so that big +
+    small, as the tensor core reads small (its low 13 bits cleared), is within 2⁻²¹ of x. An
+    infinite or NaN x (a GPU's NaN is 0x7FFFFFFF, which rounding by bits + 2¹² would turn into
+    -0) leaves a small that the tensor core still reads as a NaN."""
     @cuda.jit
     def kernel(x, big, small):
         i = cuda.grid(1)
@@ -375,18 +377,21 @@ def test_tf32_split_rounds_both_pieces_to_nearest_ties_away(backend):
 
     rng = np.random.default_rng(0)
     ties = (1 + (2 * np.arange(1, 9) + 1) * 2.0**-11).astype(np.float32)  # halfway cases
-    ties_small = (1 + (2**11 + 2 * np.arange(1, 9) + 1) * 2.0**-23).astype(np.float32)  # x - big
     x = np.concatenate([rng.standard_normal(200) * 10.0 ** rng.integers(-20, 20, 200), ties,
-                        -ties, ties_small, -ties_small,
-                        [0.0, -0.0, 1.0, 2.0**-126, 3.0e38]]).astype(np.float32)
-    xt = torch.from_numpy(x).to(device_for(backend))
+                        -ties, [0.0, -0.0, 1.0, 2.0**-126, 3.0e38]]).astype(np.float32)
+    nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001], np.uint32).view(np.float32)
+    odd = np.concatenate([nans, np.array([np.inf, -np.inf], np.float32)])
+    xt = torch.from_numpy(np.concatenate([x, odd])).to(device_for(backend))
     big, small = torch.empty_like(xt), torch.empty_like(xt)
-    launch(kernel, -(-len(x) // 64), 64, xt, big, small)
+    launch(kernel, -(-len(xt) // 64), 64, xt, big, small)
     big, small = big.cpu().numpy(), small.cpu().numpy()
-    read = (small.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
-    np.testing.assert_array_equal(big.astype(np.float64), _tf32_by_frexp(x))
-    np.testing.assert_array_equal(read, _tf32_by_frexp(x - big))  # x - big: exact in float32
-    assert np.all(np.abs(big + read - x.astype(np.float64)) <= 2.0**-21 * np.abs(x))
+    read = (small.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+    n = len(x)
+    np.testing.assert_array_equal(big[:n].astype(np.float64), _tf32_by_frexp(x))
+    np.testing.assert_array_equal(small[:n], x - big[:n])  # exact in float32
+    err = np.abs(big[:n].astype(np.float64) + read[:n] - x.astype(np.float64))
+    assert np.all(err <= 2.0**-21 * np.abs(x))
+    assert np.all(np.isnan(read[n:])), read[n:]
 
 
 @pytest.mark.parametrize("backend", [CUDA])

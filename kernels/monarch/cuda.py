@@ -42,12 +42,12 @@ CUDA_TILES = {4: {"flat": ((1, 16, 8, 8, 8, 8), 4), "grouped": ((8, 4, 8, 8, 8, 
 SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 4), 1)}
 # The tensor-core kernel's ((JB, WM, MT, NN, CK), blocks per SM) by launch kind: JB groups x
 # WM warps per block, each warp 16·MT tokens x 8·NN outputs of one group, c in chunks of CK. On
-# a GPU each warp 32 tokens x 64 outputs (64 float32 sums a thread); "flat": one group, 8 warps
-# (256 tokens, so the weights cross L2 once per 256 tokens), chunks of 16; "grouped": 8 groups
-# (32-byte runs of neighbouring groups), one warp each, chunks of 8. The best of the shapes and
-# staging schemes swept on an H100 (kernels/BENCHMARKS.md, rounds 5 and 6); in the simulator 2
-# warps, 16 tokens x 16 outputs, so that tiny tests cross every edge.
-MMA_TILES = {"flat": ((1, 8, 2, 8, 16), 2), "grouped": ((8, 1, 2, 8, 8), 2)}
+# a GPU each warp 32 tokens x 64 outputs (64 float32 sums a thread); "flat": one group, 4 warps
+# (128 tokens, so the weights cross L2 once per 128 tokens), chunks of 16, 4 blocks an SM;
+# "grouped": 8 groups (32-byte runs of neighbouring groups), one warp each, chunks of 8. The
+# best of the shapes and staging schemes swept on an H100 (kernels/BENCHMARKS.md, rounds 5, 6
+# and 8); in the simulator 2 warps, 16 tokens x 16 outputs, so that tiny tests cross every edge.
+MMA_TILES = {"flat": ((1, 4, 2, 8, 16), 4), "grouped": ((8, 1, 2, 8, 8), 2)}
 SIMULATOR_MMA_TILES = ((2, 1, 1, 2, 8), 1)
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
