@@ -312,12 +312,13 @@ def test_cuda_float32_runs_of_four(backend, monkeypatch):
         _float32_against_float64(backend, seed=7)
 
 
-def _float32_against_float64(backend, seed):
-    """19 tokens, 6 groups of 7 -> 5 and 6 groups of 10 -> 6, across every simulator tile's
-    edge: float32 forward and all three gradients within 1e-5 of autograd of ref in float64."""
-    shape = (19, 6, 5, 7, 6, 10)
+def _float32_against_float64(backend, seed, shape=(19, 6, 5, 7, 6, 10)):
+    """By default 19 tokens, 6 groups of 7 -> 5 and 6 groups of 10 -> 6, across every
+    simulator tile's edge: float32 forward and all three gradients within 1e-5 of autograd of
+    ref in float64."""
     ex = example_inputs(shape, dtype=torch.float64, device=device_for(backend), seed=seed)
-    g = torch.randn(19, 60, dtype=torch.float64,
+    b, _, _, _, l, s_ = shape
+    g = torch.randn(b, l * s_, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(seed + 1))
     leaves = [t.clone().requires_grad_() for t in ex.args]
     y = monarch_multiply(*leaves, backend="ref")
@@ -441,6 +442,14 @@ def test_mma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
     if tiles is not None:
         monkeypatch.setattr(MC, "_mma_tiles", lambda kind: (tiles, 1))
     _float32_against_float64(backend, seed=9)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+def test_mma_whole_blocks_store_unguarded(backend):
+    """Blocks of the tensor-core kernel without an edge (here two of 16 tokens, 2 groups and 16
+    outputs in both factors: 32 outputs of 4 groups) store their sums unguarded, stepping one
+    address; the rest guard each store: float32 forward and gradients against float64."""
+    _float32_against_float64(backend, seed=10, shape=(37, 4, 32, 8, 4, 32))
 
 
 @pytest.mark.parametrize("backend", [CUDA])

@@ -406,6 +406,11 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
         o_rd = t_o * U(SO) + j_o * U(SJO) + o_o * U(SOO)  # + u·TS·SO
         o_wr = (wm * U(16 * MT) + r) * U(SO) + jj * U(SJO) + U(2) * k * U(SOO)
         g = g0 + j_o
+        # a block without an edge stores unguarded, stepping one address (the guarded stores'
+        # index arithmetic and branches were half the epilogue's instructions: round 8)
+        inside = whole and o0 + U(BN) <= uO
+        row_step = U(TS) * U(orow)  # my next output row
+        o_dst = (b0 + t_o) * U(orow) + g * U(og) + (o0 + o_o) * U(oo)  # + p·CK·oo + u·row_step
         for p in range(BN // CK):
             cuda.syncthreads()  # the last chunk's (or pass's) readers are done
             for nn in range(CK // 8):
@@ -416,12 +421,18 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                     xs[a + U(8 * SO)] = acc[m, p * (CK // 8) + nn, 2]
                     xs[a + U(8 * SO + SOO)] = acc[m, p * (CK // 8) + nn, 3]
             cuda.syncthreads()
-            o = o0 + U(p * CK) + o_o
-            if g < uG and o < uO:
+            if inside:
+                dst = o_dst + U(p * CK) * U(oo)
                 for u in range(IU):
-                    t = b0 + t_o + U(u * TS)
-                    if t < uB:
-                        out[t * U(orow) + g * U(og) + o * U(oo)] = xs[o_rd + U(u * TS * SO)]
+                    out[dst] = xs[o_rd + U(u * TS * SO)]
+                    dst += row_step
+            else:
+                o = o0 + U(p * CK) + o_o
+                if g < uG and o < uO:
+                    for u in range(IU):
+                        t = b0 + t_o + U(u * TS)
+                        if t < uB:
+                            out[t * U(orow) + g * U(og) + o * U(oo)] = xs[o_rd + U(u * TS * SO)]
 
     return kernel, BM, JB, BN, CK, NT
 
