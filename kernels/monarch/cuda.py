@@ -444,9 +444,12 @@ def _pack_mma(W, JB: int, BN: int, CK: int):
     (lane 4r + t holds (b0, b1) = the pair h = 0, 1); CB chunks per (gb, ob)."""
     G, O, C = W.shape
     Gp, Op, Cp = -(-G // JB) * JB, -(-O // BN) * BN, -(-C // CK) * CK
-    Wp = W.new_zeros(Gp, Op, Cp)
-    Wp[:G, :O, :C] = W
-    wp = Wp.view(Gp // JB, JB, Op // BN, BN // 8, 8, Cp // CK, CK // 8, 2, 4)
+    if (Gp, Op, Cp) == (G, O, C):  # nothing to pad: one copy (the permutation), not three
+        Wp = W
+    else:
+        Wp = W.new_zeros(Gp, Op, Cp)
+        Wp[:G, :O, :C] = W
+    wp = Wp.reshape(Gp // JB, JB, Op // BN, BN // 8, 8, Cp // CK, CK // 8, 2, 4)
     return wp.permute(0, 2, 5, 1, 6, 3, 4, 8, 7).contiguous(), Cp // CK
 
 
