@@ -329,7 +329,10 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     # o·SOO; ST ≡ 4 mod 8 ("flat") or odd ("grouped") puts a warp's A fragment in 32 banks
     SJ, SC, ST = (1, JB, JB * CK + 1) if in_grouped else (CK, 1, JB * CK + 4)
     SJO, SOO, SO = (1, JB, JB * CK + 1) if out_grouped else (CK, 1, JB * CK + 4)
-    WORDS = BM * max(ST, SO)  # an input chunk, later an output pass
+    # shared memory: the input chunk at 0 (WB words), the weights' chunk from WB; later output
+    # passes alternate between the two regions, so that a pass needs one barrier, not two
+    WB = BM * max(ST, SO)
+    WORDS = WB + max(WS_WORDS, BM * SO)
     f32 = np.float32
     U = np.uint64
     options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
@@ -339,8 +342,7 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
         # out[b·orow + g·og + o·oo] = Σ_c W[g, o, c] · inp[b·ir + g·ig + c·ic]; wp: W packed by
         # _pack_mma, CB chunks per (group block, output block), each W_WORDS long
-        xs = cuda.shared.array(WORDS, f32)  # this input chunk, later an output pass
-        ws = cuda.shared.array(WS_WORDS, f32)  # this chunk's B fragments
+        sm = cuda.shared.array(WORDS, f32)  # this chunk's inputs, then its B fragments
         acc = cuda.local.array((MT, NN, 4), f32)  # C fragments of my MT x NN tiles
         af = cuda.local.array((MT, 8), f32)  # A fragments of one k-step: big 0-3, small 4-7
         xn = cuda.local.array(IU, f32)  # the next chunk, loaded while this one is multiplied
@@ -365,7 +367,7 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
         whole = b0 + U(BM) <= uB and g0 + U(JB) <= uG  # no token or group edge in this block
         x_rd = (wm * U(16 * MT) + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·16·ST + kk·8·SC
         w_src = ((g0 // U(JB)) * (U(O + BN - 1) // U(BN)) + o0 // U(BN)) * U(CB * W_WORDS) + tid
-        w_rd = jj * U(KS * NN * 64) + lane * U(2)  # + (kk·NN + n)·64
+        w_rd = U(WB) + jj * U(KS * NN * 64) + lane * U(2)  # + (kk·NN + n)·64
         for m in range(MT):
             for n in range(NN):
                 for i in range(4):
@@ -376,13 +378,14 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
             if q >= 0:
                 cuda.syncthreads()  # everyone is done with chunk q - 1
                 for u in range(IU):
-                    xs[i_dst + U(u * TS * ST)] = xn[u]
+                    sm[i_dst + U(u * TS * ST)] = xn[u]
                 for u in range(WU):
                     if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
                         if SPLIT:
-                            ws[tid + U(u * NT)], ws[tid + U(u * NT + SPLIT)] = tf32_split(wn[u])
+                            (sm[tid + U(WB + u * NT)],
+                             sm[tid + U(WB + u * NT + SPLIT)]) = tf32_split(wn[u])
                         else:
-                            ws[tid + U(u * NT)] = wn[u]
+                            sm[tid + U(WB + u * NT)] = wn[u]
                 cuda.syncthreads()
             if q + 1 < CB:
                 uq = U((q + 1) * CK)
@@ -397,7 +400,7 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                     if W_WORDS % NT == 0 or tid + U(u * NT) < U(W_WORDS):
                         wn[u] = wp[w_src + U((q + 1) * W_WORDS + u * NT)]
             if q >= 0:
-                chunk_product(xs, ws, x_rd, w_rd, acc, af)
+                chunk_product(sm, sm, x_rd, w_rd, acc, af)
         # out, CK outputs a pass: fragments -> shared (t, j, o) -> global in its layout's order
         if out_grouped:
             j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
@@ -412,19 +415,21 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
         row_step = U(TS) * U(orow)  # my next output row
         o_dst = (b0 + t_o) * U(orow) + g * U(og) + (o0 + o_o) * U(oo)  # + p·CK·oo + u·row_step
         for p in range(BN // CK):
-            cuda.syncthreads()  # the last chunk's (or pass's) readers are done
+            ob = U(p % 2 * WB)  # pass p's region: its last readers were pass p - 2's, before
+            if p == 0:  # pass p - 1's barrier; the first pass's, the last chunk's
+                cuda.syncthreads()
             for nn in range(CK // 8):
                 for m in range(MT):  # D: rows r, r + 8; columns 2k, 2k + 1 of tile p·CK/8 + nn
-                    a = o_wr + U(m * 16 * SO + nn * 8 * SOO)
-                    xs[a] = acc[m, p * (CK // 8) + nn, 0]
-                    xs[a + U(SOO)] = acc[m, p * (CK // 8) + nn, 1]
-                    xs[a + U(8 * SO)] = acc[m, p * (CK // 8) + nn, 2]
-                    xs[a + U(8 * SO + SOO)] = acc[m, p * (CK // 8) + nn, 3]
-            cuda.syncthreads()
+                    a = ob + o_wr + U(m * 16 * SO + nn * 8 * SOO)
+                    sm[a] = acc[m, p * (CK // 8) + nn, 0]
+                    sm[a + U(SOO)] = acc[m, p * (CK // 8) + nn, 1]
+                    sm[a + U(8 * SO)] = acc[m, p * (CK // 8) + nn, 2]
+                    sm[a + U(8 * SO + SOO)] = acc[m, p * (CK // 8) + nn, 3]
+            cuda.syncthreads()  # pass p is in shared memory
             if inside:
                 dst = o_dst + U(p * CK) * U(oo)
                 for u in range(IU):
-                    out[dst] = xs[o_rd + U(u * TS * SO)]
+                    out[dst] = sm[ob + o_rd + U(u * TS * SO)]
                     dst += row_step
             else:
                 o = o0 + U(p * CK) + o_o
@@ -432,7 +437,8 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                     for u in range(IU):
                         t = b0 + t_o + U(u * TS)
                         if t < uB:
-                            out[t * U(orow) + g * U(og) + o * U(oo)] = xs[o_rd + U(u * TS * SO)]
+                            out[t * U(orow) + g * U(og) + o * U(oo)] = sm[ob + o_rd
+                                                                          + U(u * TS * SO)]
 
     return kernel, BM, JB, BN, CK, NT
 
