@@ -258,7 +258,9 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
 #     32 banks), its B fragments from the staged weights (already split into TF32 parts as they
 #     were staged when WM > 1 warps share them: once a block, not once a warp).
 # The float32 sums (MT x NN tiles of 16 x 8 a warp) go out through shared memory, CK outputs a
-# pass, in the global layout's order again.
+# pass, in the global layout's order again; passes alternate between the input and the weight
+# regions (one barrier a pass), and a block without an edge stores unguarded. The 3xTF32 pieces
+# come from ``tf32_split`` (integer rounding, 3 instructions; kernels/BENCHMARKS.md, round 8).
 # =============================================================================================
 
 
