@@ -83,7 +83,7 @@ def _kernels():
             out.append((f"monarch batched product {dt} {kind}",
                         mc._bgemm_kernel(dt, tiles, bps)[0],
                         (a1, a1, a1) + (types.int64,) * 10, False))
-        if dt == np.float32:  # on tensor cores (inline PTX: mma.sync, cvt.rna.tf32)
+        if dt == np.float32:  # on tensor cores (inline PTX: mma.sync)
             for kind, (tiles, bps) in mc.MMA_TILES.items():
                 grouped = kind == "grouped"
                 out.append((f"monarch batched product mma {kind}",
