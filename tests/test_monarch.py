@@ -446,10 +446,11 @@ def test_mma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
 
 @pytest.mark.parametrize("backend", [CUDA])
 def test_mma_whole_blocks_store_unguarded(backend):
-    """Blocks of the tensor-core kernel without an edge (here two of 16 tokens, 2 groups and 16
-    outputs in both factors: 32 outputs of 4 groups) store their sums unguarded, stepping one
-    address; the rest guard each store: float32 forward and gradients against float64."""
-    _float32_against_float64(backend, seed=10, shape=(37, 4, 32, 8, 4, 32))
+    """Blocks of the tensor-core kernel without an edge (here 16 tokens, 2 groups and 16
+    outputs, two output passes, in both factors) store their sums unguarded, stepping one
+    address; the rest (the 17th token) guard each store: float32 forward and gradients against
+    float64."""
+    _float32_against_float64(backend, seed=10, shape=(17, 2, 16, 8, 2, 16))
 
 
 @pytest.mark.parametrize("backend", [CUDA])
