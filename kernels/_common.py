@@ -2,9 +2,10 @@
 private names): the canonical-example record every op's ``example_inputs`` returns, the
 torch -> NumPy dtype mapping the kernel factories are keyed by, and the CUDA block scan of
 affine maps h -> A h + B (``scan_maps``) with its launch layout, used by kernels/scan.py's
-kernels and by the selective scan's backward, and the tensor-core instructions (``tf32_split``,
-``mma_tf32``) and thread-block-cluster instructions (``cluster_sync``, ``cluster_load``) that
-numba.cuda does not expose, as inline PTX (the first two with simulator twins)."""
+kernels and by the selective scan's backward, and what numba.cuda does not expose: the
+3xTF32 split (``tf32_split``, integer arithmetic) and the tensor-core product (``mma_tf32``,
+inline PTX), both with simulator twins, and thread-block-cluster instructions
+(``cluster_sync``, ``cluster_load``, inline PTX)."""
 
 from __future__ import annotations
 
@@ -117,8 +118,8 @@ def scan_maps(sA, sB, A, B, i):
 # =============================================================================================
 # CUDA: tensor cores (sm_80 and later) as inline PTX
 # =============================================================================================
-# numba.cuda has no warp-level matrix instructions, but NVVM accepts inline PTX, so two
-# intrinsics emit them (the first is plain integer arithmetic):
+# numba.cuda has no warp-level matrix instructions, but NVVM accepts inline PTX, so an
+# intrinsic emits mma.sync; another splits a float32 into its TF32 pieces (integer arithmetic):
 #   tf32_split(x) -> (big, small)
 #                   x's 3xTF32 pieces: big = x rounded to TF32 (10 mantissa bits, ties away from
 #                   0: bits + 2¹², low 13 bits cleared), small = x - big (exact, as float32s);

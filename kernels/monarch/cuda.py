@@ -482,9 +482,10 @@ def _pack_mma(W, JB: int, BN: int, CK: int):
 # written once (the floor), the weights once per block per T tokens from L2.
 # The simulator runs blocks one after another, so there a cluster is emulated by one block of
 # CS·NT threads (rank = thread // NT) whose shared memory holds every rank's part.
-# Measured on an H100 it is slower than the two launches (1.22 ms against 1.17 ms at 32768
-# tokens, n = 4096): each block's shape, 8 groups x 32 tokens in both phases, is the slow one
-# of the grouped launch (kernels/BENCHMARKS.md, round 7); so it runs only when forced.
+# Measured on an H100 it is slower than the two launches (1.14 ms against 1.00 ms at 32768
+# tokens, n = 4096, round 8; 1.22 against 1.17 in round 7): each block's shape, 8 groups x 32
+# tokens in both phases, is the slow one of the grouped launch (kernels/BENCHMARKS.md, round
+# 7); so it runs only when forced.
 # =============================================================================================
 
 # (CS, WM, MT): clusters of 8 blocks of 8 warps (2 blocks an SM), 32 tokens a cluster; the best
