@@ -256,7 +256,9 @@ def test_plot_redraws_the_saved_tables_without_the_device(tmp_path, monkeypatch,
 
 def test_spread_and_verdict_say_when_noise_could_flip_a_target():
     runs = [0.49e-3, 0.47e-3, 0.48e-3]
-    assert bench.spread(runs) == "0.48 ms (median of 3, 0.47-0.49)"
+    assert bench.spread(runs) == "0.480 ms (median of 3, 0.470-0.490)"
+    assert bench.spread([1.0e-3, 1.004e-3, 1.01e-3]) == "1.00 ms (median of 3, 1.00-1.01)"
+    assert bench.spread([0.1, 0.2, 0.3]) == "200 ms (median of 3, 100-300)"
     assert bench.verdict(runs, 0.5e-3) == "met"
     assert bench.verdict(runs, 0.46e-3) == "missed"
     assert bench.verdict(runs, 0.485e-3) == "within the spread"

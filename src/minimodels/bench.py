@@ -117,9 +117,15 @@ def gpu_times(fn: Callable[[], object], rounds: int = 5, repeat: int = 10) -> li
 
 
 def spread(seconds: Sequence[float]) -> str:
-    """"0.475 ms (median of 5, 0.471-0.480)": a list of times as its median and range."""
+    """"0.475 ms (median of 5, 0.471-0.480)": a list of times as its median and range, three
+    digits each, trailing zeros kept (1.00, not 1: a time next to a 1 ms target)."""
     ms = sorted(t * 1e3 for t in seconds)
-    return f"{statistics.median(ms):.3g} ms (median of {len(ms)}, {ms[0]:.3g}-{ms[-1]:.3g})"
+
+    def three(t: float) -> str:  # 1.00 and 0.480, but 100, not "100."
+        return f"{t:#.3g}".rstrip(".")
+
+    median, low, high = (three(t) for t in (statistics.median(ms), ms[0], ms[-1]))
+    return f"{median} ms (median of {len(ms)}, {low}-{high})"
 
 
 def verdict(seconds: Sequence[float], target: float) -> str:
