@@ -4,8 +4,9 @@ torch -> NumPy dtype mapping the kernel factories are keyed by, and the CUDA blo
 affine maps h -> A h + B (``scan_maps``) with its launch layout, used by kernels/scan.py's
 kernels and by the selective scan's backward, and what numba.cuda does not expose: the
 3xTF32 split (``tf32_split``, integer arithmetic) and the tensor-core product (``mma_tf32``,
-inline PTX), both with simulator twins, and thread-block-cluster instructions
-(``cluster_sync``, ``cluster_load``, inline PTX)."""
+inline PTX), both with simulator twins, the warpgroup product of sm_90 (``wgmma_tf32x3``,
+inline PTX, with a simulator twin) and thread-block-cluster instructions (``cluster_sync``,
+``cluster_load``, inline PTX)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from numba import cuda
 from minimodels.backend import cuda_simulated, expect_tensor
 
 __all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "cluster_load", "cluster_sync",
-           "expect_out", "mma_tf32", "numpy_dtype", "randn", "scan_maps", "tf32_split"]
+           "expect_out", "mma_tf32", "numpy_dtype", "randn", "scan_maps", "tf32_split",
+           "wgmma_tf32x3", "WGMMA_LBO", "WGMMA_SBO"]
 
 # =============================================================================================
 # Constants: the layout of a chunked block scan (kernels/scan.py, selective_scan's backward)
@@ -225,6 +227,137 @@ else:
             return cgutils.pack_array(builder, [builder.extract_value(d, i) for i in range(4)])
 
         return types.UniTuple(f, 4)(f, f, f, f, f, f, f, f, f, f), codegen
+
+
+# =============================================================================================
+# CUDA: the warpgroup matrix product of sm_90 (wgmma) as inline PTX
+# =============================================================================================
+# mma.sync is a warp's instruction: every 16 x 8 x 8 product costs an issue slot and its B
+# fragment a register load. sm_90's wgmma.mma_async is a warpgroup's (4 consecutive warps, 128
+# threads): one instruction multiplies a 64 x N x 8 tile, A from registers (each warp's 16 rows
+# in mma.sync's A fragment layout), B read by the tensor cores straight from shared memory
+# through a 64-bit descriptor. One factory:
+#   wgmma_tf32x3(MT, NN) -> product(acc, af, sm, b_big, b_small)
+#       for m < MT: the warpgroup's tile m (64 rows: warp w of the group holds rows 16w + [0,
+#       16)) acc[m] += A_m · B in 3xTF32, A_m from af[m] (this lane's pieces of its 16 x 8 A
+#       fragment, mma_tf32's layout: big 0-3, small 4-7), B (8 x 8·NN) from the float32 shared
+#       array sm: its TF32 parts at word b_big, its remainders at b_small, each in the
+#       canonical K-major layout without swizzle:
+#           B[k, o] at  (o // 8)·64 + (k // 4)·32 + (o % 8)·4 + k % 4     (k < 8, o < 8·NN)
+#       (core matrices of 8 rows o x 16 bytes of k; the descriptor's leading byte offset,
+#       between the two core matrices along k, WGMMA_LBO = 128, its stride byte offset,
+#       between neighbouring 8s of o, WGMMA_SBO = 256; b_big and b_small 16-byte aligned);
+#       acc (MT, NN, 4) in mma_tf32's C layout, tile n's acc[m, n, i] = D[r + 8·(i // 2),
+#       8n + 2k + i % 2] of my warp's rows (r = lane // 4, k = lane % 4).
+#   The three products of each tile (a_small·b_big, a_big·b_small, a_big·b_big) and the MT
+#   tiles are issued in one asm statement, between wgmma.fence and wgmma.wait_group 0: the
+#   accumulators never leave registers while the tensor cores own them, and the compiler sees
+#   one instruction that reads acc, af and shared memory and writes acc.
+# All 128 threads of each warpgroup must call it together, with the same b_big and b_small.
+# In the simulator the twin gathers the warpgroup's A pieces in a mailbox behind a barrier of
+# its 128 threads (as mma_tf32's twin does for a warp), reads B from sm in the layout above,
+# and multiplies in float64 what the tensor cores read (the low 13 bits of each piece dropped).
+
+WGMMA_LBO, WGMMA_SBO = 128, 256  # bytes: B's core matrices along k, along o (layout above)
+
+if cuda_simulated():
+    @functools.cache
+    def wgmma_tf32x3(MT: int, NN: int):
+        """The warpgroup's 3xTF32 product acc[m] += A_m · B for m < MT, B 8 x 8·NN (glossary
+        above)."""
+        N = 8 * NN
+        k_, o_ = np.meshgrid(np.arange(8), np.arange(N), indexing="ij")
+        b_at = (o_ // 8) * 64 + (k_ // 4) * 32 + (o_ % 8) * 4 + k_ % 4  # B[k, o]'s word
+        keep = np.uint32(0xFFFFE000)
+
+        def tf32(M):  # as the tensor core reads a piece
+            return (np.ascontiguousarray(M, np.float32).view(np.uint32) & keep).view(
+                np.float32).astype(np.float64)
+
+        def product(acc, af, sm, b_big, b_small):
+            me = threading.current_thread()
+            group, lane = divmod(me.thread_id, 128)
+            with _SIM_WARPS:
+                box = me._manager.__dict__.setdefault("wgmma_tf32x3", {})
+                if group not in box:
+                    box[group] = ([None] * 128, [None] * 128), threading.Barrier(128)
+            (even, odd), barrier = box[group]
+            me.wgmma_calls = getattr(me, "wgmma_calls", 0) + 1
+            mail = odd if me.wgmma_calls % 2 else even
+            mail[lane] = np.array(af[:MT, :8], np.float32)
+            barrier.wait()
+            A = np.zeros((MT, 2, 64, 8), np.float32)  # (tile, big/small, row, k)
+            for i, pieces in enumerate(mail):
+                w, (r, k) = i // 32, divmod(i % 32, 4)
+                for h in range(2):
+                    rows, cols = [16 * w + r, 16 * w + r + 8] * 2, [k, k, k + 4, k + 4]
+                    A[:, h, rows, cols] = pieces[:, 4 * h:4 * h + 4]
+            Bb, Bs = tf32(sm[int(b_big) + b_at]), tf32(sm[int(b_small) + b_at])
+            w, (r, k) = lane // 32, divmod(lane % 32, 4)
+            for m in range(MT):
+                Ab, As = tf32(A[m, 0]), tf32(A[m, 1])
+                D = As @ Bb + Ab @ Bs + Ab @ Bb
+                for n in range(NN):
+                    for i in range(4):
+                        d = D[16 * w + r + 8 * (i // 2), 8 * n + 2 * k + i % 2]
+                        acc[m, n, i] = np.float32(acc[m, n, i] + d)
+
+        return product
+else:
+    @functools.cache
+    def wgmma_tf32x3(MT: int, NN: int):
+        """The warpgroup's 3xTF32 product acc[m] += A_m · B for m < MT, B 8 x 8·NN (glossary
+        above)."""
+        X = 4 * NN * MT  # accumulators a thread
+        shape = f"m64n{8 * NN}k8"
+        A0, DB = 2 * X, 2 * X + 8 * MT  # first A piece, descriptors (big, small), then 1
+        lines = [".reg .pred p;", f"setp.ne.b32 p, ${DB + 2}, 0;", "wgmma.fence.sync.aligned;"]
+        for m in range(MT):
+            acc = ", ".join(f"${m * 4 * NN + j}" for j in range(4 * NN))
+            big = ", ".join(f"${A0 + 8 * m + j}" for j in range(4))
+            small = ", ".join(f"${A0 + 8 * m + 4 + j}" for j in range(4))
+            for a, b in ((small, DB), (big, DB + 1), (big, DB)):  # small terms first
+                lines.append(f"wgmma.mma_async.sync.aligned.{shape}.f32.tf32.tf32 {{{acc}}}, "
+                             f"{{{a}}}, ${b}, p, 1, 1;")
+        lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;"]
+        text = "{\n\t" + "\n\t".join(lines) + "\n\t}"
+        constraints = ",".join(["=f"] * X + [str(j) for j in range(X)] + ["r"] * (8 * MT)
+                               + ["l", "l", "r"] + ["~{memory}"])
+        fixed = ((WGMMA_LBO >> 4) << 16) | ((WGMMA_SBO >> 4) << 32)  # no swizzle, base 0
+
+        @intrinsic
+        def product(typingctx, acc, af, sm, b_big, b_small):
+            def codegen(context, builder, sig, args):
+                f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+                accp, afp, smp = (context.make_array(t)(context, builder, a).data
+                                  for t, a in zip(sig.args[:3], args[:3], strict=True))
+                cvta = ir.InlineAsm(ir.FunctionType(i64, [i64]), "cvta.to.shared.u64 $0, $1;",
+                                    "=l,l")
+
+                def descriptor(i):  # B's 64-bit shared-memory matrix descriptor
+                    off = context.cast(builder, args[i], sig.args[i], types.uint64)
+                    s = builder.call(cvta, [builder.ptrtoint(builder.gep(smp, [off]), i64)])
+                    s = builder.lshr(builder.and_(s, ir.Constant(i64, 0x3FFFF)),
+                                     ir.Constant(i64, 4))
+                    return builder.or_(s, ir.Constant(i64, fixed))
+
+                ptrs = [builder.gep(accp, [ir.Constant(i64, j)]) for j in range(X)]
+                ins = [builder.load(p) for p in ptrs]
+                ins += [builder.bitcast(builder.load(builder.gep(afp, [ir.Constant(i64, j)])),
+                                        i32) for j in range(8 * MT)]
+                ins += [descriptor(3), descriptor(4), ir.Constant(i32, 1)]
+                asm = ir.InlineAsm(
+                    ir.FunctionType(ir.LiteralStructType([f32] * X),
+                                    [f32] * X + [i32] * (8 * MT) + [i64, i64, i32]),
+                    text, constraints, side_effect=True)
+                d = builder.call(asm, ins)
+                for j, p in enumerate(ptrs):
+                    builder.store(builder.extract_value(d, j), p)
+                return context.get_dummy_value()
+
+            return types.none(acc, af, sm, b_big, b_small), codegen
+
+        return product
 
 
 # =============================================================================================

@@ -14,8 +14,8 @@ from numba import cuda
 
 import minimodels.kernels.monarch as M
 import minimodels.kernels.monarch.cuda as MC
-from minimodels.backend import launch
-from minimodels.kernels._common import Example, mma_tf32, tf32_split
+from minimodels.backend import cuda_simulated, launch
+from minimodels.kernels._common import Example, mma_tf32, tf32_split, wgmma_tf32x3
 from minimodels.kernels.monarch import example_inputs, monarch_dft, monarch_multiply
 from minimodels.models import LM, MIXERS, MLPS, state_numel
 from minimodels.models.monarch import (
@@ -435,6 +435,77 @@ def test_mma_tf32_is_a_16x8x8_matrix_product(backend, inputs):
     np.testing.assert_allclose(D.cpu().numpy(), want, rtol=tol, atol=tol)
 
 
+def _needs_sm90(backend):
+    if not cuda_simulated() and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("wgmma needs sm_90")
+
+
+def wgmma_probe(MT: int, NN: int):
+    """A kernel of one warpgroup: D = A·B + C, A (64·MT x 8), B (8 x 8·NN), C and D (64·MT x
+    8·NN), through wgmma_tf32x3: B split and staged in its canonical layout, A and C handed
+    out in the fragment layouts (also .gpu's probe of the descriptor's offsets)."""
+    N, WORDS = 8 * NN, 128 * NN
+    product = wgmma_tf32x3(MT, NN)
+
+    @cuda.jit
+    def kernel(A, B, C, D):
+        sm = cuda.shared.array(WORDS, np.float32)  # B's TF32 parts, then its remainders
+        af = cuda.local.array((MT, 8), np.float32)
+        acc = cuda.local.array((MT, NN, 4), np.float32)
+        tid = cuda.threadIdx.x
+        w, r, k = tid // 32, tid % 32 // 4, tid % 4
+        for i in range(tid, 8 * N, 128):
+            kb, o = i // N, i % N
+            at = (o // 8) * 64 + (kb // 4) * 32 + (o % 8) * 4 + kb % 4
+            sm[at], sm[8 * N + at] = tf32_split(B[kb, o])
+        cuda.syncthreads()
+        for m in range(MT):
+            row = 64 * m + 16 * w + r
+            af[m, 0], af[m, 1] = A[row, k], A[row + 8, k]
+            af[m, 2], af[m, 3] = A[row, k + 4], A[row + 8, k + 4]
+            for i in range(4):
+                af[m, i], af[m, i + 4] = tf32_split(af[m, i])
+            for n in range(NN):
+                for i in range(4):
+                    acc[m, n, i] = C[row + 8 * (i // 2), 8 * n + 2 * k + i % 2]
+        product(acc, af, sm, 0, 8 * N)
+        for m in range(MT):
+            row = 64 * m + 16 * w + r
+            for n in range(NN):
+                for i in range(4):
+                    D[row + 8 * (i // 2), 8 * n + 2 * k + i % 2] = acc[m, n, i]
+
+    return kernel
+
+
+def run_wgmma_probe(MT, NN, A, B, C, device):
+    D = torch.full((64 * MT, 8 * NN), float("nan"), device=device)
+    args = [torch.from_numpy(M).to(device) for M in (A, B, C)]
+    launch(wgmma_probe(MT, NN), 1, 128, *args, D)
+    return D.cpu().numpy()
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("MT, NN", [(1, 8), (2, 2)])
+@pytest.mark.parametrize("inputs", ["integers", "float32"])
+def test_wgmma_tf32x3_is_a_float32_matrix_product(backend, MT, NN, inputs):
+    """One warpgroup's 3xTF32 product on sm_90 (in the simulator its twin): small integers
+    exactly, float32 numbers to float32's accuracy (the three TF32 products of each pair lose at
+    most 5·2⁻²² of it), so the descriptor, the canonical layout of B and the fragment layouts
+    of A and the sums are the PTX ISA's."""
+    _needs_sm90(backend)
+    rng = np.random.default_rng(2)
+    shapes = ((64 * MT, 8), (8, 8 * NN), (64 * MT, 8 * NN))
+    if inputs == "integers":
+        A, B, C = (rng.integers(-8, 9, s).astype(np.float32) for s in shapes)
+    else:
+        A, B, C = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+    D = run_wgmma_probe(MT, NN, A, B, C, device_for(backend))
+    want = A.astype(np.float64) @ B.astype(np.float64) + C
+    tol = 0 if inputs == "integers" else 2e-6
+    np.testing.assert_allclose(D, want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("backend", [CUDA])
 @pytest.mark.parametrize("tiles", [None, (1, 2, 2, 1, 8), (2, 1, 1, 2, 16), (1, 4, 1, 1, 8)],
                          ids=["default", "jb1-wm2-mt2-nn1", "jb2-ck16", "jb1-wm4"])
@@ -446,6 +517,35 @@ def test_mma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
     if tiles is not None:
         monkeypatch.setattr(MC, "_mma_tiles", lambda kind: (tiles, 1))
     _float32_against_float64(backend, seed=9)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("tiles", [None, (2, 4, 1, 1, 8), (1, 4, 2, 2, 16), (1, 8, 1, 2, 8)],
+                         ids=["default", "jb2-nn1", "mt2-ck16", "two-warpgroups"])
+def test_wgmma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
+    """(JB, WM, MT, NN, CK) of the kernel on wgmma (sm_90): two groups of one warpgroup each
+    and one output tile of 8, two 64-token tiles a warpgroup and chunks of two k-steps, two
+    warpgroups on one group (128 tokens); float32 forward and all three gradients within
+    float32's accuracy of autograd of ref in float64 (3xTF32), across every tile edge."""
+    _needs_sm90(backend)
+    if tiles is not None:
+        monkeypatch.setattr(MC, "_wgmma_tiles", lambda kind: (tiles, 1))
+    with MC.forced_engine("wgmma"):
+        _float32_against_float64(backend, seed=11)
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), ODD, (70, 3, 8, 17, 2, 24)])
+def test_wgmma_writes_every_output(backend, shape):
+    """y poisoned with NaN beforehand, the forward on wgmma: every entry written, none past
+    the edges (one token; odd sizes; 70 tokens, past a 64-token tile, 24 outputs)."""
+    _needs_sm90(backend)
+    x, w1, w2 = example_inputs(shape, dtype=torch.float32, device=device_for(backend)).args
+    y = torch.full((shape[0], shape[4] * shape[5]), float("nan"), device=x.device)
+    with MC.forced_engine("wgmma"):
+        MC._fwd_cuda(x, w1, w2, y)
+    want = monarch_multiply(x.double(), w1.double(), w2.double(), backend="ref")
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", [CUDA])
@@ -534,7 +634,7 @@ def test_cluster_launch_is_refused_in_the_simulator():
 
 
 def test_forced_engine_names_the_choices():
-    with pytest.raises(ValueError, match="engine must be 'fused', 'mma' or 'simt'"):
+    with pytest.raises(ValueError, match="engine must be 'fused', 'wgmma', 'mma' or 'simt'"):
         with MC.forced_engine("tensor"):
             pass
 

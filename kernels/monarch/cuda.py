@@ -23,6 +23,7 @@ from minimodels.kernels._common import (
     mma_tf32,
     numpy_dtype,
     tf32_split,
+    wgmma_tf32x3,
 )
 
 # =============================================================================================
@@ -49,6 +50,11 @@ SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 
 # and 8); in the simulator 2 warps, 16 tokens x 16 outputs, so that tiny tests cross every edge.
 MMA_TILES = {"flat": ((1, 4, 2, 8, 16), 4), "grouped": ((8, 1, 2, 8, 8), 2)}
 SIMULATOR_MMA_TILES = ((2, 1, 1, 2, 8), 1)
+# The same tiles for wgmma (sm_90): WM a multiple of 4, a warpgroup of 4 warps on one group,
+# 64 tokens a tile; "flat": one warpgroup, 128 tokens (two tiles) x 64 outputs; "grouped": 8
+# groups, a warpgroup each, 64 tokens. In the simulator one warpgroup, 64 tokens x 16 outputs.
+WGMMA_TILES = {"flat": ((1, 4, 2, 8, 16), 4), "grouped": ((8, 4, 1, 8, 8), 1)}
+SIMULATOR_WGMMA_TILES = ((1, 4, 1, 2, 8), 1)
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
 
@@ -95,6 +101,10 @@ def _tiles(itemsize: int, kind: str) -> tuple[tuple[int, ...], int]:
 
 def _mma_tiles(kind: str) -> tuple[tuple[int, ...], int]:
     return SIMULATOR_MMA_TILES if cuda_simulated() else MMA_TILES[kind]
+
+
+def _wgmma_tiles(kind: str) -> tuple[tuple[int, ...], int]:
+    return SIMULATOR_WGMMA_TILES if cuda_simulated() else WGMMA_TILES[kind]
 
 
 def _pad(words: int, itemsize: int, V: int, target: int) -> int:
@@ -309,23 +319,55 @@ def _chunk_product(MT: int, NN: int, KS: int, ST: int, SC: int, SPLIT: int = 0):
 
 
 @functools.cache
+def _chunk_product_wg(MT: int, NN: int, KS: int, ST: int, SC: int, SPLIT: int):
+    """Device function chunk_product(xs, ws, x_rd, w_rd, acc, af): as ``_chunk_product``, for a
+    warpgroup on sm_90: per k-step, each warp's A pieces of its 16 rows of each 64-token tile
+    (element (t, c) at x_rd + t·ST + c·SC; tile m at 64·m rows), and one wgmma_tf32x3 over the
+    staged B (TF32 parts at w_rd, remainders SPLIT words further, NN·64 words a k-step)."""
+    U = np.uint64
+    product = wgmma_tf32x3(MT, NN)
+
+    @cuda.jit(device=True, **({} if cuda_simulated() else {"forceinline": True}))
+    def chunk_product(xs, ws, x_rd, w_rd, acc, af):
+        # [core] monarch_wgmma
+        for kk in range(KS):
+            for m in range(MT):  # A: rows r, r + 8 of my warp's 16; columns k, k + 4
+                a = x_rd + U(m * 64 * ST + kk * 8 * SC)
+                af[m, 0] = xs[a]
+                af[m, 1] = xs[a + U(8 * ST)]
+                af[m, 2] = xs[a + U(4 * SC)]
+                af[m, 3] = xs[a + U(8 * ST + 4 * SC)]
+                for i in range(4):
+                    af[m, i], af[m, i + 4] = tf32_split(af[m, i])
+            wi = w_rd + U(kk * NN * 64)
+            product(acc, af, ws, wi, wi + U(SPLIT))
+        # [/core]
+
+    return chunk_product
+
+
+@functools.cache
 def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
-                out_grouped: bool):
-    """Compile-once float32 batched product on tensor cores; returns (kernel, BM, JB, BN, CK,
-    threads)."""
+                out_grouped: bool, wg: bool = False):
+    """Compile-once float32 batched product on tensor cores, by mma.sync or (``wg``, sm_90) by
+    wgmma; returns (kernel, BM, JB, BN, CK, threads, dynamic shared bytes)."""
     JB, WM, MT, NN, CK = tiles
     NT, BM, BN, KS = 32 * JB * WM, 16 * MT * WM, 8 * NN, CK // 8
     if CK % 8 or BN % CK or NT % (JB * CK) or BM % (NT // (JB * CK) or 1):
         raise ValueError(f"mma tiles (JB, WM, MT, NN, CK) = {tiles}: need CK a multiple of 8 "
                          f"dividing 8·NN, and JB·CK dividing the {NT} threads into staging "
                          f"passes of whole token rows")
+    if wg and (WM % 4 or NN > 32):
+        raise ValueError(f"wgmma tiles (JB, WM, MT, NN, CK) = {tiles}: need WM a multiple of 4 "
+                         f"(warpgroups of 4 warps on one group) and 8·NN <= 256 outputs")
     TS = NT // (JB * CK)  # token rows one staging pass covers (inputs, and CK outputs)
     IU = BM // TS  # staging passes
-    W_WORDS = JB * KS * NN * 64  # a chunk of B fragments, (jj, kk, n, lane, 2)
+    W_WORDS = JB * KS * NN * 64  # a chunk of B fragments, (jj, kk, n, lane, 2) or (wg) B's
+    # canonical layout (jj, kk, n, h, r, t): B[k = 4h + t, o = 8n + r] (kernels/_common.py)
     WU = -(-W_WORDS // NT)  # its staging passes
     # WM > 1 warps share a group's weights: split them into TF32 parts and remainders once, as
     # they are staged (the remainders W_WORDS further), not once per warp in the product
-    SPLIT = W_WORDS if WM > 1 else 0
+    SPLIT = W_WORDS if WM > 1 or wg else 0
     WS_WORDS = W_WORDS + SPLIT
     # shared layouts: input (t, j, c) at t·ST + j·SJ + c·SC, output (t, j, o) at t·SO + j·SJO +
     # o·SOO; ST ≡ 4 mod 8 ("flat") or odd ("grouped") puts a warp's A fragment in 32 banks
@@ -338,20 +380,30 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     f32 = np.float32
     U = np.uint64
     options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
-    chunk_product = _chunk_product(MT, NN, KS, ST, SC, SPLIT)
+    chunk_product = (_chunk_product_wg if wg else _chunk_product)(MT, NN, KS, ST, SC, SPLIT)
+    # wgmma on a GPU: dynamic shared memory (16-byte aligned, as B's descriptors need; and past
+    # 48 KB where the tiles want it)
+    DYNAMIC = wg and not cuda_simulated()
+    SM_WORDS = 0 if DYNAMIC else WORDS
+    MS = 64 if wg else 16  # tokens between a warp's tiles m and m + 1
 
     @cuda.jit(**options)
     def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
         # out[b·orow + g·og + o·oo] = Σ_c W[g, o, c] · inp[b·ir + g·ig + c·ic]; wp: W packed by
         # _pack_mma, CB chunks per (group block, output block), each W_WORDS long
-        sm = cuda.shared.array(WORDS, f32)  # this chunk's inputs, then its B fragments
+        sm = cuda.shared.array(SM_WORDS, f32)  # this chunk's inputs, then its B fragments
         acc = cuda.local.array((MT, NN, 4), f32)  # C fragments of my MT x NN tiles
         af = cuda.local.array((MT, 8), f32)  # A fragments of one k-step: big 0-3, small 4-7
         xn = cuda.local.array(IU, f32)  # the next chunk, loaded while this one is multiplied
         wn = cuda.local.array(WU, f32)  # the next chunk's B fragments
         tid = U(cuda.threadIdx.x)
         lane, w = tid % U(32), tid // U(32)
-        jj, wm = w % U(JB), w // U(JB)
+        if wg:  # warpgroup w // 4 on group jj, its warp w % 4 on 16 rows of each 64-token tile
+            jj = (w // U(4)) % U(JB)
+            row0 = (w // U(4 * JB)) * U(64 * MT) + (w % U(4)) * U(16)
+        else:  # warp w on group jj, 16·MT consecutive tokens
+            jj = w % U(JB)
+            row0 = (w // U(JB)) * U(16 * MT)
         r, k = lane // U(4), lane % U(4)
         nbt, nbg = (U(batch) + U(BM - 1)) // U(BM), (U(G) + U(JB - 1)) // U(JB)
         bid = U(cuda.blockIdx.x)  # a 1-D grid, groups first (as the SIMT kernel's)
@@ -367,9 +419,11 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
         i_src = (b0 + t_i) * uir + (g0 + j_i) * uig + c_i * uic  # + q·CK·ic + u·TS·ir
         i_dst = t_i * U(ST) + j_i * U(SJ) + c_i * U(SC)  # + u·TS·ST
         whole = b0 + U(BM) <= uB and g0 + U(JB) <= uG  # no token or group edge in this block
-        x_rd = (wm * U(16 * MT) + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·16·ST + kk·8·SC
+        x_rd = (row0 + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·MS·ST + kk·8·SC
         w_src = ((g0 // U(JB)) * (U(O + BN - 1) // U(BN)) + o0 // U(BN)) * U(CB * W_WORDS) + tid
-        w_rd = U(WB) + jj * U(KS * NN * 64) + lane * U(2)  # + (kk·NN + n)·64
+        w_rd = U(WB) + jj * U(KS * NN * 64)  # + (kk·NN + n)·64 (+ my lane's pair: mma.sync)
+        if not wg:
+            w_rd += lane * U(2)
         for m in range(MT):
             for n in range(NN):
                 for i in range(4):
@@ -409,7 +463,7 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
         else:
             o_o, j_o, t_o = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
         o_rd = t_o * U(SO) + j_o * U(SJO) + o_o * U(SOO)  # + u·TS·SO
-        o_wr = (wm * U(16 * MT) + r) * U(SO) + jj * U(SJO) + U(2) * k * U(SOO)
+        o_wr = (row0 + r) * U(SO) + jj * U(SJO) + U(2) * k * U(SOO)
         g = g0 + j_o
         # a block without an edge stores unguarded, stepping one address (the guarded stores'
         # index arithmetic and branches were half the epilogue's instructions: round 8)
@@ -422,7 +476,7 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                 cuda.syncthreads()
             for nn in range(CK // 8):
                 for m in range(MT):  # D: rows r, r + 8; columns 2k, 2k + 1 of tile p·CK/8 + nn
-                    a = ob + o_wr + U(m * 16 * SO + nn * 8 * SOO)
+                    a = ob + o_wr + U(m * MS * SO + nn * 8 * SOO)
                     sm[a] = acc[m, p * (CK // 8) + nn, 0]
                     sm[a + U(SOO)] = acc[m, p * (CK // 8) + nn, 1]
                     sm[a + U(8 * SO)] = acc[m, p * (CK // 8) + nn, 2]
@@ -442,14 +496,15 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                             out[t * U(orow) + g * U(og) + o * U(oo)] = sm[ob + o_rd
                                                                           + U(u * TS * SO)]
 
-    return kernel, BM, JB, BN, CK, NT
+    return kernel, BM, JB, BN, CK, NT, 4 * WORDS if DYNAMIC else 0
 
 
-def _pack_mma(W, JB: int, BN: int, CK: int):
+def _pack_mma(W, JB: int, BN: int, CK: int, wg: bool = False):
     """W (G, O, C) -> (wp, CB): the B fragments in the order a block stages them, one chunk of
     JB groups x CK c x BN outputs after another: wp[gb, ob, cb, jj, kk, n, r, t, h] =
     W[gb·JB + jj, ob·BN + 8n + r, cb·CK + 8kk + 4h + t], zero-padded to whole blocks and chunks
-    (lane 4r + t holds (b0, b1) = the pair h = 0, 1); CB chunks per (gb, ob)."""
+    (lane 4r + t holds (b0, b1) = the pair h = 0, 1); CB chunks per (gb, ob). ``wg``: each
+    k-step's B in wgmma's canonical layout instead, wp[gb, ob, cb, jj, kk, n, h, r, t]."""
     G, O, C = W.shape
     Gp, Op, Cp = -(-G // JB) * JB, -(-O // BN) * BN, -(-C // CK) * CK
     if (Gp, Op, Cp) == (G, O, C):  # nothing to pad: one copy (the permutation), not three
@@ -458,7 +513,8 @@ def _pack_mma(W, JB: int, BN: int, CK: int):
         Wp = W.new_zeros(Gp, Op, Cp)
         Wp[:G, :O, :C] = W
     wp = Wp.reshape(Gp // JB, JB, Op // BN, BN // 8, 8, Cp // CK, CK // 8, 2, 4)
-    return wp.permute(0, 2, 5, 1, 6, 3, 4, 8, 7).contiguous(), Cp // CK
+    order = (0, 2, 5, 1, 6, 3, 7, 4, 8) if wg else (0, 2, 5, 1, 6, 3, 4, 8, 7)
+    return wp.permute(*order).contiguous(), Cp // CK
 
 
 # =============================================================================================
@@ -687,10 +743,7 @@ def _fwd_fused(x, w1, w2, y, plan):
     k, q, _ = w1.shape
     s = w2.shape[1]
     b = x.shape[0]
-    if not cuda_simulated() and torch.cuda.get_device_capability(x.device) < (9, 0):
-        major, minor = torch.cuda.get_device_capability(x.device)
-        raise RuntimeError(f"engine 'fused' needs thread-block clusters (sm_90 or later); this "
-                           f"GPU is sm_{major}{minor}: use engine 'mma'")
+    _need_sm90("fused", x.device)
     kernel, T, CS, NT, shared = plan
     JB = k // CS
     wp1, _ = _pack_mma(w1, JB, q, 8)
@@ -706,12 +759,21 @@ def _fwd_fused(x, w1, w2, y, plan):
 _FORCED_ENGINE: list[str] = []  # set by forced_engine
 
 
+def _need_sm90(engine: str, device) -> None:
+    """RuntimeError unless the simulator or an sm_90 GPU (clusters, wgmma) runs ``engine``."""
+    if not cuda_simulated() and torch.cuda.get_device_capability(device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"engine {engine!r} needs sm_90 (this GPU is sm_{major}{minor}): use "
+                           f"engine 'mma'")
+
+
 def _engine(dtype: torch.dtype) -> str:
     """"mma" (tensor cores, 3xTF32, one launch a factor) for float32 on sm_80 and later, and in
     the simulator; "simt" (the register-tiled kernel) for float64 and for older GPUs. "fused"
     (the forward in one launch on tensor cores and clusters, sm_90, where the factors fit it;
     else as "mma") only when forced: on an H100 it is slower than the two launches
-    (kernels/BENCHMARKS.md, round 7)."""
+    (kernels/BENCHMARKS.md, round 7). "wgmma" (as "mma", by sm_90's warpgroup instruction) only
+    when forced, until measured."""
     if dtype != torch.float32:
         return "simt"
     if _FORCED_ENGINE:
@@ -722,10 +784,11 @@ def _engine(dtype: torch.dtype) -> str:
 @contextlib.contextmanager
 def forced_engine(engine: str):
     """Within the block, float32 products run on ``engine``: "fused" (one launch, sm_90),
-    "mma" (tensor cores, one launch a factor, as on sm_80) or "simt" (CUDA cores, as on GPUs
-    before sm_80): for benchmarks and tests that compare them."""
-    if engine not in ("fused", "mma", "simt"):
-        raise ValueError(f"engine must be 'fused', 'mma' or 'simt', got {engine!r}")
+    "wgmma" (one launch a factor on sm_90's warpgroup instruction), "mma" (tensor cores, one
+    launch a factor, as on sm_80) or "simt" (CUDA cores, as on GPUs before sm_80): for
+    benchmarks and tests that compare them."""
+    if engine not in ("fused", "wgmma", "mma", "simt"):
+        raise ValueError(f"engine must be 'fused', 'wgmma', 'mma' or 'simt', got {engine!r}")
     _FORCED_ENGINE.append(engine)
     try:
         yield
@@ -743,14 +806,18 @@ def _bgemm(inp, W, out, sizes, in_strides, out_strides):
     # "grouped" when neighbouring groups are neighbouring numbers in memory
     in_grouped, out_grouped = G > 1 and in_strides[1] == 1, G > 1 and out_strides[1] == 1
     kind = "grouped" if in_grouped or out_grouped else "flat"
-    if _engine(inp.dtype) != "simt":
-        tiles, blocks_per_sm = _mma_tiles(kind)
-        kernel, BM, JB, BN, CK, threads = _mma_kernel(tiles, blocks_per_sm, in_grouped,
-                                                      out_grouped)
-        wp, CB = _pack_mma(W, JB, BN, CK)
+    engine = _engine(inp.dtype)
+    if engine != "simt":
+        wg = engine == "wgmma"
+        if wg:
+            _need_sm90("wgmma", inp.device)
+        tiles, blocks_per_sm = (_wgmma_tiles if wg else _mma_tiles)(kind)
+        kernel, BM, JB, BN, CK, threads, shared = _mma_kernel(tiles, blocks_per_sm, in_grouped,
+                                                              out_grouped, wg)
+        wp, CB = _pack_mma(W, JB, BN, CK, wg)
         grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
         launch(kernel, grid, threads, inp.view(-1), wp.view(-1), out.view(-1), batch, G, O, C,
-               CB, *in_strides, *out_strides)
+               CB, *in_strides, *out_strides, shared_bytes=shared)
         return
     tiles, blocks_per_sm = _tiles(inp.element_size(), kind)
     kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype), tiles, blocks_per_sm)
