@@ -6,12 +6,12 @@ reference (einsum), the torch.bmm formulation (two batched matrix products with 
 permutations as copies in between; on a GPU also in bf16, inputs cast once outside the timing,
 its error against the float64 truth in its note, and in float32 with cuBLAS allowed TF32), the
 course's own kernel on the CUDA cores (as on GPUs before sm_80) and, on sm_90, on the warpgroup
-instruction (wgmma) and fused in one launch (thread-block clusters: z never in global memory), and the dense F.linear of the same
-size (n² weights). The floor: the bytes (read x, write y) over the measured copy
-bandwidth; the FLOPs (2·n·√n multiply-adds per token) are printed beside it. Implementations
-are timed interleaved, round after round, and the median of the rounds is kept (the machine is
-shared). Targets (#16): CPU, kernel <= 1.5x torch.bmm and >= 3x faster than dense; GPU, kernel
-under 1 ms and faster than the bf16 bmm formulation.
+instruction (wgmma) and fused in one launch (thread-block clusters: z never in global memory),
+and the dense F.linear of the same size (n² weights). The floor: the bytes (read x, write y)
+over the measured copy bandwidth; the FLOPs (2·n·√n multiply-adds per token) are printed
+beside it. Implementations are timed interleaved, round after round, and the median of the
+rounds is kept (the machine is shared). Targets (#16): CPU, kernel <= 1.5x torch.bmm and >= 3x
+faster than dense; GPU, kernel under 1 ms and faster than the bf16 bmm formulation.
 """
 
 from __future__ import annotations
