@@ -5,9 +5,7 @@ affine maps h -> A h + B (``scan_maps``) with its launch layout, used by kernels
 kernels and by the selective scan's backward, and what numba.cuda does not expose: the
 3xTF32 split (``tf32_split``, integer arithmetic) and the tensor-core product (``mma_tf32``,
 inline PTX), both with simulator twins, the warpgroup product of sm_90 (``wgmma_tf32x3``,
-inline PTX, with a simulator twin), asynchronous copies into shared memory (``cp_async4``,
-``cp_async16``, ``cp_async_commit``, ``cp_async_wait``, sm_80, inline PTX, with simulator
-twins) and thread-block-cluster instructions (``cluster_sync``,
+inline PTX, with a simulator twin) and thread-block-cluster instructions (``cluster_sync``,
 ``cluster_load``, inline PTX)."""
 
 from __future__ import annotations
@@ -22,9 +20,8 @@ from numba import cuda
 from minimodels.backend import cuda_simulated, expect_tensor
 
 __all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "cluster_load", "cluster_sync",
-           "cp_async4", "cp_async16", "cp_async_commit", "cp_async_wait", "expect_out", "mma_tf32",
-           "numpy_dtype", "randn", "scan_maps", "tf32_split", "wgmma_commit", "wgmma_tf32x3",
-           "wgmma_wait", "WGMMA_LBO", "WGMMA_SBO"]
+           "expect_out", "fence_proxy_async", "mma_tf32", "numpy_dtype", "randn", "scan_maps",
+           "tf32_split", "wgmma_tf32x3", "WGMMA_LBO", "WGMMA_SBO"]
 
 # =============================================================================================
 # Constants: the layout of a chunked block scan (kernels/scan.py, selective_scan's backward)
@@ -240,7 +237,7 @@ else:
 # threads): one instruction multiplies a 64 x N x 8 tile, A from registers (each warp's 16 rows
 # in mma.sync's A fragment layout), B read by the tensor cores straight from shared memory
 # through a 64-bit descriptor. One factory:
-#   wgmma_tf32x3(MT, NN, wait=True, T0=0) -> product(acc, af, sm, b_big, b_small)
+#   wgmma_tf32x3(MT, NN) -> product(acc, af, sm, b_big, b_small)
 #       for m < MT: the warpgroup's tile m (64 rows: warp w of the group holds rows 16w + [0,
 #       16)) acc[m] += A_m · B in 3xTF32, A_m from af[m] (this lane's pieces of its 16 x 8 A
 #       fragment, mma_tf32's layout: big 0-3, small 4-7), B (8 x 8·NN) from the float32 shared
@@ -251,20 +248,16 @@ else:
 #       between the two core matrices along k, WGMMA_LBO = 128, its stride byte offset,
 #       between neighbouring 8s of o, WGMMA_SBO = 256; b_big and b_small 16-byte aligned);
 #       acc (MT, NN, 4) in mma_tf32's C layout, tile n's acc[m, n, i] = D[r + 8·(i // 2),
-#       8n + 2k + i % 2] of my warp's rows (r = lane // 4, k = lane % 4). With T0 > 0 the
-#       tiles are acc[T0 + m] and af[T0 + m] of larger arrays (a warpgroup on several groups).
+#       8n + 2k + i % 2] of my warp's rows (r = lane // 4, k = lane % 4).
 #   The three products of each tile (a_small·b_big, a_big·b_small, a_big·b_big) and the MT
 #   tiles are issued in one asm statement, between wgmma.fence and wgmma.wait_group 0: the
 #   accumulators never leave registers while the tensor cores own them, and the compiler sees
 #   one instruction that reads acc, af and shared memory and writes acc.
-#   wgmma_tf32x3(MT, NN, wait=False) leaves the commit and the wait out: the products are
-#   still in flight when it returns, so that the warp can go on; wgmma_commit() closes a group
-#   of them, and wgmma_wait(MT, NN, N)(acc) waits until at most N groups are in flight, and
-#   passes acc through its statement so that the compiler reads no sum before it. ptxas keeps
-#   registers safe (it serialises a wgmma whose A registers are overwritten while in flight,
-#   and warns); shared memory that a product in flight reads must not be overwritten before a
-#   wait that covers it.
 # All 128 threads of each warpgroup must call it together, with the same b_big and b_small.
+# wgmma reads shared memory through the "async proxy", ordinary stores write it through the
+# generic one: a thread that stored B's pieces calls fence_proxy_async() (fence.proxy.async.
+# shared::cta) after its stores and before the barrier that hands them to the warpgroups, or
+# the tensor cores may read what was there before (PTX ISA, memory consistency model: proxies).
 # In the simulator the twin gathers the warpgroup's A pieces in a mailbox behind a barrier of
 # its 128 threads (as mma_tf32's twin does for a warp), reads B from sm in the layout above,
 # and multiplies in float64 what the tensor cores read (the low 13 bits of each piece dropped).
@@ -272,21 +265,13 @@ else:
 WGMMA_LBO, WGMMA_SBO = 128, 256  # bytes: B's core matrices along k, along o (layout above)
 
 if cuda_simulated():
-    def wgmma_commit():
-        pass
+    def fence_proxy_async():
+        """My shared-memory stores made visible to the async proxy (a no-op here)."""
 
     @functools.cache
-    def wgmma_wait(MT: int, NN: int, pending: int = 0):
-        """Wait until at most ``pending`` groups of the warpgroup's products are in flight
-        (glossary above)."""
-        def wait(acc):
-            pass
-        return wait
-
-    @functools.cache
-    def wgmma_tf32x3(MT: int, NN: int, wait: bool = True, T0: int = 0):
-        """The warpgroup's 3xTF32 product acc[T0 + m] += A_m · B for m < MT, A_m from af[T0 +
-        m], B 8 x 8·NN (glossary above)."""
+    def wgmma_tf32x3(MT: int, NN: int):
+        """The warpgroup's 3xTF32 product acc[m] += A_m · B for m < MT, B 8 x 8·NN (glossary
+        above)."""
         N = 8 * NN
         k_, o_ = np.meshgrid(np.arange(8), np.arange(N), indexing="ij")
         b_at = (o_ // 8) * 64 + (k_ // 4) * 32 + (o_ % 8) * 4 + k_ % 4  # B[k, o]'s word
@@ -306,7 +291,7 @@ if cuda_simulated():
             (even, odd), barrier = box[group]
             me.wgmma_calls = getattr(me, "wgmma_calls", 0) + 1
             mail = odd if me.wgmma_calls % 2 else even
-            mail[lane] = np.array(af[T0:T0 + MT, :8], np.float32)
+            mail[lane] = np.array(af[:MT, :8], np.float32)
             barrier.wait()
             A = np.zeros((MT, 2, 64, 8), np.float32)  # (tile, big/small, row, k)
             for i, pieces in enumerate(mail):
@@ -322,50 +307,25 @@ if cuda_simulated():
                 for n in range(NN):
                     for i in range(4):
                         d = D[16 * w + r + 8 * (i // 2), 8 * n + 2 * k + i % 2]
-                        acc[T0 + m, n, i] = np.float32(acc[T0 + m, n, i] + d)
+                        acc[m, n, i] = np.float32(acc[m, n, i] + d)
 
         return product
 else:
     @intrinsic
-    def wgmma_commit(typingctx):
-        """Close a group of the warpgroup's products in flight (glossary above)."""
+    def fence_proxy_async(typingctx):
+        """fence.proxy.async.shared::cta: my shared-memory stores made visible to wgmma."""
         def codegen(context, builder, sig, args):
             asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []),
-                               "wgmma.commit_group.sync.aligned;", "~{memory}", side_effect=True)
+                               "fence.proxy.async.shared::cta;", "~{memory}", side_effect=True)
             builder.call(asm, [])
             return context.get_dummy_value()
 
         return types.none(), codegen
 
     @functools.cache
-    def wgmma_wait(MT: int, NN: int, pending: int = 0):
-        """Wait until at most ``pending`` groups of the warpgroup's products are in flight
-        (glossary above)."""
-        X = 4 * NN * MT
-
-        @intrinsic
-        def wait(typingctx, acc):
-            def codegen(context, builder, sig, args):
-                f32, i64 = ir.FloatType(), ir.IntType(64)
-                accp = context.make_array(sig.args[0])(context, builder, args[0]).data
-                ptrs = [builder.gep(accp, [ir.Constant(i64, j)]) for j in range(X)]
-                asm = ir.InlineAsm(ir.FunctionType(ir.LiteralStructType([f32] * X), [f32] * X),
-                                   f"wgmma.wait_group.sync.aligned {pending};",
-                                   ",".join(["=f"] * X + [str(j) for j in range(X)]
-                                            + ["~{memory}"]), side_effect=True)
-                d = builder.call(asm, [builder.load(p) for p in ptrs])
-                for j, p in enumerate(ptrs):
-                    builder.store(builder.extract_value(d, j), p)
-                return context.get_dummy_value()
-
-            return types.none(acc), codegen
-
-        return wait
-
-    @functools.cache
-    def wgmma_tf32x3(MT: int, NN: int, wait: bool = True, T0: int = 0):
-        """The warpgroup's 3xTF32 product acc[T0 + m] += A_m · B for m < MT, A_m from af[T0 +
-        m], B 8 x 8·NN (glossary above)."""
+    def wgmma_tf32x3(MT: int, NN: int):
+        """The warpgroup's 3xTF32 product acc[m] += A_m · B for m < MT, B 8 x 8·NN (glossary
+        above)."""
         X = 4 * NN * MT  # accumulators a thread
         shape = f"m64n{8 * NN}k8"
         A0, DB = 2 * X, 2 * X + 8 * MT  # first A piece, descriptors (big, small), then 1
@@ -377,8 +337,7 @@ else:
             for a, b in ((small, DB), (big, DB + 1), (big, DB)):  # small terms first
                 lines.append(f"wgmma.mma_async.sync.aligned.{shape}.f32.tf32.tf32 {{{acc}}}, "
                              f"{{{a}}}, ${b}, p, 1, 1;")
-        if wait:
-            lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;"]
+        lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;"]
         text = "{\n\t" + "\n\t".join(lines) + "\n\t}"
         constraints = ",".join(["=f"] * X + [str(j) for j in range(X)] + ["r"] * (8 * MT)
                                + ["l", "l", "r"] + ["~{memory}"])
@@ -400,11 +359,10 @@ else:
                                      ir.Constant(i64, 4))
                     return builder.or_(s, ir.Constant(i64, fixed))
 
-                ptrs = [builder.gep(accp, [ir.Constant(i64, 4 * NN * T0 + j)]) for j in range(X)]
+                ptrs = [builder.gep(accp, [ir.Constant(i64, j)]) for j in range(X)]
                 ins = [builder.load(p) for p in ptrs]
-                ins += [builder.bitcast(builder.load(builder.gep(afp, [ir.Constant(i64, 8 * T0
-                                                                                   + j)])), i32)
-                        for j in range(8 * MT)]
+                ins += [builder.bitcast(builder.load(builder.gep(afp, [ir.Constant(i64, j)])),
+                                        i32) for j in range(8 * MT)]
                 ins += [descriptor(3), descriptor(4), ir.Constant(i32, 1)]
                 asm = ir.InlineAsm(
                     ir.FunctionType(ir.LiteralStructType([f32] * X),
@@ -418,98 +376,6 @@ else:
             return types.none(acc, af, sm, b_big, b_small), codegen
 
         return product
-
-
-# =============================================================================================
-# CUDA: asynchronous copies from global into shared memory (sm_80 and later) as inline PTX
-# =============================================================================================
-# A load into registers holds a register until its bytes arrive; cp.async writes shared memory
-# itself, so a block can keep several chunks in flight at no register cost:
-#   cp_async4(dst, i, src, j, ok)   dst[i] = src[j] if ok else 0 (4 bytes; dst a shared float32
-#                                   array, src a global one; nothing is read when not ok)
-#   cp_async16(dst, i, src, j)      dst[i:i + 4] = src[j:j + 4] (both 16-byte aligned)
-#   cp_async_commit()               closes this thread's group of copies issued since the last
-#   cp_async_wait(N)()              waits until at most N of this thread's groups are pending
-#                                   (a factory: N is an immediate)
-# A copy is visible to the other threads after the wait and a barrier. In the simulator the
-# copies are done at once (so the waits have nothing to do).
-
-if cuda_simulated():
-    def cp_async4(dst, i, src, j, ok):
-        dst[i] = src[j] if ok else 0
-
-    def cp_async16(dst, i, src, j):
-        for e in range(4):
-            dst[i + e] = src[j + e]
-
-    def cp_async_commit():
-        pass
-
-    @functools.cache
-    def cp_async_wait(N: int):
-        def wait():
-            pass
-        return wait
-else:
-    def _address(context, builder, aryty, ary, idx, idxty, space):
-        """The address of ary[idx] in the state space ``space`` ("shared": 32 bits, "global":
-        64 bits), from its generic pointer by cvta."""
-        arr = context.make_array(aryty)(context, builder, ary)
-        i = context.cast(builder, idx, idxty, types.intp)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [i], wraparound=False)
-        i64 = ir.IntType(64)
-        cvta = ir.InlineAsm(ir.FunctionType(i64, [i64]), f"cvta.to.{space}.u64 $0, $1;", "=l,l")
-        a = builder.call(cvta, [builder.ptrtoint(ptr, i64)])
-        return builder.trunc(a, ir.IntType(32)) if space == "shared" else a
-
-    @intrinsic
-    def cp_async4(typingctx, dst, i, src, j, ok):
-        """dst[i] = src[j] if ok else 0, asynchronously (cp.async.ca, 4 bytes)."""
-        def codegen(context, builder, sig, args):
-            d = _address(context, builder, sig.args[0], args[0], args[1], sig.args[1], "shared")
-            s = _address(context, builder, sig.args[2], args[2], args[3], sig.args[3], "global")
-            i32 = ir.IntType(32)
-            ok = context.cast(builder, args[4], sig.args[4], types.boolean)
-            n = builder.select(ok, ir.Constant(i32, 4), ir.Constant(i32, 0))
-            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [i32, ir.IntType(64), i32]),
-                               "cp.async.ca.shared.global [$0], [$1], 4, $2;", "r,l,r,~{memory}",
-                               side_effect=True)
-            builder.call(asm, [d, s, n])
-            return context.get_dummy_value()
-
-        return types.none(dst, i, src, j, ok), codegen
-
-    @intrinsic
-    def cp_async16(typingctx, dst, i, src, j):
-        """dst[i:i + 4] = src[j:j + 4], asynchronously (cp.async.cg, 16 bytes)."""
-        def codegen(context, builder, sig, args):
-            d = _address(context, builder, sig.args[0], args[0], args[1], sig.args[1], "shared")
-            s = _address(context, builder, sig.args[2], args[2], args[3], sig.args[3], "global")
-            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ir.IntType(32), ir.IntType(64)]),
-                               "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
-                               side_effect=True)
-            builder.call(asm, [d, s])
-            return context.get_dummy_value()
-
-        return types.none(dst, i, src, j), codegen
-
-    def _asm_statement(text):
-        @intrinsic
-        def statement(typingctx):
-            def codegen(context, builder, sig, args):
-                asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}",
-                                   side_effect=True)
-                builder.call(asm, [])
-                return context.get_dummy_value()
-
-            return types.none(), codegen
-        return statement
-
-    cp_async_commit = _asm_statement("cp.async.commit_group;")
-
-    @functools.cache
-    def cp_async_wait(N: int):
-        return _asm_statement(f"cp.async.wait_group {N};")
 
 
 # =============================================================================================

@@ -97,8 +97,9 @@ def monarch_cpu(x, w1, w2):
 
 def monarch_cuda(x, w1, w2):
     """numba.cuda kernels (or the CUDA simulator): each factor a token-tiled batched matrix
-    product, the intermediate through global memory (or, forced, the forward fused in one launch
-    in thread-block clusters: ``cuda.forced_engine("fused")``). Contract of ``monarch_ref``."""
+    product on tensor cores in float32 (mma.sync; on sm_90 wgmma where it is faster), the
+    intermediate through global memory (or, forced, the forward fused in one launch in
+    thread-block clusters: ``cuda.forced_engine("fused")``). Contract of ``monarch_ref``."""
     return _flat(x, w1, w2, (_fwd_cuda, _bwd_cuda))
 
 

@@ -1,7 +1,8 @@
 """Monarch's CUDA kernels (numba.cuda): one token-tiled batched matrix product, launched twice
 for the forward and three times for the backward, in two forms: on tensor cores for float32
-(sm_80 and later: mma.sync on TF32 pieces, "3xTF32", which keeps float32's accuracy) and
-register-tiled on the CUDA cores for float64 (and float32 on older GPUs); the float32 forward
+(sm_80 and later: mma.sync on TF32 pieces, "3xTF32", which keeps float32's accuracy; on sm_90
+the warpgroup instruction wgmma for the launches where it is faster) and register-tiled on the
+CUDA cores for float64 (and float32 on older GPUs); the float32 forward
 fused in one launch in thread-block clusters (sm_90; slower on an H100, so only when forced);
 and their host launchers, the only place that knows grid and block. The equations and the
 glossary: kernels/monarch/__init__.py."""
@@ -20,16 +21,11 @@ from minimodels.backend import cuda_simulated, launch
 from minimodels.kernels._common import (
     cluster_load,
     cluster_sync,
-    cp_async4,
-    cp_async16,
-    cp_async_commit,
-    cp_async_wait,
+    fence_proxy_async,
     mma_tf32,
     numpy_dtype,
     tf32_split,
-    wgmma_commit,
     wgmma_tf32x3,
-    wgmma_wait,
 )
 
 # =============================================================================================
@@ -56,14 +52,13 @@ SIMULATOR_TILES = {"flat": ((1, 4, 2, 2, 2, 4), 1), "grouped": ((2, 2, 2, 2, 2, 
 # and 8); in the simulator 2 warps, 16 tokens x 16 outputs, so that tiny tests cross every edge.
 MMA_TILES = {"flat": ((1, 4, 2, 8, 16), 4), "grouped": ((8, 1, 2, 8, 8), 2)}
 SIMULATOR_MMA_TILES = ((2, 1, 1, 2, 8), 1)
-# The wgmma kernel's (((JB, WM, MT, NN, CK, GW), S stages, L), blocks per SM) (sm_90): WM a
-# multiple of 4, warpgroups of 4 warps on GW groups, 64 tokens a tile; products in flight
-# across L chunk boundaries; "flat": one warpgroup, 128 tokens (two tiles) x 64 outputs,
-# chunks of 32; "grouped": 8 groups, a warpgroup on two, 64 tokens. In the simulator one
-# warpgroup, 64 tokens x 16 outputs, 3 stages.
-WGMMA_TILES = {"flat": (((1, 4, 2, 8, 32, 1), 3, 0), 2),
-               "grouped": (((8, 4, 1, 8, 8, 2), 4, 1), 1)}
-SIMULATOR_WGMMA_TILES = (((1, 4, 1, 2, 8, 1), 3, 1), 1)
+# The same tiles for wgmma (sm_90), where it is faster: WM a multiple of 4, a warpgroup of 4
+# warps on one group, 64 tokens a tile; "flat": one warpgroup, 128 tokens (two tiles) x 64
+# outputs, chunks of 32, 3 blocks an SM; "grouped": None, its launches stay on mma.sync (8
+# groups need 8 warpgroups a block, and were slower: kernels/BENCHMARKS.md, round 11). In the
+# simulator one warpgroup, 64 tokens x 16 outputs, for both kinds.
+WGMMA_TILES = {"flat": ((1, 4, 2, 8, 32), 3), "grouped": None}
+SIMULATOR_WGMMA_TILES = ((1, 4, 1, 2, 8), 1)
 VECTOR_BYTES = 16  # one shared-memory load of a thread: LDS.128
 
 
@@ -112,7 +107,7 @@ def _mma_tiles(kind: str) -> tuple[tuple[int, ...], int]:
     return SIMULATOR_MMA_TILES if cuda_simulated() else MMA_TILES[kind]
 
 
-def _wgmma_tiles(kind: str) -> tuple[tuple[tuple[int, ...], int, int], int]:
+def _wgmma_tiles(kind: str) -> tuple[tuple[int, ...], int] | None:
     return SIMULATOR_WGMMA_TILES if cuda_simulated() else WGMMA_TILES[kind]
 
 
@@ -284,23 +279,23 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
 
 
 @functools.cache
-def _a_fragments(MT: int, MS: int, ST: int, SC: int, T0: int = 0):
+def _a_fragments(MT: int, MS: int, ST: int, SC: int):
     """Device function a_fragments(xs, a, af): my lane's A pieces of one k-step for each of my
-    MT tiles (rows r, r + 8; columns k, k + 4, mma_tf32's layout), tile m's element (t, c) at
-    a + (m·MS + t)·ST + c·SC in the staged inputs xs, split into af[T0 + m] (big 0-3, small
-    4-7)."""
+    MT tiles (rows r, r + 8; columns k, k + 4: mma_tf32's layout, which wgmma's A shares),
+    tile m's element (t, c) at a + (m·MS + t)·ST + c·SC in the staged inputs xs, split into
+    af[m] (big 0-3, small 4-7)."""
     U = np.uint64
 
     @cuda.jit(device=True, **({} if cuda_simulated() else {"forceinline": True}))
     def a_fragments(xs, a, af):
         for m in range(MT):
-            am, f = a + U(m * MS * ST), T0 + m
-            af[f, 0] = xs[am]
-            af[f, 1] = xs[am + U(8 * ST)]
-            af[f, 2] = xs[am + U(4 * SC)]
-            af[f, 3] = xs[am + U(8 * ST + 4 * SC)]
+            am = a + U(m * MS * ST)
+            af[m, 0] = xs[am]
+            af[m, 1] = xs[am + U(8 * ST)]
+            af[m, 2] = xs[am + U(4 * SC)]
+            af[m, 3] = xs[am + U(8 * ST + 4 * SC)]
             for i in range(4):
-                af[f, i], af[f, i + 4] = tf32_split(af[f, i])
+                af[m, i], af[m, i + 4] = tf32_split(af[m, i])
 
     return a_fragments
 
@@ -320,7 +315,7 @@ def _chunk_product(MT: int, NN: int, KS: int, ST: int, SC: int, SPLIT: int = 0):
     def chunk_product(xs, ws, x_rd, w_rd, acc, af):
         # [core] monarch_mma
         for kk in range(KS):
-            a_fragments(xs, x_rd + U(kk * 8 * SC), af)
+            a_fragments(xs, x_rd + U(kk * 8 * SC), af)  # A: rows r, r + 8; columns k, k + 4
             for n in range(NN):  # B: rows k, k + 4, column r of output tile n
                 wi = w_rd + U((kk * NN + n) * 64)
                 if SPLIT:
@@ -343,90 +338,55 @@ def _chunk_product(MT: int, NN: int, KS: int, ST: int, SC: int, SPLIT: int = 0):
     return chunk_product
 
 
-def _layouts(JB: int, CK: int, in_grouped: bool, out_grouped: bool):
-    """Shared layouts of the tensor-core kernels: input (t, j, c) at t·ST + j·SJ + c·SC, output
-    (t, j, o) at t·SO + j·SJO + o·SOO; ST ≡ 4 mod 8 ("flat") or odd ("grouped") puts a warp's
-    A fragment in 32 banks. Returns (SJ, SC, ST, SJO, SOO, SO)."""
-    SJ, SC, ST = (1, JB, JB * CK + 1) if in_grouped else (CK, 1, JB * CK + 4)
-    SJO, SOO, SO = (1, JB, JB * CK + 1) if out_grouped else (CK, 1, JB * CK + 4)
-    return SJ, SC, ST, SJO, SOO, SO
-
-
 @functools.cache
-def _epilogue(MT: int, NN: int, CK: int, MS: int, JB: int, TS: int, IU: int, SO: int,
-              SJO: int, SOO: int, ALT: int, out_grouped: bool, GW: int = 1):
-    """Device function store(sm, acc, out, tid, row0, r, k, jj, b0, g0, o0, whole, batch, G, O,
-    orow, og, oo): a block's sums out, CK outputs a pass: each warp's C fragments (tile m's
-    rows at row0 + m·MS; with GW groups a warp, group jj + h's tiles at acc[h·MT + m]) ->
-    shared (t, j, o) -> global in its layout's order; passes alternate
-    between the shared regions at 0 and ALT (one barrier a pass), and a block without an edge
-    (``whole`` tokens and groups, all BN = 8·NN outputs) stores unguarded, stepping one address
-    (the guarded stores' index arithmetic and branches were half the epilogue: round 8)."""
+def _chunk_product_wg(MT: int, NN: int, KS: int, ST: int, SC: int, SPLIT: int):
+    """Device function chunk_product(xs, ws, x_rd, w_rd, acc, af): as ``_chunk_product``, for a
+    warpgroup on sm_90: per k-step, each warp's A pieces of its 16 rows of each 64-token tile
+    (element (t, c) at x_rd + t·ST + c·SC; tile m at 64·m rows), and one wgmma_tf32x3 over the
+    staged B (TF32 parts at w_rd, remainders SPLIT words further, NN·64 words a k-step)."""
     U = np.uint64
-    BN = 8 * NN
+    product = wgmma_tf32x3(MT, NN)
+    a_fragments = _a_fragments(MT, 64, ST, SC)
 
     @cuda.jit(device=True, **({} if cuda_simulated() else {"forceinline": True}))
-    def store(sm, acc, out, tid, row0, r, k, jj, b0, g0, o0, whole, batch, G, O, orow, og, oo):
-        if out_grouped:
-            j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
-        else:
-            o_o, j_o, t_o = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
-        o_rd = t_o * U(SO) + j_o * U(SJO) + o_o * U(SOO)  # + u·TS·SO
-        o_wr = (row0 + r) * U(SO) + jj * U(SJO) + U(2) * k * U(SOO)
-        g = g0 + j_o
-        inside = whole and o0 + U(BN) <= U(O)
-        row_step = U(TS) * U(orow)  # my next output row
-        o_dst = (b0 + t_o) * U(orow) + g * U(og) + (o0 + o_o) * U(oo)  # + p·CK·oo + u·row_step
-        for p in range(BN // CK):
-            ob = U(p % 2 * ALT)  # pass p's region: its last readers were pass p - 2's, before
-            if p == 0:  # pass p - 1's barrier; the first pass's, the main loop's last chunk
-                cuda.syncthreads()
-            for nn in range(CK // 8):
-                for f in range(GW * MT):  # D: rows r, r + 8; columns 2k, 2k + 1 of tile
-                    h, m = f // MT, f % MT  # p·CK/8 + nn, group jj + h
-                    a = ob + o_wr + U(h * SJO + m * MS * SO + nn * 8 * SOO)
-                    sm[a] = acc[f, p * (CK // 8) + nn, 0]
-                    sm[a + U(SOO)] = acc[f, p * (CK // 8) + nn, 1]
-                    sm[a + U(8 * SO)] = acc[f, p * (CK // 8) + nn, 2]
-                    sm[a + U(8 * SO + SOO)] = acc[f, p * (CK // 8) + nn, 3]
-            cuda.syncthreads()  # pass p is in shared memory
-            if inside:
-                dst = o_dst + U(p * CK) * U(oo)
-                for u in range(IU):
-                    out[dst] = sm[ob + o_rd + U(u * TS * SO)]
-                    dst += row_step
-            else:
-                o = o0 + U(p * CK) + o_o
-                if g < U(G) and o < U(O):
-                    for u in range(IU):
-                        t = b0 + t_o + U(u * TS)
-                        if t < U(batch):
-                            out[t * U(orow) + g * U(og) + o * U(oo)] = sm[ob + o_rd
-                                                                          + U(u * TS * SO)]
+    def chunk_product(xs, ws, x_rd, w_rd, acc, af):
+        # [core] monarch_wgmma
+        for kk in range(KS):
+            a_fragments(xs, x_rd + U(kk * 8 * SC), af)  # rows r, r + 8 of my warp's 16
+            wi = w_rd + U(kk * NN * 64)
+            product(acc, af, ws, wi, wi + U(SPLIT))
+        # [/core]
 
-    return store
+    return chunk_product
 
 
 @functools.cache
 def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
-                out_grouped: bool):
-    """Compile-once float32 batched product on tensor cores (mma.sync); returns (kernel, BM,
-    JB, BN, CK, threads)."""
+                out_grouped: bool, wg: bool = False):
+    """Compile-once float32 batched product on tensor cores, by mma.sync or (``wg``, sm_90) by
+    wgmma; returns (kernel, BM, JB, BN, CK, threads, dynamic shared bytes)."""
     JB, WM, MT, NN, CK = tiles
     NT, BM, BN, KS = 32 * JB * WM, 16 * MT * WM, 8 * NN, CK // 8
     if CK % 8 or BN % CK or NT % (JB * CK) or BM % (NT // (JB * CK) or 1):
         raise ValueError(f"mma tiles (JB, WM, MT, NN, CK) = {tiles}: need CK a multiple of 8 "
                          f"dividing 8·NN, and JB·CK dividing the {NT} threads into staging "
                          f"passes of whole token rows")
+    if wg and (WM % 4 or NN > 32):
+        raise ValueError(f"wgmma tiles (JB, WM, MT, NN, CK) = {tiles}: need WM a multiple of 4 "
+                         f"(warpgroups of 4 warps on one group) and 8·NN <= 256 outputs")
     TS = NT // (JB * CK)  # token rows one staging pass covers (inputs, and CK outputs)
     IU = BM // TS  # staging passes
-    W_WORDS = JB * KS * NN * 64  # a chunk of B fragments, (jj, kk, n, lane, 2)
+    W_WORDS = JB * KS * NN * 64  # a chunk of B fragments, (jj, kk, n, lane, 2) or (wg) B's
+    # canonical layout (jj, kk, n, h, r, t): B[k = 4h + t, o = 8n + r] (kernels/_common.py)
     WU = -(-W_WORDS // NT)  # its staging passes
     # WM > 1 warps share a group's weights: split them into TF32 parts and remainders once, as
     # they are staged (the remainders W_WORDS further), not once per warp in the product
-    SPLIT = W_WORDS if WM > 1 else 0
+    SPLIT = W_WORDS if WM > 1 or wg else 0
     WS_WORDS = W_WORDS + SPLIT
-    SJ, SC, ST, SJO, SOO, SO = _layouts(JB, CK, in_grouped, out_grouped)
+    # shared layouts: input (t, j, c) at t·ST + j·SJ + c·SC, output (t, j, o) at t·SO + j·SJO +
+    # o·SOO; ST ≡ 4 mod 8 ("flat") or odd ("grouped") puts a warp's A fragment in 32 banks
+    SJ, SC, ST = (1, JB, JB * CK + 1) if in_grouped else (CK, 1, JB * CK + 4)
+    SJO, SOO, SO = (1, JB, JB * CK + 1) if out_grouped else (CK, 1, JB * CK + 4)
     # shared memory: the input chunk at 0 (WB words), the weights' chunk from WB; later output
     # passes alternate between the two regions, so that a pass needs one barrier, not two
     WB = BM * max(ST, SO)
@@ -434,27 +394,36 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
     f32 = np.float32
     U = np.uint64
     options = {} if cuda_simulated() else {"launch_bounds": (NT, blocks_per_sm)}
-    chunk_product = _chunk_product(MT, NN, KS, ST, SC, SPLIT)
-    store = _epilogue(MT, NN, CK, 16, JB, TS, IU, SO, SJO, SOO, WB, out_grouped)
+    chunk_product = (_chunk_product_wg if wg else _chunk_product)(MT, NN, KS, ST, SC, SPLIT)
+    # wgmma on a GPU: dynamic shared memory (16-byte aligned, as B's descriptors need; and past
+    # 48 KB where the tiles want it)
+    DYNAMIC = wg and not cuda_simulated()
+    SM_WORDS = 0 if DYNAMIC else WORDS
+    MS = 64 if wg else 16  # tokens between a warp's tiles m and m + 1
 
     @cuda.jit(**options)
     def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
         # out[b·orow + g·og + o·oo] = Σ_c W[g, o, c] · inp[b·ir + g·ig + c·ic]; wp: W packed by
         # _pack_mma, CB chunks per (group block, output block), each W_WORDS long
-        sm = cuda.shared.array(WORDS, f32)  # this chunk's inputs, then its B fragments
+        sm = cuda.shared.array(SM_WORDS, f32)  # this chunk's inputs, then its B fragments
         acc = cuda.local.array((MT, NN, 4), f32)  # C fragments of my MT x NN tiles
         af = cuda.local.array((MT, 8), f32)  # A fragments of one k-step: big 0-3, small 4-7
         xn = cuda.local.array(IU, f32)  # the next chunk, loaded while this one is multiplied
         wn = cuda.local.array(WU, f32)  # the next chunk's B fragments
         tid = U(cuda.threadIdx.x)
         lane, w = tid % U(32), tid // U(32)
-        jj, row0 = w % U(JB), w // U(JB) * U(16 * MT)  # my group, my first token
+        if wg:  # warpgroup w // 4 on group jj, its warp w % 4 on 16 rows of each 64-token tile
+            jj = (w // U(4)) % U(JB)
+            row0 = (w // U(4 * JB)) * U(64 * MT) + (w % U(4)) * U(16)
+        else:  # warp w on group jj, 16·MT consecutive tokens
+            jj = w % U(JB)
+            row0 = (w // U(JB)) * U(16 * MT)
         r, k = lane // U(4), lane % U(4)
         nbt, nbg = (U(batch) + U(BM - 1)) // U(BM), (U(G) + U(JB - 1)) // U(JB)
         bid = U(cuda.blockIdx.x)  # a 1-D grid, groups first (as the SIMT kernel's)
         b0, g0 = (bid // nbg) % nbt * U(BM), bid % nbg * U(JB)
         o0 = bid // (nbt * nbg) * U(BN)
-        uB, uG, uC = U(batch), U(G), U(C)
+        uB, uG, uO, uC = U(batch), U(G), U(O), U(C)
         uir, uig, uic = U(ir), U(ig), U(ic)
         # staging: I copy element (t_i + TS·u, j_i, c_i) of each chunk, u < IU
         if in_grouped:
@@ -464,9 +433,11 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
         i_src = (b0 + t_i) * uir + (g0 + j_i) * uig + c_i * uic  # + q·CK·ic + u·TS·ir
         i_dst = t_i * U(ST) + j_i * U(SJ) + c_i * U(SC)  # + u·TS·ST
         whole = b0 + U(BM) <= uB and g0 + U(JB) <= uG  # no token or group edge in this block
-        x_rd = (row0 + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·16·ST + kk·8·SC
+        x_rd = (row0 + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·MS·ST + kk·8·SC
         w_src = ((g0 // U(JB)) * (U(O + BN - 1) // U(BN)) + o0 // U(BN)) * U(CB * W_WORDS) + tid
-        w_rd = U(WB) + jj * U(KS * NN * 64) + lane * U(2)  # + (kk·NN + n)·64
+        w_rd = U(WB) + jj * U(KS * NN * 64)  # + (kk·NN + n)·64 (+ my lane's pair: mma.sync)
+        if not wg:
+            w_rd += lane * U(2)
         for m in range(MT):
             for n in range(NN):
                 for i in range(4):
@@ -485,6 +456,8 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                              sm[tid + U(WB + u * NT + SPLIT)]) = tf32_split(wn[u])
                         else:
                             sm[tid + U(WB + u * NT)] = wn[u]
+                if wg:  # my stores of B, visible to the tensor cores' reads after the barrier
+                    fence_proxy_async()
                 cuda.syncthreads()
             if q + 1 < CB:
                 uq = U((q + 1) * CK)
@@ -500,16 +473,54 @@ def _mma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
                         wn[u] = wp[w_src + U((q + 1) * W_WORDS + u * NT)]
             if q >= 0:
                 chunk_product(sm, sm, x_rd, w_rd, acc, af)
-        store(sm, acc, out, tid, row0, r, k, jj, b0, g0, o0, whole, batch, G, O, orow, og, oo)
+        # out, CK outputs a pass: fragments -> shared (t, j, o) -> global in its layout's order
+        if out_grouped:
+            j_o, o_o, t_o = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
+        else:
+            o_o, j_o, t_o = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
+        o_rd = t_o * U(SO) + j_o * U(SJO) + o_o * U(SOO)  # + u·TS·SO
+        o_wr = (row0 + r) * U(SO) + jj * U(SJO) + U(2) * k * U(SOO)
+        g = g0 + j_o
+        # a block without an edge stores unguarded, stepping one address (the guarded stores'
+        # index arithmetic and branches were half the epilogue's instructions: round 8)
+        inside = whole and o0 + U(BN) <= uO
+        row_step = U(TS) * U(orow)  # my next output row
+        o_dst = (b0 + t_o) * U(orow) + g * U(og) + (o0 + o_o) * U(oo)  # + p·CK·oo + u·row_step
+        for p in range(BN // CK):
+            ob = U(p % 2 * WB)  # pass p's region: its last readers were pass p - 2's, before
+            if p == 0:  # pass p - 1's barrier; the first pass's, the last chunk's
+                cuda.syncthreads()
+            for nn in range(CK // 8):
+                for m in range(MT):  # D: rows r, r + 8; columns 2k, 2k + 1 of tile p·CK/8 + nn
+                    a = ob + o_wr + U(m * MS * SO + nn * 8 * SOO)
+                    sm[a] = acc[m, p * (CK // 8) + nn, 0]
+                    sm[a + U(SOO)] = acc[m, p * (CK // 8) + nn, 1]
+                    sm[a + U(8 * SO)] = acc[m, p * (CK // 8) + nn, 2]
+                    sm[a + U(8 * SO + SOO)] = acc[m, p * (CK // 8) + nn, 3]
+            cuda.syncthreads()  # pass p is in shared memory
+            if inside:
+                dst = o_dst + U(p * CK) * U(oo)
+                for u in range(IU):
+                    out[dst] = sm[ob + o_rd + U(u * TS * SO)]
+                    dst += row_step
+            else:
+                o = o0 + U(p * CK) + o_o
+                if g < uG and o < uO:
+                    for u in range(IU):
+                        t = b0 + t_o + U(u * TS)
+                        if t < uB:
+                            out[t * U(orow) + g * U(og) + o * U(oo)] = sm[ob + o_rd
+                                                                          + U(u * TS * SO)]
 
-    return kernel, BM, JB, BN, CK, NT
+    return kernel, BM, JB, BN, CK, NT, 4 * WORDS if DYNAMIC else 0
 
 
-def _pack_mma(W, JB: int, BN: int, CK: int):
+def _pack_mma(W, JB: int, BN: int, CK: int, wg: bool = False):
     """W (G, O, C) -> (wp, CB): the B fragments in the order a block stages them, one chunk of
     JB groups x CK c x BN outputs after another: wp[gb, ob, cb, jj, kk, n, r, t, h] =
     W[gb·JB + jj, ob·BN + 8n + r, cb·CK + 8kk + 4h + t], zero-padded to whole blocks and chunks
-    (lane 4r + t holds (b0, b1) = the pair h = 0, 1); CB chunks per (gb, ob)."""
+    (lane 4r + t holds (b0, b1) = the pair h = 0, 1); CB chunks per (gb, ob). ``wg``: each
+    k-step's B in wgmma's canonical layout instead, wp[gb, ob, cb, jj, kk, n, h, r, t]."""
     G, O, C = W.shape
     Gp, Op, Cp = -(-G // JB) * JB, -(-O // BN) * BN, -(-C // CK) * CK
     if (Gp, Op, Cp) == (G, O, C):  # nothing to pad: one copy (the permutation), not three
@@ -518,197 +529,8 @@ def _pack_mma(W, JB: int, BN: int, CK: int):
         Wp = W.new_zeros(Gp, Op, Cp)
         Wp[:G, :O, :C] = W
     wp = Wp.reshape(Gp // JB, JB, Op // BN, BN // 8, 8, Cp // CK, CK // 8, 2, 4)
-    return wp.permute(0, 2, 5, 1, 6, 3, 4, 8, 7).contiguous(), Cp // CK
-
-
-# =============================================================================================
-# CUDA kernel on sm_90's warpgroup MMA (wgmma), float32: the same batched product, in 3xTF32,
-# with a pipeline of copies instead of register staging. Why: the mma.sync kernel above is
-# bound by issuing instructions (B fragments loaded and split by every warp, 48 mma.sync a
-# k-step for 32 tokens x 64 outputs), then by the latency of its one chunk in flight
-# (kernels/BENCHMARKS.md, rounds 7-10); wgmma multiplies a warpgroup's 64 tokens x 8·NN outputs
-# x 8 c in one instruction (three for 3xTF32), its B read from shared memory by descriptor
-# (kernels/_common.py), and cp.async keeps S - 1 chunks in flight with no registers.
-#
-# A block owns BM = 16·MT·WM tokens (WM a multiple of 4: warpgroups of 4 warps), JB groups and
-# BN = 8·NN outputs; warpgroup i multiplies group jj = i % JB for the 64·MT tokens 64·MT·(i //
-# JB) + [0, 64·MT) (its warp w % 4 holds rows 16·(w % 4) + [0, 16) of each 64-token tile).
-# Shared memory is a ring of S stages; stage s holds a chunk of CK c: the inputs as the mma
-# kernel stages them (element (t, j, c) at t·ST + j·SJ + c·SC), then the weights' TF32 parts
-# and remainders, each in wgmma's canonical layout for B, (jj, kk, n, h, r, t) holding W[g0 +
-# jj, o0 + 8n + r, 8kk + 4h + t] (``_pack_wgmma`` splits and orders them once a launch, so that
-# their copy is 16-byte cp.async, straight and unguarded). Per chunk q: wait for chunk q's
-# copies, one barrier (chunk q visible, and chunk q - 1's stage free), issue chunk q + S - 1's
-# copies into that stage, then multiply chunk q: per k-step each warp loads and splits its A
-# pieces (as the mma kernel's) and the warpgroup issues wgmma_tf32x3. The sums go out through
-# the same epilogue as the mma kernel's.
-# =============================================================================================
-
-
-@functools.cache
-def _wgmma_kernel(tiles: tuple[int, ...], blocks_per_sm: int, in_grouped: bool,
-                  out_grouped: bool, S: int, L: int):
-    """Compile-once float32 batched product on sm_90's wgmma, S stages of cp.async, products
-    in flight across L chunk boundaries; returns (kernel, BM, JB, BN, CK, threads, dynamic
-    shared bytes (0 in the simulator: static))."""
-    JB, WM, MT, NN, CK, GW = tiles
-    NT, BM, BN, KS = 32 * WM * (JB // GW), 16 * MT * WM, 8 * NN, CK // 8
-    if (CK % 8 or BN % CK or JB % GW or GW > 2 or NT % (JB * CK)
-            or BM % (NT // (JB * CK) or 1) or WM % 4 or NN > 32 or L not in (0, 1)
-            or S < 2 + L):
-        raise ValueError(f"wgmma tiles (JB, WM, MT, NN, CK, GW) = {tiles}, S = {S}, L = {L}: "
-                         f"need CK a multiple of 8 dividing 8·NN, GW (1 or 2) dividing JB, "
-                         f"JB·CK dividing the {NT} threads into staging passes of whole token "
-                         f"rows, WM a multiple of 4 (warpgroups on one group), 8·NN <= 256, L "
-                         f"0 or 1 and S >= 2 + L")
-    TS = NT // (JB * CK)  # token rows one staging pass covers (inputs, and CK outputs)
-    IU = BM // TS  # input copies a thread and chunk
-    W_WORDS = JB * KS * NN * 64  # a chunk of B: TF32 parts, then as many remainders
-    BU = -(-(2 * W_WORDS // 4) // NT)  # 16-byte copies of B a thread and chunk
-    SJ, SC, ST, SJO, SOO, SO = _layouts(JB, CK, in_grouped, out_grouped)
-    AW = -(-BM * ST // 4) * 4  # a stage's inputs, rounded to 16 bytes (B's descriptors)
-    STAGE = AW + 2 * W_WORDS
-    ALT = -(-BM * SO // 4) * 4  # the epilogue's second region
-    WORDS = max(S * STAGE, 2 * ALT)
-    f32 = np.float32
-    U = np.uint64
-    SIM = cuda_simulated()
-    SM_WORDS = WORDS if SIM else 0  # on a GPU dynamic shared memory: past 48 KB, 16-byte aligned
-    options = {} if SIM else {"launch_bounds": (NT, blocks_per_sm)}
-    # a warpgroup on GW groups: group jj + h's tiles are acc[h·MT + m] and af[h·MT + m]
-    a_fragments0, product0 = _a_fragments(MT, 64, ST, SC), wgmma_tf32x3(MT, NN, False)
-    a_fragments1, product1 = _a_fragments(MT, 64, ST, SC, MT), wgmma_tf32x3(MT, NN, False, MT)
-    GM = GW * MT  # my tiles
-    landed, done = wgmma_wait(GM, NN, L), wgmma_wait(GM, NN, 0)
-    store = _epilogue(MT, NN, CK, 64, JB, TS, IU, SO, SJO, SOO, ALT, out_grouped, GW)
-    copied = cp_async_wait(S - 2 - L)
-    inline = {} if SIM else {"forceinline": True}
-
-    @cuda.jit(device=True, **inline)
-    def issue(sm, inp, wp, stage, q, i_src, i_dst, t_i, j_i, c_i, b0, g0, w_src, whole, tid,
-              batch, G, C, ir, ic):
-        """Chunk q's copies into the stage at word ``stage``: inputs (zero past the edges) and
-        the packed B."""
-        uq = U(q * CK)
-        full = whole and uq + U(CK) <= U(C)
-        for u in range(IU):
-            ok = full or (b0 + t_i + U(u * TS) < U(batch) and g0 + j_i < U(G)
-                          and uq + c_i < U(C))
-            src = i_src + uq * U(ic) + U(u * TS) * U(ir)
-            cp_async4(sm, stage + i_dst + U(u * TS * ST), inp, src if ok else U(0), ok)
-        for u in range(BU):
-            e = tid + U(u * NT)  # my 16-byte unit
-            if (2 * W_WORDS // 4) % NT == 0 or e < U(2 * W_WORDS // 4):
-                cp_async16(sm, stage + U(AW) + U(4) * e, wp, w_src + U(q * 2 * W_WORDS) + U(4) * e)
-
-    @cuda.jit(**options)
-    def kernel(inp, wp, out, batch, G, O, C, CB, ir, ig, ic, orow, og, oo):
-        # out[b·orow + g·og + o·oo] = Σ_c W[g, o, c] · inp[b·ir + g·ig + c·ic]; wp: W split and
-        # packed by _pack_wgmma, CB chunks per (group block, output block), 2·W_WORDS each
-        sm = cuda.shared.array(SM_WORDS, f32)  # S stages: inputs, B's parts, B's remainders
-        acc = cuda.local.array((GM, NN, 4), f32)  # C fragments of my tiles
-        af = cuda.local.array((GM, 8), f32)  # A pieces of one k-step: big 0-3, small 4-7
-        tid = U(cuda.threadIdx.x)
-        lane, w = tid % U(32), tid // U(32)
-        jj = (w // U(4)) % U(JB // GW) * U(GW)  # my warpgroup's groups jj + [0, GW), and my
-        row0 = (w // U(4 * (JB // GW))) * U(64 * MT) + (w % U(4)) * U(16)  # rows of its tiles:
-        # row0 + m·64 + [0, 16)
-        r, k = lane // U(4), lane % U(4)
-        nbt, nbg = (U(batch) + U(BM - 1)) // U(BM), (U(G) + U(JB - 1)) // U(JB)
-        bid = U(cuda.blockIdx.x)  # a 1-D grid, groups first (as the other kernels')
-        b0, g0 = (bid // nbg) % nbt * U(BM), bid % nbg * U(JB)
-        o0 = bid // (nbt * nbg) * U(BN)
-        # input copies: element (t_i + TS·u, j_i, c_i) of each chunk, u < IU
-        if in_grouped:
-            j_i, c_i, t_i = tid % U(JB), (tid // U(JB)) % U(CK), tid // U(JB * CK)
-        else:
-            c_i, j_i, t_i = tid % U(CK), (tid // U(CK)) % U(JB), tid // U(JB * CK)
-        i_src = (b0 + t_i) * U(ir) + (g0 + j_i) * U(ig) + c_i * U(ic)  # + q·CK·ic + u·TS·ir
-        i_dst = t_i * U(ST) + j_i * U(SJ) + c_i * U(SC)  # + u·TS·ST
-        whole = b0 + U(BM) <= U(batch) and g0 + U(JB) <= U(G)  # no token or group edge
-        x_rd = (row0 + r) * U(ST) + jj * U(SJ) + k * U(SC)  # + m·64·ST + kk·8·SC
-        w_src = ((g0 // U(JB)) * (U(O + BN - 1) // U(BN)) + o0 // U(BN)) * U(CB * 2 * W_WORDS)
-        w_rd = U(AW) + jj * U(KS * NN * 64)  # + kk·NN·64 (+ W_WORDS: the remainders)
-        for f in range(GM):
-            for n in range(NN):
-                for i in range(4):
-                    acc[f, n, i] = f32(0)
-        for q in range(S - 1 - L):  # the first S - 1 - L chunks in flight, a group each
-            if q < CB:
-                issue(sm, inp, wp, U(q * STAGE), q, i_src, i_dst, t_i, j_i, c_i, b0, g0, w_src,
-                      whole, tid, batch, G, C, ir, ic)
-            cp_async_commit()
-        for q in range(CB):
-            copied()  # my copies of chunk q have landed (later groups may be pending)
-            landed(acc)  # my products of chunk q - 1 - L are done (chunk q - 1's may run on)
-            cuda.syncthreads()  # everyone's: chunk q is in, chunk q - 1 - L's stage is free
-            nq = q + S - 1 - L  # into chunk q - 1 - L's stage
-            if nq < CB:
-                issue(sm, inp, wp, U(nq % S * STAGE), nq, i_src, i_dst, t_i, j_i, c_i, b0, g0,
-                      w_src, whole, tid, batch, G, C, ir, ic)
-            cp_async_commit()
-            # [core] monarch_wgmma
-            stage = U(q % S * STAGE)
-            for kk in range(KS):  # the warpgroup's products of chunk q, one group in flight
-                a_fragments0(sm, stage + x_rd + U(kk * 8 * SC), af)
-                wi = stage + w_rd + U(kk * NN * 64)
-                product0(acc, af, sm, wi, wi + U(W_WORDS))
-                if GW > 1:  # its second group: inputs SJ, weights KS·NN·64 words on
-                    a_fragments1(sm, stage + x_rd + U(SJ + kk * 8 * SC), af)
-                    wi += U(KS * NN * 64)
-                    product1(acc, af, sm, wi, wi + U(W_WORDS))
-            wgmma_commit()
-            # [/core]
-        done(acc)
-        store(sm, acc, out, tid, row0, r, k, jj, b0, g0, o0, whole, batch, G, O, orow, og, oo)
-
-    return kernel, BM, JB, BN, CK, NT, 0 if SIM else 4 * WORDS
-
-
-@functools.cache
-def _pack_wgmma_kernel(JB: int, NN: int, CK: int):
-    """Compile-once kernel pack(W, wp, G, O, C, OB, CB, sg, so, sc) for ``_pack_wgmma``, W[g, o,
-    c] at W[g·sg + o·so + c·sc] (flat), one thread a weight of the packed order."""
-    KS, BN = CK // 8, 8 * NN
-    W_WORDS = JB * KS * NN * 64
-    U = np.uint64
-
-    @cuda.jit
-    def pack(W, wp, G, O, C, OB, CB, sg, so, sc):
-        i = U(cuda.grid(1))
-        chunk, e = i // U(W_WORDS), i % U(W_WORDS)
-        if chunk < U((G + JB - 1) // JB) * U(OB) * U(CB):
-            t, r, h = e % U(4), e // U(4) % U(8), e // U(32) % U(2)
-            n, kk, jj = e // U(64) % U(NN), e // U(64 * NN) % U(KS), e // U(64 * NN * KS)
-            cb, ob, gb = chunk % U(CB), chunk // U(CB) % U(OB), chunk // (U(CB) * U(OB))
-            g, o = gb * U(JB) + jj, ob * U(BN) + U(8) * n + r
-            c = cb * U(CK) + U(8) * kk + U(4) * h + t
-            ok = g < U(G) and o < U(O) and c < U(C)
-            v = W[g * U(sg) + o * U(so) + c * U(sc)] if ok else np.float32(0)
-            at = chunk * U(2 * W_WORDS) + e
-            wp[at], wp[at + U(W_WORDS)] = tf32_split(v)
-
-    return pack
-
-
-def _pack_wgmma(W, JB: int, BN: int, CK: int):
-    """W (G, O, C) -> (wp, CB): per chunk of JB groups x CK c x BN outputs, the TF32 parts of
-    the weights, then their remainders, each in wgmma's canonical layout for B, wp[gb, ob, cb,
-    piece, jj, kk, n, h, r, t] = piece of W[gb·JB + jj, ob·BN + 8n + r, cb·CK + 8kk + 4h + t],
-    zero past the edges; CB chunks per (gb, ob). One launch (splitting in torch took four)."""
-    G, O, C = W.shape
-    OB, CB = -(-O // BN), -(-C // CK)
-    words = -(-G // JB) * OB * CB * 2 * JB * CK * BN
-    wp = W.new_empty(words)
-    if words:
-        # W or its transpose (the backward's) is read in place, anything else copied first
-        dense = W if W.is_contiguous() else W.transpose(1, 2)
-        if not dense.is_contiguous():
-            W = dense = W.contiguous()
-        pack = _pack_wgmma_kernel(JB, BN // 8, CK)
-        launch(pack, -(-words // 2 // 256), 256, dense.view(-1), wp, G, O, C, OB, CB,
-               *W.stride())
-    return wp, CB
+    order = (0, 2, 5, 1, 6, 3, 7, 4, 8) if wg else (0, 2, 5, 1, 6, 3, 4, 8, 7)
+    return wp.permute(*order).contiguous(), Cp // CK
 
 
 # =============================================================================================
@@ -962,25 +784,29 @@ def _need_sm90(engine: str, device) -> None:
 
 
 def _engine(dtype: torch.dtype) -> str:
-    """"mma" (tensor cores, 3xTF32, one launch a factor) for float32 on sm_80 and later, and in
-    the simulator; "simt" (the register-tiled kernel) for float64 and for older GPUs. "fused"
-    (the forward in one launch on tensor cores and clusters, sm_90, where the factors fit it;
-    else as "mma") only when forced: on an H100 it is slower than the two launches
-    (kernels/BENCHMARKS.md, round 7). "wgmma" (as "mma", by sm_90's warpgroup instruction) only
-    when forced, until measured."""
+    """"wgmma" (tensor cores, 3xTF32, one launch a factor; by sm_90's warpgroup instruction
+    where WGMMA_TILES has tiles for the launch, else by mma.sync) for float32 on sm_90; "mma"
+    (the same, always mma.sync) for float32 on sm_80 to sm_89, and in the simulator; "simt"
+    (the register-tiled kernel) for float64 and for older GPUs. "fused" (the forward in one
+    launch on tensor cores and clusters, sm_90, where the factors fit it; else as "mma") only
+    when forced: on an H100 it is slower than the two launches (kernels/BENCHMARKS.md, round
+    7)."""
     if dtype != torch.float32:
         return "simt"
     if _FORCED_ENGINE:
         return _FORCED_ENGINE[-1]
-    return "mma" if cuda_simulated() or torch.cuda.get_device_capability() >= (8, 0) else "simt"
+    if cuda_simulated():
+        return "mma"
+    cc = torch.cuda.get_device_capability()
+    return "wgmma" if cc >= (9, 0) else "mma" if cc >= (8, 0) else "simt"
 
 
 @contextlib.contextmanager
 def forced_engine(engine: str):
     """Within the block, float32 products run on ``engine``: "fused" (one launch, sm_90),
-    "wgmma" (one launch a factor on sm_90's warpgroup instruction), "mma" (tensor cores, one
-    launch a factor, as on sm_80) or "simt" (CUDA cores, as on GPUs before sm_80): for
-    benchmarks and tests that compare them."""
+    "wgmma" (one launch a factor, sm_90's default: its warpgroup instruction where it has
+    tiles), "mma" (tensor cores by mma.sync, one launch a factor, as on sm_80) or "simt" (CUDA
+    cores, as on GPUs before sm_80): for benchmarks and tests that compare them."""
     if engine not in ("fused", "wgmma", "mma", "simt"):
         raise ValueError(f"engine must be 'fused', 'wgmma', 'mma' or 'simt', got {engine!r}")
     _FORCED_ENGINE.append(engine)
@@ -1001,24 +827,18 @@ def _bgemm(inp, W, out, sizes, in_strides, out_strides):
     in_grouped, out_grouped = G > 1 and in_strides[1] == 1, G > 1 and out_strides[1] == 1
     kind = "grouped" if in_grouped or out_grouped else "flat"
     engine = _engine(inp.dtype)
-    if engine == "wgmma":
-        _need_sm90("wgmma", inp.device)
-        (tiles, S, L), blocks_per_sm = _wgmma_tiles(kind)
-        kernel, BM, JB, BN, CK, threads, shared = _wgmma_kernel(tiles, blocks_per_sm,
-                                                                in_grouped, out_grouped, S, L)
-        wp, CB = _pack_wgmma(W, JB, BN, CK)
-        grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
-        launch(kernel, grid, threads, inp.view(-1), wp, out.view(-1), batch, G, O, C, CB,
-               *in_strides, *out_strides, shared_bytes=shared)
-        return
     if engine != "simt":
-        tiles, blocks_per_sm = _mma_tiles(kind)
-        kernel, BM, JB, BN, CK, threads = _mma_kernel(tiles, blocks_per_sm, in_grouped,
-                                                      out_grouped)
-        wp, CB = _pack_mma(W, JB, BN, CK)
+        if engine == "wgmma":
+            _need_sm90("wgmma", inp.device)
+        wg_tiles = _wgmma_tiles(kind) if engine == "wgmma" else None
+        wg = wg_tiles is not None  # else mma.sync (the kinds wgmma has no tiles for)
+        tiles, blocks_per_sm = wg_tiles if wg else _mma_tiles(kind)
+        kernel, BM, JB, BN, CK, threads, shared = _mma_kernel(tiles, blocks_per_sm, in_grouped,
+                                                              out_grouped, wg)
+        wp, CB = _pack_mma(W, JB, BN, CK, wg)
         grid = -(-batch // BM) * -(-G // JB) * -(-O // BN)
         launch(kernel, grid, threads, inp.view(-1), wp.view(-1), out.view(-1), batch, G, O, C,
-               CB, *in_strides, *out_strides)
+               CB, *in_strides, *out_strides, shared_bytes=shared)
         return
     tiles, blocks_per_sm = _tiles(inp.element_size(), kind)
     kernel, BM, JB, BN, threads = _bgemm_kernel(numpy_dtype(inp.dtype), tiles, blocks_per_sm)
