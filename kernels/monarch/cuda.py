@@ -275,6 +275,13 @@ def _bgemm_kernel(dtype: np.dtype, tiles: tuple[int, ...], blocks_per_sm: int = 
 # pass, in the global layout's order again; passes alternate between the input and the weight
 # regions (one barrier a pass), and a block without an edge stores unguarded. The 3xTF32 pieces
 # come from ``tf32_split`` (integer rounding, 3 instructions; kernels/BENCHMARKS.md, round 8).
+# On sm_90 (``wg``) the product is the warpgroup's wgmma instead (kernels/_common.py): warps
+# 4i..4i+3 form warpgroup i, on group i % JB, each warp holding 16 rows of every 64-token tile;
+# the chunk's B is staged split, in wgmma's canonical layout (``_pack_mma(..., wg=True)``),
+# each thread fencing its stores for the tensor cores' async reads before the barrier, in
+# dynamic shared memory (16-byte aligned, as the descriptors need). It is faster for the flat
+# launches and slower for the grouped ones, whose 8 groups make 8 warpgroups a block
+# (kernels/BENCHMARKS.md, round 11), so WGMMA_TILES has tiles for the flat ones only.
 # =============================================================================================
 
 
