@@ -21,7 +21,7 @@ from minimodels.backend import cuda_simulated, expect_tensor
 
 __all__ = ["Example", "SCAN_CHUNK", "SCAN_ITEMS", "SCAN_THREADS", "cluster_load", "cluster_sync",
            "expect_out", "fence_proxy_async", "mma_tf32", "numpy_dtype", "randn", "scan_maps",
-           "tf32_split", "wgmma_tf32x3", "WGMMA_LBO", "WGMMA_SBO"]
+           "tf32_split", "wgmma_tf32x3"]
 
 # =============================================================================================
 # Constants: the layout of a chunked block scan (kernels/scan.py, selective_scan's backward)

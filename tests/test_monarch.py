@@ -520,15 +520,21 @@ def test_mma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [CUDA])
-@pytest.mark.parametrize("tiles", [None, (2, 4, 1, 1, 8), (1, 4, 2, 2, 16), (1, 8, 1, 2, 8)],
-                         ids=["default", "jb2-nn1", "mt2-ck16", "two-warpgroups"])
+@pytest.mark.parametrize("tiles", [None, (2, 4, 1, 1, 8), (1, 4, 2, 2, 16), (1, 8, 1, 2, 8),
+                                   "flat only"],
+                         ids=["default", "jb2-nn1", "mt2-ck16", "two-warpgroups", "flat-only"])
 def test_wgmma_tiles_forward_and_gradients(backend, tiles, monkeypatch):
     """(JB, WM, MT, NN, CK) of the kernel on wgmma (sm_90): two groups of one warpgroup each
     and one output tile of 8, two 64-token tiles a warpgroup and chunks of two k-steps, two
-    warpgroups on one group (128 tokens); float32 forward and all three gradients within
-    float32's accuracy of autograd of ref in float64 (3xTF32), across every tile edge."""
+    warpgroups on one group (128 tokens); and, as shipped on a GPU, wgmma tiles for the flat
+    launches only, the grouped ones on mma.sync; float32 forward and all three gradients
+    within float32's accuracy of autograd of ref in float64 (3xTF32), across every tile edge."""
     _needs_sm90(backend)
-    if tiles is not None:
+    if tiles == "flat only":
+        default = MC._wgmma_tiles("flat")
+        monkeypatch.setattr(MC, "_wgmma_tiles",
+                            lambda kind: default if kind == "flat" else None)
+    elif tiles is not None:
         monkeypatch.setattr(MC, "_wgmma_tiles", lambda kind: (tiles, 1))
     with MC.forced_engine("wgmma"):
         _float32_against_float64(backend, seed=11)
